@@ -1,0 +1,5 @@
+import sys
+
+from cacheroute.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""The ``cacheroute`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cacheroute._version import __version__
+from cacheroute.policies import policy_descriptions
+
+__all__ = ["build_parser", "main"]
+
+
+def _cmd_policies(args: argparse.Namespace) -> int:
+    descriptions = policy_descriptions()
+    width = max(map(len, descriptions), default=0)
+    for name, description in descriptions.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``cacheroute`` command."""
+    parser = argparse.ArgumentParser(
+        prog="cacheroute",
+        description="Cache-aware, load-aware routing policies for LLM serving gateways.",
+    )
+    parser.add_argument("--version", action="version", version=f"cacheroute {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("policies", help="list the registered policies")
+    p.set_defaults(func=_cmd_policies)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cacheroute`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    result: int = func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""``PairPolicy``: any two policies as one prefill/decode pair selector."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cacheroute.policies.base import LoadBalancingPolicy, RequestText, check_request_text
+from cacheroute.worker import Worker, WorkerType
+
+__all__ = ["PairPolicy"]
+
+
+class PairPolicy(LoadBalancingPolicy):
+    """Route the prefill leg with one policy and the decode leg with another.
+
+    This is how current gateways configure disaggregated serving (e.g. cache-aware
+    prefill, least-load decode)::
+
+        pair = PairPolicy(make_policy("cache_aware"), make_policy("shortest_queue"))
+        i, j = pair.select_worker_pair(prefill_workers, decode_workers, prompt)
+
+    :meth:`select_worker` (a single list) uses the prefill policy.
+    The decode policy is asked first: when no decode worker is healthy the prefill policy
+    is not consulted, so no prefix is remembered for a request that is not served.
+    """
+
+    name = "pair"
+    description = "a prefill policy and a decode policy combined"
+
+    def __init__(self, prefill: LoadBalancingPolicy, decode: LoadBalancingPolicy) -> None:
+        for param, value in (("prefill", prefill), ("decode", decode)):
+            if not isinstance(value, LoadBalancingPolicy):
+                raise TypeError(f"{param} must be a LoadBalancingPolicy, got {value!r}")
+        self.prefill = prefill
+        self.decode = decode
+
+    @property
+    def needs_request_text(self) -> bool:  # type: ignore[override]
+        return self.prefill.needs_request_text or self.decode.needs_request_text
+
+    def select_worker(
+        self, workers: Sequence[Worker], request_text: RequestText = None
+    ) -> int | None:
+        return self.prefill.select_worker(workers, request_text)
+
+    def select_worker_pair(
+        self,
+        prefill_workers: Sequence[Worker],
+        decode_workers: Sequence[Worker],
+        request_text: RequestText = None,
+    ) -> tuple[int, int] | None:
+        check_request_text(request_text)
+        decode = self.decode.select_worker(decode_workers, request_text)
+        if decode is None:
+            return None
+        prefill = self.prefill.select_worker(prefill_workers, request_text)
+        if prefill is None:
+            return None
+        return prefill, decode
+
+    def on_request_complete(self, worker_url: str, success: bool) -> None:
+        self.prefill.on_request_complete(worker_url, success)
+        self.decode.on_request_complete(worker_url, success)
+
+    def on_worker_added(self, worker: Worker) -> None:
+        self.prefill.on_worker_added(worker)
+        self.decode.on_worker_added(worker)
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        self.prefill.on_worker_removed(worker)
+        self.decode.on_worker_removed(worker)
+
+    def sync_workers(self, workers: Sequence[Worker]) -> None:
+        # Each leg only ever sees its own kind of worker.
+        self.prefill.sync_workers([w for w in workers if w.worker_type is not WorkerType.DECODE])
+        self.decode.sync_workers([w for w in workers if w.worker_type is not WorkerType.PREFILL])
+
+    def close(self) -> None:
+        self.prefill.close()
+        self.decode.close()
+
+    def __repr__(self) -> str:
+        return f"PairPolicy(prefill={self.prefill!r}, decode={self.decode!r})"
