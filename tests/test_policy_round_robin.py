@@ -1,0 +1,47 @@
+import threading
+from collections import Counter
+
+from conftest import build_workers
+
+from cacheroute.policies import RoundRobinPolicy, make_policy
+
+
+def test_cycles_over_healthy_workers() -> None:
+    workers = build_workers([0, 0, 0, 0], healthy=[True, False, True, True])
+    p = RoundRobinPolicy()
+    assert [p.select_worker(workers) for _ in range(6)] == [0, 2, 3, 0, 2, 3]
+
+
+def test_ignores_load() -> None:
+    workers = build_workers([100, 0])
+    p = make_policy("round_robin")
+    assert {p.select_worker(workers) for _ in range(4)} == {0, 1}
+
+
+def test_none_when_no_healthy() -> None:
+    p = RoundRobinPolicy()
+    assert p.select_worker([]) is None
+    assert p.select_worker(build_workers([0, 0], healthy=[False, False])) is None
+
+
+def test_fair_under_threads() -> None:
+    workers = build_workers([0] * 5)
+    p = RoundRobinPolicy()
+    counts: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def work() -> None:
+        local: Counter[int] = Counter()
+        for _ in range(2_000):
+            i = p.select_worker(workers)
+            assert i is not None
+            local[i] += 1
+        with lock:
+            counts.update(local)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert counts == {i: 1_600 for i in range(5)}
