@@ -40,7 +40,7 @@ def test_builtins_registered_with_descriptions() -> None:
 
 
 def test_unknown_name_lists_known() -> None:
-    with pytest.raises(ValueError, match="unknown policy 'nope'.*round_robin"):
+    with pytest.raises(ValueError, match=r"unknown policy 'nope'.*round_robin"):
         make_policy("nope")
     with pytest.raises(ValueError, match="unknown policy 3"):
         make_policy(3)  # type: ignore[arg-type]
