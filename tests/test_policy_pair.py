@@ -29,6 +29,7 @@ def test_default_pair_is_policy_then_least_load() -> None:
     p = make_policy("round_robin")
     assert p.select_worker_pair(prefill, decode, "x") == (0, 1)
     assert p.select_worker_pair(prefill, decode, "x") == (1, 1)
+    assert [w.processed() for w in prefill + decode] == [1, 1, 0, 2, 0]
 
 
 def test_default_pair_none_and_prefill_not_consulted() -> None:

@@ -8,6 +8,7 @@ from cacheroute.policies import PowerOfTwoPolicy, make_policy
 def test_single_healthy_chosen_directly() -> None:
     workers = build_workers([9, 0, 5], healthy=[True, False, False])
     assert PowerOfTwoPolicy(seed=1).select_worker(workers) == 0
+    assert [w.processed() for w in workers] == [1, 0, 0]
 
 
 def test_picks_less_loaded_of_two() -> None:

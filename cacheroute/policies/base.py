@@ -101,6 +101,9 @@ class LoadBalancingPolicy(ABC):
     Policies are shared by every request thread of a gateway: implementations must be
     thread-safe. A policy never changes a worker's load: that is the lease's job
     (:func:`cacheroute.acquire`), so load is counted the same way for every policy.
+    The built-in policies call ``increment_processed()`` on the worker they choose, so
+    the processed count (the tie-breaker between equal loads) means "requests routed
+    here"; do the same in your own policy if it relies on that tie-break.
     """
 
     name: ClassVar[str] = "base"
@@ -148,6 +151,7 @@ class LoadBalancingPolicy(ABC):
         prefill = self.select_worker(prefill_workers, request_text)
         if prefill is None:
             return None
+        decode_workers[decode].increment_processed()
         return prefill, decode
 
     def on_request_complete(self, worker_url: str, success: bool) -> None:  # noqa: B027

@@ -41,10 +41,15 @@ class PowerOfTwoPolicy(LoadBalancingPolicy):
         check_request_text(request_text)
         healthy = [i for i, w in enumerate(workers) if w.is_healthy()]
         if len(healthy) <= 1:
-            return healthy[0] if healthy else None
+            if not healthy:
+                return None
+            workers[healthy[0]].increment_processed()
+            return healthy[0]
         with self._lock:
             a, b = self._rng.sample(healthy, 2)
         wa, wb = workers[a], workers[b]
         ka = (wa.load(), wa.processed(), a)
         kb = (wb.load(), wb.processed(), b)
-        return a if ka <= kb else b
+        chosen = a if ka <= kb else b
+        workers[chosen].increment_processed()
+        return chosen

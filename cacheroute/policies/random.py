@@ -42,4 +42,6 @@ class RandomPolicy(LoadBalancingPolicy):
         if not healthy:
             return None
         with self._lock:  # one shared generator: keep seeded runs reproducible per thread order
-            return healthy[self._rng.randrange(len(healthy))]
+            chosen = healthy[self._rng.randrange(len(healthy))]
+        workers[chosen].increment_processed()
+        return chosen

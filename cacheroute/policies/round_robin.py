@@ -35,4 +35,6 @@ class RoundRobinPolicy(LoadBalancingPolicy):
         healthy = [i for i, w in enumerate(workers) if w.is_healthy()]
         if not healthy:
             return None
-        return healthy[next(self._counter) % len(healthy)]
+        chosen = healthy[next(self._counter) % len(healthy)]
+        workers[chosen].increment_processed()
+        return chosen

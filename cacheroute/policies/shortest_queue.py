@@ -30,4 +30,7 @@ class ShortestQueuePolicy(LoadBalancingPolicy):
         self, workers: Sequence[Worker], request_text: RequestText = None
     ) -> int | None:
         check_request_text(request_text)
-        return least_loaded_index(workers)
+        chosen = least_loaded_index(workers)
+        if chosen is not None:
+            workers[chosen].increment_processed()
+        return chosen
