@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from cacheroute._version import __version__
 from cacheroute.policies import policy_descriptions
+from cacheroute.sim.cli import add_simulate_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("policies", help="list the registered policies")
     p.set_defaults(func=_cmd_policies)
+    add_simulate_parser(sub)
     return parser
 
 

@@ -1,0 +1,257 @@
+"""``cacheroute simulate``: argument wiring and the command itself."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from typing import Any
+
+from cacheroute.sim.engine import EngineConfig
+from cacheroute.sim.metrics import summarize
+from cacheroute.sim.report import (
+    format_table,
+    plot_results,
+    require_matplotlib,
+    to_json,
+    write_json,
+)
+from cacheroute.sim.request import Workload, ideal_hit_tokens
+from cacheroute.sim.simulator import compare
+from cacheroute.sim.specs import MODE_KEYS, default_specs, parse_policy_list
+from cacheroute.sim.traces import FORMATS, TraceFormatError, load_trace, open_trace
+from cacheroute.sim.workloads import WORKLOADS
+
+__all__ = ["add_simulate_parser", "run_simulate"]
+
+_EPILOG = f"""\
+policy specs (--policies, comma-separated):
+  NAME                      a registered policy (see `cacheroute policies`)
+  NAME:MODE                 a mode shorthand: {
+    ", ".join(f"{n}:{m}" for n, (_, modes) in MODE_KEYS.items() for m in modes)
+}
+  NAME[KEY=VALUE,...]       make_policy(NAME, KEY=VALUE, ...), e.g.
+                            cache_aware[imbalance_mode=least_load,cache_threshold=0.3]
+default: every registered policy, once per mode.
+
+examples:
+  cacheroute simulate
+  cacheroute simulate --workload shared_prefix --policies round_robin,cache_aware:locality
+  cacheroute simulate --trace conversation_trace.jsonl.gz --format mooncake --json out.json
+  cacheroute simulate --trace claude_code_traces.jsonl.gz --format claude_code --limit 5000
+"""
+
+
+def _int_type(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _cache_tokens(text: str) -> int | None:
+    if text.lower() in ("none", "unbounded", "inf"):
+        return None
+    value: int = _int_type(1)(text)
+    return value
+
+
+def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``simulate`` subcommand to an ``add_subparsers()`` object."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "simulate",
+        help="compare policies on a simulated cluster (generated workload or trace)",
+        description=(
+            "Replay a workload through real cacheroute policies driving modelled engines "
+            "(prefix KV cache + continuous batching; defaults model Llama-3.1-8B bf16 on "
+            "one H100) and compare cache hit rate, TTFT, latency, throughput and balance."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("workload")
+    src.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default=None,
+        help="generated workload (default: 'default', multi-turn chat); not with --trace",
+    )
+    src.add_argument("--trace", metavar="PATH", help="replay a trace file (.jsonl, gz or plain)")
+    src.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="trace format (default: detected from the first line)",
+    )
+    src.add_argument(
+        "--concurrency",
+        type=_int_type(1),
+        default=32,
+        help="claude_code traces: sessions running at once (default 32)",
+    )
+    src.add_argument(
+        "--coarsen",
+        type=_int_type(1),
+        default=8,
+        help="claude_code traces: merge this many 64-token blocks into one (default 8)",
+    )
+    src.add_argument("--limit", type=_int_type(1), default=None, help="use the first N requests")
+    src.add_argument(
+        "--speed",
+        type=_positive_float,
+        default=1.0,
+        help="scale the arrival rate (2 = twice as fast; default 1)",
+    )
+    src.add_argument("--seed", type=_int_type(0), default=0, help="seed (default 0)")
+    cl = p.add_argument_group("cluster")
+    cl.add_argument(
+        "--policies",
+        default=None,
+        metavar="SPECS",
+        help="comma-separated policy specs (see below; default: all)",
+    )
+    cl.add_argument("--workers", type=_int_type(1), default=8, help="engines (default 8)")
+    cl.add_argument(
+        "--cache-tokens",
+        type=_cache_tokens,
+        default=EngineConfig.cache_tokens,
+        metavar="N",
+        help=f"KV-cache tokens per engine, or 'none' (default {EngineConfig.cache_tokens})",
+    )
+    cl.add_argument(
+        "--max-batch",
+        type=_int_type(1),
+        default=EngineConfig.max_batch,
+        metavar="N",
+        help=f"running requests per engine (default {EngineConfig.max_batch})",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write all results and the config as JSON")
+    out.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="draw TTFT distributions and load over time (needs the 'plot' extra)",
+    )
+    out.add_argument(
+        "--progress",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="progress bar on stderr (auto: when stderr is a terminal)",
+    )
+    p.set_defaults(func=run_simulate, _parser=p)
+    return p
+
+
+def _detect_format(path: str) -> str:
+    with open_trace(path) as f:
+        for line in f:
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if isinstance(rec, dict) and "hash_ids" in rec:
+                    return "mooncake"
+                if isinstance(rec, dict) and "hash_id_ranges" in rec:
+                    return "claude_code"
+                break
+    raise ValueError(f"cannot detect the format of {path}; pass --format {{{','.join(FORMATS)}}}")
+
+
+def _load(args: argparse.Namespace) -> Workload:
+    if args.trace is None:
+        workload = WORKLOADS[args.workload or "default"](args.seed)
+        workload = workload.limited(args.limit)
+    else:
+        fmt = args.format or _detect_format(args.trace)
+        options: dict[str, Any] = {}
+        if fmt == "claude_code":
+            options = {"concurrency": args.concurrency, "coarsen": args.coarsen}
+        workload = load_trace(args.trace, fmt, limit=args.limit, **options)
+    return workload.scaled(args.speed)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Run ``cacheroute simulate`` with parsed ``args``; returns the exit status."""
+    parser: argparse.ArgumentParser = args._parser
+    if args.trace is not None and args.workload is not None:
+        parser.error("--workload and --trace are exclusive: give one")
+    if args.format is not None and args.trace is None:
+        parser.error("--format needs --trace")
+    try:
+        specs = parse_policy_list(args.policies) if args.policies else default_specs()
+        for spec in specs:  # validate config keys and values before any long run
+            spec.build(seed=args.seed).close()
+    except (ValueError, TypeError) as exc:
+        parser.error(f"argument --policies: {exc}")
+    if args.plot:
+        try:
+            require_matplotlib()
+        except RuntimeError as exc:
+            parser.error(str(exc))
+    engine = replace(EngineConfig(), cache_tokens=args.cache_tokens, max_batch=args.max_batch)
+    try:
+        workload = _load(args)
+    except FileNotFoundError as exc:
+        parser.error(f"argument --trace: no such file: {exc.filename}")
+    except (TraceFormatError, ValueError) as exc:
+        parser.error(f"argument --trace: {exc}")
+    if not workload.requests:
+        parser.error("the workload has no requests")
+
+    show = {"auto": None, "on": True, "off": False}[args.progress]
+    results = compare(
+        workload,
+        specs,
+        workers=args.workers,
+        engine=engine,
+        seed=args.seed,
+        timeline_points=2000 if args.plot else 0,
+        show_progress=show,
+    )
+    ideal = ideal_hit_tokens(workload.requests)
+    summaries = [summarize(r, ideal) for r in results]
+    cache = "unbounded" if engine.cache_tokens is None else f"{engine.cache_tokens:,}"
+    title = (
+        f"workload {workload.name}: {len(workload):,} requests, {args.workers} workers, "
+        f"KV cache {cache} tokens/worker, seed {args.seed}"
+        + (f", speed x{args.speed:g}" if args.speed != 1.0 else "")
+    )
+    print(format_table(summaries, title))
+    if args.json:
+        config = {
+            "workload": workload.name,
+            "workload_params": workload.params,
+            "requests": len(workload),
+            "workers": args.workers,
+            "seed": args.seed,
+            "speed": args.speed,
+            "limit": args.limit,
+            "policies": [
+                {"label": s.label, "name": s.name, "config": dict(s.config)} for s in specs
+            ],
+            "engine": engine.to_dict(),
+        }
+        write_json(args.json, to_json(summaries, config))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot_results(args.plot, results, title)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

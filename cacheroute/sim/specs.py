@@ -1,0 +1,160 @@
+"""Policy specs: a registered policy name plus its configuration, as written on the CLI.
+
+Grammar (one spec; ``--policies`` takes a comma-separated list of them)::
+
+    NAME                       make_policy(NAME)
+    NAME:MODE                  shorthand for NAME[<mode key>=MODE]; for cache_aware the mode
+                               key is imbalance_mode, so cache_aware:least_load
+    NAME[KEY=VALUE,...]        make_policy(NAME, KEY=VALUE, ...); VALUE is read as an int,
+                               a float, true/false, none, or else a string
+    NAME:MODE[KEY=VALUE,...]   both
+
+Examples: ``round_robin``, ``cache_aware:least_load``,
+``cache_aware[imbalance_mode=least_load,cache_threshold=0.3]``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cacheroute.policies import LoadBalancingPolicy, available_policies, make_policy
+
+__all__ = ["MODE_KEYS", "PolicySpec", "default_specs", "parse_policy_list"]
+
+MODE_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cache_aware": ("imbalance_mode", ("locality", "least_load")),
+}
+"""Policies with a ``NAME:MODE`` shorthand: name -> (config key, its modes). The default
+comparison runs each of these policies once per mode."""
+
+_SPEC = re.compile(r"^([A-Za-z_][\w.-]*)(?::([\w.-]+))?(?:\[(.*)\])?$")
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy to simulate: registry ``name``, ``config`` for :func:`make_policy`, a ``label``.
+
+    Build it with :meth:`parse`. :meth:`build` makes a fresh policy object each call.
+    """
+
+    name: str
+    config: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> PolicySpec:
+        """Parse one spec (see the module docstring).
+
+        Raises:
+            ValueError: bad syntax, an unknown policy name, or a mode of a policy without a
+                mode shorthand / an unknown mode. The message names the spec.
+        """
+        text = text.strip()
+        m = _SPEC.match(text)
+        if not m:
+            raise ValueError(
+                f"bad policy spec {text!r}: expected NAME, NAME:MODE or NAME[KEY=VALUE,...]"
+            )
+        name, mode, body = m.group(1), m.group(2), m.group(3)
+        known = available_policies()
+        if name not in known:
+            raise ValueError(
+                f"unknown policy {name!r} in spec {text!r}; available: {', '.join(known)}"
+            )
+        config: dict[str, Any] = {}
+        if mode is not None:
+            if name not in MODE_KEYS:
+                raise ValueError(
+                    f"policy spec {text!r}: {name!r} has no NAME:MODE shorthand "
+                    f"(use {name}[KEY=VALUE])"
+                )
+            key, modes = MODE_KEYS[name]
+            if mode not in modes:
+                raise ValueError(
+                    f"policy spec {text!r}: unknown mode {mode!r}; modes: {', '.join(modes)}"
+                )
+            config[key] = mode
+        if body:
+            for item in body.split(","):
+                key, sep, raw = item.partition("=")
+                key = key.strip()
+                if not sep or not key.isidentifier():
+                    raise ValueError(f"policy spec {text!r}: expected KEY=VALUE, got {item!r}")
+                config[key] = _value(raw.strip())
+        return cls(name, tuple(config.items()), text)
+
+    def build(self, seed: int | None = None, **extra: Any) -> LoadBalancingPolicy:
+        """A fresh policy object. ``seed`` and ``extra`` keys (e.g. ``on_decision``) are
+        passed only when the policy accepts them and the spec does not set them."""
+        config = dict(self.config)
+        optional = dict(extra)
+        if seed is not None:
+            optional["seed"] = seed
+        for key in list(optional):
+            if key in config:
+                del optional[key]
+        while True:
+            try:
+                return make_policy(self.name, **config, **optional)
+            except TypeError as exc:
+                dropped = [k for k in optional if repr(k) in str(exc) and "unknown" in str(exc)]
+                if not dropped:
+                    raise
+                for k in dropped:
+                    del optional[k]
+
+    def __str__(self) -> str:
+        return self.label or self.name
+
+
+def default_specs() -> list[PolicySpec]:
+    """Every registered policy, once per mode for the policies in :data:`MODE_KEYS`."""
+    specs: list[PolicySpec] = []
+    for name in available_policies():
+        if name in MODE_KEYS:
+            specs.extend(PolicySpec.parse(f"{name}:{mode}") for mode in MODE_KEYS[name][1])
+        else:
+            specs.append(PolicySpec.parse(name))
+    return specs
+
+
+def parse_policy_list(text: str) -> list[PolicySpec]:
+    """Parse a comma-separated list of specs (commas inside ``[...]`` do not split)."""
+    parts: list[str] = []
+    depth = 0
+    current: list[str] = []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    specs = [PolicySpec.parse(p) for p in parts if p.strip()]
+    if not specs:
+        raise ValueError("no policy given")
+    labels = [s.label for s in specs]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ValueError(f"policy spec(s) given twice: {', '.join(dupes)}")
+    return specs
