@@ -11,6 +11,9 @@
 from cacheroute._version import __version__
 from cacheroute.lease import Lease, NoHealthyWorkerError, PairLease, acquire, acquire_pair
 from cacheroute.policies import (
+    CacheAwareConfig,
+    CacheAwarePolicy,
+    Decision,
     LoadBalancingPolicy,
     PairPolicy,
     available_policies,
@@ -21,6 +24,9 @@ from cacheroute.worker import BasicWorker, LoadUnderflowError, Worker, WorkerTyp
 
 __all__ = [
     "BasicWorker",
+    "CacheAwareConfig",
+    "CacheAwarePolicy",
+    "Decision",
     "Lease",
     "LoadBalancingPolicy",
     "LoadUnderflowError",

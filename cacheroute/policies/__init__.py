@@ -11,6 +11,7 @@ from cacheroute.policies.base import (
     healthy_indices,
     least_loaded_index,
 )
+from cacheroute.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy, Decision
 from cacheroute.policies.pair import PairPolicy
 from cacheroute.policies.power_of_two import PowerOfTwoPolicy
 from cacheroute.policies.random import RandomPolicy
@@ -23,11 +24,20 @@ from cacheroute.policies.registry import (
 from cacheroute.policies.round_robin import RoundRobinPolicy
 from cacheroute.policies.shortest_queue import ShortestQueuePolicy
 
-for _cls in (RoundRobinPolicy, RandomPolicy, ShortestQueuePolicy, PowerOfTwoPolicy):
+for _cls in (
+    CacheAwarePolicy,
+    RoundRobinPolicy,
+    RandomPolicy,
+    ShortestQueuePolicy,
+    PowerOfTwoPolicy,
+):
     register_policy(_cls.name, _cls)
 del _cls
 
 __all__ = [
+    "CacheAwareConfig",
+    "CacheAwarePolicy",
+    "Decision",
     "LoadBalancingPolicy",
     "PairPolicy",
     "PowerOfTwoPolicy",

@@ -1,0 +1,174 @@
+"""Decision latency of the ``cache_aware`` policy, against the Tree's own match + insert.
+
+Workloads (the Tree issue's, seed 0):
+
+* **W1 shared-prefix**: 64 random system prompts of 4,000 characters (letters, digits,
+  space); 2,000 requests of system prompt ``i % 64`` + a random 400-character question,
+  then 2,000 more with new questions for the same groups (4,000 decisions).
+* **W2 multi-turn**: 200 conversations x 10 turns; turn k = turn k-1 + 300 random user
+  characters + 300 random reply characters; conversations interleaved in a seeded random
+  order that keeps each one's turn order (2,000 decisions).
+
+For each workload, 8 and 64 idle workers (every load 0: the worst case for tie-breaks on a
+miss), ``select_worker`` is timed per call, in one thread and in two threads sharing the
+policy. The Tree baseline replays, on a fresh ``Tree`` with the same bound, the same
+prompts with ``match_and_insert`` choosing the tenant the policy chose: the tree's own share
+of the work. ``ratio`` = policy p50 / tree p50 (target <= 2).
+
+Run: ``python benchmarks/bench_policy.py`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import string
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from cacheroute import BasicWorker, CacheAwarePolicy
+from cacheroute.tree import Tree
+
+ALPHABET = string.ascii_letters + string.digits + " "
+
+
+def _rand(rng: random.Random, n: int) -> str:
+    return "".join(rng.choices(ALPHABET, k=n))
+
+
+def w1(quick: bool) -> list[str]:
+    """W1 prompts, in request order."""
+    rng = random.Random(0)
+    groups, per, sys_len, q_len = (16, 200, 4000, 400) if quick else (64, 2000, 4000, 400)
+    systems = [_rand(rng, sys_len) for _ in range(groups)]
+    first = [systems[i % groups] + _rand(rng, q_len) for i in range(per)]
+    second = [systems[i % groups] + _rand(rng, q_len) for i in range(per)]
+    return first + second
+
+
+def w2(quick: bool) -> list[str]:
+    """W2 prompts, in request order (interleaved conversations)."""
+    rng = random.Random(0)
+    convs, turns = (40, 5) if quick else (200, 10)
+    order = [c for c in range(convs) for _ in range(turns)]
+    rng.shuffle(order)
+    history = [""] * convs
+    prompts = []
+    for c in order:
+        history[c] = history[c] + _rand(rng, 300) + _rand(rng, 300)
+        prompts.append(history[c])
+    return prompts
+
+
+def _pct(xs: list[int], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] / 1000.0
+
+
+def run_policy(
+    prompts: list[str], n_workers: int, threads: int
+) -> tuple[list[int], float, list[str]]:
+    """Per-call ns, decisions/s, and the chosen url per prompt."""
+    workers = [BasicWorker(f"http://w{i}:8000") for i in range(n_workers)]
+    policy = CacheAwarePolicy()
+    select = policy.select_worker
+    chosen: list[str] = [""] * len(prompts)
+    lat: list[list[int]] = [[] for _ in range(threads)]
+    clock = time.perf_counter_ns
+
+    def work(t: int) -> None:
+        out = lat[t]
+        for k in range(t, len(prompts), threads):
+            p = prompts[k]
+            t0 = clock()
+            i = select(workers, p)
+            out.append(clock() - t0)
+            assert i is not None
+            chosen[k] = workers[i].url
+
+    gc.collect()
+    start = time.perf_counter()
+    if threads == 1:
+        work(0)
+    else:
+        ths = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+    wall = time.perf_counter() - start
+    return [x for xs in lat for x in xs], len(prompts) / wall, chosen
+
+
+def run_tree(prompts: list[str], chosen: list[str]) -> list[int]:
+    """The Tree's fused match + insert on the same prompts, for the same tenants."""
+    tree = Tree(max_size=CacheAwarePolicy().config.max_tree_size)
+    mai = tree.match_and_insert
+    clock = time.perf_counter_ns
+    out: list[int] = []
+    gc.collect()
+    for p, url in zip(prompts, chosen, strict=True):
+
+        def choose(_lengths: dict[str, int], url: str = url) -> str:
+            return url
+
+        t0 = clock()
+        mai(p, choose)
+        out.append(clock() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke run)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per row; medians are printed")
+    args = ap.parse_args(argv)
+    repeat = 1 if args.quick else max(1, args.repeat)
+    workloads: dict[str, Callable[[bool], list[str]]] = {"W1": w1, "W2": w2}
+    print(
+        f"cacheroute bench_policy  python {sys.version.split()[0]}  "
+        f"{'quick' if args.quick else 'full'}  repeat={repeat} (median shown)"
+    )
+    print(
+        f"{'load':4} {'workers':>7} {'thr':>3} {'decisions':>9} "
+        f"{'p50 us':>8} {'p99 us':>8} {'dec/s':>9} "
+        f"{'tree p50':>9} {'tree p99':>9} {'ratio':>6}"
+    )
+    worst = 0.0
+    for wname, gen in workloads.items():
+        prompts = gen(args.quick)
+        for n_workers in (8, 64):
+            for threads in (1, 2):
+                p50s, p99s, rates, t50s, t99s = [], [], [], [], []
+                for _ in range(repeat):
+                    lat, rate, chosen = run_policy(prompts, n_workers, threads)
+                    tl = run_tree(prompts, chosen)
+                    p50s.append(_pct(lat, 0.5))
+                    p99s.append(_pct(lat, 0.99))
+                    rates.append(rate)
+                    t50s.append(_pct(tl, 0.5))
+                    t99s.append(_pct(tl, 0.99))
+                p50, p99 = statistics.median(p50s), statistics.median(p99s)
+                t50, t99 = statistics.median(t50s), statistics.median(t99s)
+                ratio = p50 / t50
+                if threads == 1:
+                    worst = max(worst, ratio)
+                print(
+                    f"{wname:4} {n_workers:7d} {threads:3d} {len(prompts):9d} "
+                    f"{p50:8.2f} {p99:8.2f} {statistics.median(rates):9.0f} "
+                    f"{t50:9.2f} {t99:9.2f} {ratio:6.2f}"
+                )
+    print(f"worst single-thread ratio (policy p50 / tree match+insert p50): {worst:.2f}")
+    print(
+        "2-thread p50/p99 include waiting for the GIL and the tree lock; "
+        "dec/s is the total over both threads."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
