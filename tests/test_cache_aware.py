@@ -57,7 +57,7 @@ def test_registered_and_exported() -> None:
 def test_defaults() -> None:
     c = CacheAwarePolicy().config
     assert c == CacheAwareConfig()
-    assert (c.cache_threshold, c.balance_abs_threshold, c.balance_rel_threshold) == (0.3, 32, 1.5)
+    assert (c.cache_threshold, c.balance_abs_threshold, c.balance_rel_threshold) == (0.3, 8, 1.5)
     assert c.max_tree_size == 2**24 and c.max_tree_size_per_worker is None
     assert c.imbalance_mode == "locality" and c.on_decision is None
 

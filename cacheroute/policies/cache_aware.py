@@ -122,8 +122,11 @@ class CacheAwareConfig:
             0.5 although most of it is cached; 0.5 would move such conversations.
         balance_abs_threshold: int >= 0. Load gap (requests in flight) that, together
             with the relative test, makes the cluster imbalanced; also the width of the
-            load window of ``imbalance_mode="locality"``. Default 32 (SGLang: 32 in the
-            library, 64 in the CLI).
+            load window of ``imbalance_mode="locality"``. Default 8 (SGLang: 32 in the
+            library, 64 in the CLI): the locality window keeps cache hits inside the
+            imbalanced branch, so a tight gap costs little hit rate and stops a hot shared
+            prefix from piling requests on one worker (measured with ``cacheroute
+            simulate``; see docs/policies/cache_aware.md).
         balance_rel_threshold: >= 1.0 (``math.inf`` never reports imbalance). Imbalanced
             also needs ``max_load > balance_rel_threshold * min_load``. Default 1.5
             (SGLang: 1.1 in the library, 1.5 in the CLI).
@@ -145,7 +148,7 @@ class CacheAwareConfig:
     """
 
     cache_threshold: float = 0.3
-    balance_abs_threshold: int = 32
+    balance_abs_threshold: int = 8
     balance_rel_threshold: float = 1.5
     max_tree_size: int = 2**24
     max_tree_size_per_worker: int | None = None
@@ -301,7 +304,7 @@ class CacheAwarePolicy(LoadBalancingPolicy):
     def __init__(
         self,
         cache_threshold: float = 0.3,
-        balance_abs_threshold: int = 32,
+        balance_abs_threshold: int = 8,
         balance_rel_threshold: float = 1.5,
         max_tree_size: int = 2**24,
         max_tree_size_per_worker: int | None = None,
@@ -683,6 +686,7 @@ class CacheAwarePolicy(LoadBalancingPolicy):
         prefill = self.select_worker(prefill_workers, request_text)
         if prefill is None:
             return None
+        decode_workers[decode].increment_processed()
         return prefill, decode
 
     # ------------------------------------------------------------------ membership
