@@ -13,19 +13,27 @@ exactly once, whatever happens::
 microseconds of CPU work and must not yield between choosing and counting).
 
 **Streaming.** Hold the lease until the last byte of the response has been sent: open it
-before the upstream request, and release it in the ``finally`` of the generator that
-streams the body. A client that disconnects mid-stream makes the server close (or cancel)
-that generator, which runs the ``finally`` and releases with ``success=False``::
+before the upstream request, and release it in a ``finally`` that is certain to run when the
+response ends, however it ends. In an ASGI server that is the response object's own
+``__call__`` (or the handler's task), not the body generator: a generator that never
+started, or that is suspended at a ``yield`` when the client disconnects, runs its
+``finally`` only when it is closed or garbage-collected::
 
     lease = acquire(policy, workers, prompt)
-    async def body():
-        ok = False
-        try:
-            async for chunk in upstream(lease.worker):
-                yield chunk
-            ok = True
-        finally:
-            lease.release(success=ok)   # runs on completion, error, and client disconnect
+
+    class LeasedStream(StreamingResponse):          # Starlette
+        async def __call__(self, scope, receive, send):
+            ok = False
+            try:
+                await super().__call__(scope, receive, send)   # relays the engine's bytes
+                ok = True
+            finally:
+                lease.release(success=ok)   # completion, upstream error, client disconnect
+
+A client disconnect cancels that call, so the lease is released with ``success=False`` at
+once; then close the upstream connection so the engine stops generating.
+``examples/gateway.py`` and ``docs/gateway.md`` show the whole pattern, errors and
+timeouts included.
 
 **No healthy worker.** :func:`acquire` raises :class:`NoHealthyWorkerError` (a
 ``LookupError``): a gateway maps it to HTTP 503. It never returns a lease without a worker.

@@ -91,7 +91,7 @@ class BasicWorker:
     """A thread-safe :class:`Worker` with in-memory counters.
 
     Args:
-        url: the worker's base URL, e.g. ``"http://10.0.0.1:8000"``. Must be non-empty.
+        url: the worker's base URL, e.g. ``"http://10.0.0.1:8000"``. A non-empty ``str``.
         model_id: the served model; ``"default"`` when the gateway serves one model.
         worker_type: :attr:`WorkerType.REGULAR` (default), ``PREFILL`` or ``DECODE``.
         bootstrap_port: KV-transfer bootstrap port, for ``PREFILL`` workers only.
@@ -125,10 +125,11 @@ class BasicWorker:
         bootstrap_port: int | None = None,
         healthy: bool = True,
     ) -> None:
-        if not isinstance(url, str) or not url:
-            raise ValueError(f"url must be a non-empty str, got {url!r}")
-        if not isinstance(model_id, str) or not model_id:
-            raise ValueError(f"model_id must be a non-empty str, got {model_id!r}")
+        for param, value in (("url", url), ("model_id", model_id)):
+            if not isinstance(value, str):
+                raise TypeError(f"{param} must be a str, got {type(value).__name__}: {value!r}")
+            if not value:
+                raise ValueError(f"{param} must be a non-empty str, got {value!r}")
         if not isinstance(worker_type, WorkerType):
             raise TypeError(f"worker_type must be a WorkerType, got {worker_type!r}")
         if bootstrap_port is not None:

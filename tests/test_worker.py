@@ -55,7 +55,8 @@ def test_prefill_bootstrap_port() -> None:
     ("kwargs", "exc", "word"),
     [
         ({"url": ""}, ValueError, "url"),
-        ({"url": 5}, ValueError, "url"),
+        ({"url": 5}, TypeError, "url"),
+        ({"url": "u", "model_id": None}, TypeError, "model_id"),
         ({"url": "u", "model_id": ""}, ValueError, "model_id"),
         ({"url": "u", "worker_type": "regular"}, TypeError, "worker_type"),
         ({"url": "u", "bootstrap_port": 8998}, ValueError, "bootstrap_port"),
