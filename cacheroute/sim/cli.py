@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from typing import Any
@@ -103,13 +104,13 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     src.add_argument(
         "--concurrency",
         type=_int_type(1),
-        default=32,
+        default=None,
         help="claude_code traces: sessions running at once (default 32)",
     )
     src.add_argument(
         "--coarsen",
         type=_int_type(1),
-        default=8,
+        default=None,
         help="claude_code traces: merge this many 64-token blocks into one (default 8)",
     )
     src.add_argument("--limit", type=_int_type(1), default=None, help="use the first N requests")
@@ -175,15 +176,42 @@ def _detect_format(path: str) -> str:
     raise ValueError(f"cannot detect the format of {path}; pass --format {{{','.join(FORMATS)}}}")
 
 
+class _OptionError(ValueError):
+    """An option that does not apply; the message is the whole error."""
+
+
+def _claude_code_only(args: argparse.Namespace, why: str) -> None:
+    given = [f"--{key}" for key in ("concurrency", "coarsen") if getattr(args, key) is not None]
+    if given:
+        raise _OptionError(f"{' and '.join(given)} only apply to claude_code traces, but {why}")
+
+
+def _check_output_path(option: str, path: str) -> str | None:
+    """An error for ``option`` if ``path`` cannot be written (checked before the run)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"argument {option}: {path} is a directory"
+    if not os.path.isdir(parent):
+        return f"argument {option}: directory {parent} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"argument {option}: directory {parent} is not writable"
+    return None
+
+
 def _load(args: argparse.Namespace) -> Workload:
     if args.trace is None:
+        _claude_code_only(args, "no --trace is given")
         workload = WORKLOADS[args.workload or "default"](args.seed)
         workload = workload.limited(args.limit)
     else:
         fmt = args.format or _detect_format(args.trace)
         options: dict[str, Any] = {}
         if fmt == "claude_code":
-            options = {"concurrency": args.concurrency, "coarsen": args.coarsen}
+            for key in ("concurrency", "coarsen"):
+                if getattr(args, key) is not None:
+                    options[key] = getattr(args, key)
+        else:
+            _claude_code_only(args, f"the trace format is {fmt}")
         workload = load_trace(args.trace, fmt, limit=args.limit, **options)
     return workload.scaled(args.speed)
 
@@ -206,13 +234,21 @@ def run_simulate(args: argparse.Namespace) -> int:
             require_matplotlib()
         except RuntimeError as exc:
             parser.error(str(exc))
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path and _check_output_path(option, path)
+        if problem:
+            parser.error(problem)
     engine = replace(EngineConfig(), cache_tokens=args.cache_tokens, max_batch=args.max_batch)
     try:
         workload = _load(args)
+    except _OptionError as exc:
+        parser.error(str(exc))
     except FileNotFoundError as exc:
         parser.error(f"argument --trace: no such file: {exc.filename}")
     except (TraceFormatError, ValueError) as exc:
         parser.error(f"argument --trace: {exc}")
+    except OSError as exc:  # a directory, no permission, ...
+        parser.error(f"argument --trace: cannot read {exc.filename}: {exc.strerror}")
     if not workload.requests:
         parser.error("the workload has no requests")
 

@@ -38,6 +38,16 @@ from cacheroute.sim.request import Request, matched_blocks
 __all__ = ["EngineConfig", "Engine"]
 
 
+_TIME_FIELDS = (
+    "prefill_overhead_s",
+    "prefill_per_token_s",
+    "prefill_attention_s",
+    "decode_weights_s",
+    "decode_per_seq_s",
+    "decode_per_context_token_s",
+)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Constants of the engine model. Defaults: Llama-3.1-8B in bf16 on one H100 SXM (80 GB).
@@ -70,6 +80,12 @@ class EngineConfig:
             bound up to ~185 sequences, compute bound above).
         decode_per_context_token_s: reading one token of KV per step: 131,072 B at 80% of
             3.35 TB/s = 48.9 ns, times the batch's total context.
+
+    Raises:
+        TypeError: a count that is not an ``int`` (``cache_tokens`` may be ``None``) or a
+            time constant that is not a real number (``bool`` is neither).
+        ValueError: a count below 1, a time constant negative, infinite or NaN, or both
+            ``decode_weights_s`` and ``decode_per_seq_s`` zero. Nothing is clamped.
     """
 
     cache_tokens: int | None = 450_000
@@ -83,27 +99,29 @@ class EngineConfig:
     decode_per_context_token_s: float = 4.89e-8
 
     def __post_init__(self) -> None:
-        if self.cache_tokens is not None and (
-            type(self.cache_tokens) is not int or self.cache_tokens < 1
-        ):
-            raise ValueError(f"cache_tokens must be an int >= 1 or None, got {self.cache_tokens!r}")
-        for name in ("max_batch", "max_prefill_tokens"):
+        for name in ("cache_tokens", "max_batch", "max_prefill_tokens"):
             value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in (
-            "prefill_overhead_s",
-            "prefill_per_token_s",
-            "prefill_attention_s",
-            "decode_weights_s",
-            "decode_per_seq_s",
-            "decode_per_context_token_s",
-        ):
+            if value is None and name == "cache_tokens":
+                continue
+            if type(value) is not int:  # bool is not an int here
+                kind = "an int or None" if name == "cache_tokens" else "an int"
+                raise TypeError(f"{name} must be {kind}, got {type(value).__name__}: {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        for name in _TIME_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"{name} must be a real number, got {type(value).__name__}: {value!r}"
+                )
+            if not 0.0 <= value < math.inf:  # also rejects NaN
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.decode_weights_s <= 0 and self.decode_per_seq_s <= 0:
-            raise ValueError("decode_weights_s or decode_per_seq_s must be > 0")
+            raise ValueError(
+                "decode_weights_s or decode_per_seq_s must be > 0 (a decode step must take "
+                f"time), got decode_weights_s={self.decode_weights_s!r} and "
+                f"decode_per_seq_s={self.decode_per_seq_s!r}"
+            )
 
     def prefill_time(self, new_tokens: int, attention_units: float) -> float:
         """Seconds for one prefill iteration of ``new_tokens`` uncached tokens."""

@@ -17,7 +17,15 @@ def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100) of ``values``, interpolating linearly; NaN if empty.
 
     ``values`` must be sorted ascending.
+
+    Raises:
+        TypeError: ``q`` is not a real number.
+        ValueError: ``q`` is outside [0, 100] (or NaN).
     """
+    if isinstance(q, bool) or not isinstance(q, (int, float)):
+        raise TypeError(f"q must be a real number, got {type(q).__name__}: {q!r}")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q!r}")
     n = len(values)
     if n == 0:
         return math.nan
@@ -83,7 +91,19 @@ def summarize(result: RunResult, ideal_hits: int | None = None) -> Summary:
 
     ``ideal_hits`` (from :func:`cacheroute.sim.request.ideal_hit_tokens`) may be passed
     to avoid recomputing it for every policy of one workload.
+
+    Raises:
+        TypeError: ``ideal_hits`` is not an int (or ``None``).
+        ValueError: ``ideal_hits`` is negative.
     """
+    if ideal_hits is not None:
+        if type(ideal_hits) is not int:
+            raise TypeError(
+                f"ideal_hits must be an int or None, got {type(ideal_hits).__name__}: "
+                f"{ideal_hits!r}"
+            )
+        if ideal_hits < 0:
+            raise ValueError(f"ideal_hits must be >= 0, got {ideal_hits!r}")
     reqs = result.workload.requests
     n = len(reqs)
     if ideal_hits is None:

@@ -25,6 +25,10 @@ class ProgressBar:
         delay: seconds before anything is drawn.
         enabled: ``False`` draws nothing (``None``: only when ``stream`` is a terminal).
         fancy: use tqdm when it is installed.
+
+    Raises:
+        TypeError: ``total`` not an int or ``delay`` not a real number.
+        ValueError: ``total`` negative or ``delay`` negative or not finite.
     """
 
     def __init__(
@@ -37,7 +41,15 @@ class ProgressBar:
         enabled: bool | None = None,
         fancy: bool = True,
     ) -> None:
-        self.total = max(total, 1)
+        if type(total) is not int:
+            raise TypeError(f"total must be an int, got {type(total).__name__}: {total!r}")
+        if total < 0:
+            raise ValueError(f"total must be >= 0, got {total!r}")
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+            raise TypeError(f"delay must be a real number, got {type(delay).__name__}: {delay!r}")
+        if not 0 <= delay < float("inf"):
+            raise ValueError(f"delay must be a finite number >= 0, got {delay!r}")
+        self.total = total
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
         if enabled is None:
@@ -69,7 +81,7 @@ class ProgressBar:
         if self._tqdm is not None:
             self._tqdm.update(done - self._tqdm.n)
             return
-        frac = min(done / self.total, 1.0)
+        frac = min(done / self.total, 1.0) if self.total else 1.0
         width = 30
         fill = int(frac * width)
         elapsed = now - self._start

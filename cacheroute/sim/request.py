@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,20 @@ class Request:
     output_tokens: int
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "span_tokens", "input_tokens", "output_tokens"):
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+        if not isinstance(self.blocks, tuple):
+            raise TypeError(
+                f"blocks must be a tuple of ints, got {type(self.blocks).__name__}: "
+                f"{self.blocks!r:.60}"
+            )
+        arrival = self.arrival
+        if isinstance(arrival, bool) or not isinstance(arrival, (int, float)):
+            raise TypeError(
+                f"arrival must be a real number, got {type(arrival).__name__}: {arrival!r}"
+            )
         n = len(self.blocks)
         bs = self.block_size
         if bs < 1:
@@ -51,8 +66,8 @@ class Request:
             )
         if self.output_tokens < 1:
             raise ValueError(f"output_tokens must be >= 1, got {self.output_tokens}")
-        if not self.arrival >= 0.0:  # also rejects NaN
-            raise ValueError(f"arrival must be >= 0, got {self.arrival}")
+        if not 0.0 <= arrival < math.inf:  # also rejects NaN
+            raise ValueError(f"arrival must be a finite number >= 0, got {arrival!r}")
 
     def hit_tokens(self, matched: int) -> int:
         """Tokens covered by the first ``matched`` blocks."""
@@ -80,13 +95,33 @@ class Workload:
         return len(self.requests)
 
     def limited(self, limit: int | None) -> Workload:
-        """The first ``limit`` requests by arrival (all when ``limit`` is ``None``)."""
-        if limit is None or limit >= len(self.requests):
+        """The first ``limit`` requests by arrival (all when ``limit`` is ``None``).
+
+        Raises:
+            TypeError: ``limit`` is not an int (or ``None``).
+            ValueError: ``limit`` is negative.
+        """
+        if limit is None:
+            return self
+        if type(limit) is not int:
+            raise TypeError(f"limit must be an int or None, got {type(limit).__name__}: {limit!r}")
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit!r}")
+        if limit >= len(self.requests):
             return self
         return Workload(self.name, self.requests[:limit], {**self.params, "limit": limit})
 
     def scaled(self, speed: float) -> Workload:
-        """Arrival times divided by ``speed`` (``speed > 1`` offers load faster)."""
+        """Arrival times divided by ``speed`` (``speed > 1`` offers load faster).
+
+        Raises:
+            TypeError: ``speed`` is not a real number (``bool`` included).
+            ValueError: ``speed`` is not finite and > 0.
+        """
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+            raise TypeError(f"speed must be a real number, got {type(speed).__name__}: {speed!r}")
+        if not 0 < speed < math.inf:  # also rejects NaN
+            raise ValueError(f"speed must be a finite number > 0, got {speed!r}")
         if speed == 1.0:
             return self
         reqs = [

@@ -78,6 +78,32 @@ class RunResult:
     wall_s: float = 0.0
 
 
+def _check_args(
+    workload: object,
+    policy: object,
+    workers: object,
+    engine: object,
+    seed: object,
+    timeline_points: object,
+) -> None:
+    """Shared argument checks of :func:`simulate` and :func:`compare`."""
+    if not isinstance(workload, Workload):
+        raise TypeError(f"workload must be a Workload, got {type(workload).__name__}")
+    if not isinstance(policy, (PolicySpec, str)):
+        raise TypeError(
+            f"policy must be a PolicySpec or a spec str, got {type(policy).__name__}: {policy!r}"
+        )
+    for name, value, minimum in (("workers", workers, 1), ("timeline_points", timeline_points, 0)):
+        if type(value) is not int:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if engine is not None and not isinstance(engine, EngineConfig):
+        raise TypeError(f"engine must be an EngineConfig or None, got {engine!r}")
+    if type(seed) is not int:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
+
+
 def simulate(
     workload: Workload,
     policy: PolicySpec | str,
@@ -100,11 +126,13 @@ def simulate(
         progress: called now and then with the number of requests dispatched so far.
 
     Raises:
-        ValueError: ``workers < 1`` or a bad policy spec.
+        TypeError: an argument of the wrong type (the message names it).
+        ValueError: ``workers < 1``, ``timeline_points < 0`` or a bad policy spec.
         RuntimeError: a request completed twice or never (a simulator bug).
     """
-    if type(workers) is not int or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    _check_args(workload, policy, workers, engine, seed, timeline_points)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable or None, got {progress!r}")
     spec = PolicySpec.parse(policy) if isinstance(policy, str) else policy
     cfg = engine if engine is not None else EngineConfig()
     reqs = workload.requests
@@ -208,9 +236,18 @@ def compare(
 
     ``show_progress``: draw a progress bar on stderr for runs longer than two seconds
     (``None``: only when stderr is a terminal).
+
+    Raises:
+        TypeError, ValueError: as :func:`simulate`, for any policy, before any run.
     """
     from cacheroute.sim.progress import ProgressBar
 
+    if not isinstance(policies, (list, tuple)):
+        raise TypeError(f"policies must be a list of PolicySpec, got {type(policies).__name__}")
+    for spec in policies:
+        _check_args(workload, spec, workers, engine, seed, timeline_points)
+    if show_progress is not None and not isinstance(show_progress, bool):
+        raise TypeError(f"show_progress must be a bool or None, got {show_progress!r}")
     results = []
     for k, spec in enumerate(policies, 1):
         bar = ProgressBar(len(workload), f"[{k}/{len(policies)}] {spec}", enabled=show_progress)

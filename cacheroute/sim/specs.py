@@ -15,11 +15,13 @@ Examples: ``round_robin``, ``cache_aware:least_load``,
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from cacheroute.policies import LoadBalancingPolicy, available_policies, make_policy
+from cacheroute.policies import registry as _registry
 
 __all__ = ["MODE_KEYS", "PolicySpec", "default_specs", "parse_policy_list"]
 
@@ -30,6 +32,28 @@ MODE_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
 comparison runs each of these policies once per mode."""
 
 _SPEC = re.compile(r"^([A-Za-z_][\w.-]*)(?::([\w.-]+))?(?:\[(.*)\])?$")
+
+
+def _accepted_keys(name: str) -> frozenset[str] | None:
+    """The keyword arguments the policy registered as ``name`` accepts (``None``: any).
+
+    Mirrors :func:`make_policy`: the names of the constructor's positional-or-keyword
+    and keyword-only parameters; ``None`` when it takes ``**kwargs``. An unknown name
+    gives an empty set (``make_policy`` then raises its own ``ValueError``).
+    """
+    cls = _registered_class(name)
+    if cls is None:
+        return frozenset()
+    params = inspect.signature(cls).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _registered_class(name: str) -> type[LoadBalancingPolicy] | None:
+    # The registry has no public accessor for a class; read it under its lock.
+    with _registry._lock:
+        return _registry._registry.get(name)
 
 
 def _value(text: str) -> Any:
@@ -64,7 +88,10 @@ class PolicySpec:
         Raises:
             ValueError: bad syntax, an unknown policy name, or a mode of a policy without a
                 mode shorthand / an unknown mode. The message names the spec.
+            TypeError: ``text`` is not a str.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r}")
         text = text.strip()
         m = _SPEC.match(text)
         if not m:
@@ -101,23 +128,20 @@ class PolicySpec:
 
     def build(self, seed: int | None = None, **extra: Any) -> LoadBalancingPolicy:
         """A fresh policy object. ``seed`` and ``extra`` keys (e.g. ``on_decision``) are
-        passed only when the policy accepts them and the spec does not set them."""
+        passed only when the policy accepts them and the spec does not set them.
+
+        Which keys a policy accepts is read from its constructor's signature (the same
+        rule :func:`make_policy` applies); the spec's own ``config`` is always passed, so
+        a key the policy does not accept there is still the registry's ``TypeError``.
+        """
         config = dict(self.config)
-        optional = dict(extra)
-        if seed is not None:
-            optional["seed"] = seed
-        for key in list(optional):
-            if key in config:
-                del optional[key]
-        while True:
-            try:
-                return make_policy(self.name, **config, **optional)
-            except TypeError as exc:
-                dropped = [k for k in optional if repr(k) in str(exc) and "unknown" in str(exc)]
-                if not dropped:
-                    raise
-                for k in dropped:
-                    del optional[k]
+        accepted = _accepted_keys(self.name)
+        optional = {} if seed is None else {"seed": seed}
+        optional.update(extra)
+        for key, value in optional.items():
+            if key not in config and (accepted is None or key in accepted):
+                config[key] = value
+        return make_policy(self.name, **config)
 
     def __str__(self) -> str:
         return self.label or self.name
@@ -135,7 +159,14 @@ def default_specs() -> list[PolicySpec]:
 
 
 def parse_policy_list(text: str) -> list[PolicySpec]:
-    """Parse a comma-separated list of specs (commas inside ``[...]`` do not split)."""
+    """Parse a comma-separated list of specs (commas inside ``[...]`` do not split).
+
+    Raises:
+        ValueError: a bad spec (see :meth:`PolicySpec.parse`), no spec, or one twice.
+        TypeError: ``text`` is not a str.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r}")
     parts: list[str] = []
     depth = 0
     current: list[str] = []

@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import heapq
 import json
+import math
 import os
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -91,13 +92,31 @@ def _get(rec: dict[str, Any], key: str, kind: type, where: str, minimum: float =
     if key not in rec:
         raise TraceFormatError(f"{where}: missing field {key!r}")
     value = rec[key]
-    ok = isinstance(value, (int, float)) if kind is float else type(value) is kind
-    if not ok or (kind in (int, float) and not value >= minimum):
-        raise TraceFormatError(
-            f"{where}: field {key!r} must be {'a number' if kind is float else kind.__name__}"
-            f" >= {minimum}, got {value!r}"
-        )
+    if kind is float:  # JSON true/false are not numbers; JSON NaN/Infinity are not finite
+        ok = not isinstance(value, bool) and isinstance(value, (int, float))
+        ok = ok and minimum <= value < math.inf
+        what = f"a finite number >= {minimum}"
+    elif kind is int:
+        ok = type(value) is int and value >= minimum
+        what = f"an int >= {minimum}"
+    else:
+        ok = type(value) is kind
+        what = f"a {kind.__name__}"
+    if not ok:
+        raise TraceFormatError(f"{where}: field {key!r} must be {what}, got {value!r}")
     return value
+
+
+def _check_option(name: str, value: object, minimum: int, *, optional: bool = False) -> None:
+    """A loader option: ``TypeError`` unless an int (or ``None`` when ``optional``),
+    ``ValueError`` below ``minimum``; the message names the option and the value."""
+    if value is None and optional:
+        return
+    if type(value) is not int:
+        kind = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}: {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 class _Renumber(dict[int, int]):
@@ -120,11 +139,17 @@ def load_mooncake(
     Args:
         path: the JSON-lines file, plain or gzipped.
         block_size: tokens per ``hash_ids`` entry (512 in the published traces).
-        limit: read at most this many requests.
+        limit: read at most this many requests (``None``: all).
+
+    An ``output_length`` of 0 is simulated as 1: prefill always yields the first token.
 
     Raises:
         TraceFormatError: a malformed line (the message names the file and the line).
+        TypeError: ``block_size`` or ``limit`` not an int (``limit`` may be ``None``).
+        ValueError: ``block_size`` below 1 or ``limit`` below 0.
     """
+    _check_option("block_size", block_size, 1)
+    _check_option("limit", limit, 0, optional=True)
     ids = _Renumber()
     reqs: list[Request] = []
     for lineno, rec in _records(path):
@@ -163,16 +188,21 @@ def load_claude_code(
             (its last request's ``t`` plus its ``api_time``, if given).
         coarsen: merge this many consecutive blocks into one (1: keep the trace's own
             blocks). See the module docstring.
-        limit: keep at most this many requests (the earliest on the timeline).
+        limit: keep at most this many requests (the earliest on the timeline; ``None``:
+            all).
+
+    An ``output_length`` of 0 is simulated as 1 (prefill always yields the first
+    token); an ``api_time`` that is missing or ``null`` counts as 0.
 
     Raises:
         TraceFormatError: a malformed line (the message names the file and the line).
-        ValueError: ``concurrency`` or ``coarsen`` below 1.
+        TypeError: ``concurrency``, ``coarsen`` or ``limit`` not an int (``limit`` may be
+            ``None``).
+        ValueError: ``concurrency`` or ``coarsen`` below 1, ``limit`` below 0.
     """
-    if type(concurrency) is not int or concurrency < 1:
-        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
-    if type(coarsen) is not int or coarsen < 1:
-        raise ValueError(f"coarsen must be an int >= 1, got {coarsen!r}")
+    _check_option("concurrency", concurrency, 1)
+    _check_option("coarsen", coarsen, 1)
+    _check_option("limit", limit, 0, optional=True)
     ids = _Renumber()
     sessions: dict[str, list[tuple[float, Request]]] = {}
     ends: dict[str, float] = {}
@@ -208,8 +238,7 @@ def load_claude_code(
         if len(raw) % coarsen:
             keys.append(raw[-1])
         blocks = tuple(ids[b] for b in keys)
-        api = rec.get("api_time", 0.0)
-        api = float(api) if isinstance(api, (int, float)) and api >= 0 else 0.0
+        api = 0.0 if rec.get("api_time") is None else float(_get(rec, "api_time", float, where))
         req = Request(0.0, blocks, bs * coarsen, span, n_in, max(n_out, 1))
         sessions.setdefault(session, []).append((t, req))
         ends[session] = max(ends.get(session, 0.0), t + api)

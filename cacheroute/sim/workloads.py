@@ -14,6 +14,7 @@ hands out ids so that two prompts get equal ids exactly for the blocks they shar
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Callable
 
@@ -23,10 +24,23 @@ __all__ = ["WORKLOADS", "bursty", "chat", "default_workload", "shared_prefix"]
 
 
 def _check(name: str, value: object, minimum: float, *, integer: bool = True) -> None:
-    ok = (type(value) is int) if integer else isinstance(value, (int, float))
-    if not ok or value < minimum or value != value:  # type: ignore[operator]
-        kind = "an int" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} >= {minimum}, got {value!r}")
+    """``TypeError`` for a wrong type (``bool`` is neither an int nor a number here),
+    ``ValueError`` for a value below ``minimum`` (or, for numbers, not finite)."""
+    if integer:
+        if type(value) is not int:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    if not minimum <= value < math.inf:  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+
+
+def _check_seed(seed: object) -> None:
+    if type(seed) is not int:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
 
 
 def shared_prefix(
@@ -63,6 +77,9 @@ def shared_prefix(
     ):
         _check(name, value, 1 if name != "system_tokens" else 0)
     _check("request_rate", request_rate, 0, integer=False)
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}: {shuffle!r}")
+    _check_seed(seed)
     rng = random.Random(seed)
     ids = itertools.count()
     total = system_tokens + question_tokens
@@ -125,7 +142,10 @@ def chat(
     ):
         _check(name, value, 1)
     _check("system_tokens", system_tokens, 0)
-    _check("request_rate", request_rate, 1e-9, integer=False)
+    _check("request_rate", request_rate, 0, integer=False)
+    if request_rate == 0:
+        raise ValueError(f"request_rate must be > 0, got {request_rate!r}")
+    _check_seed(seed)
     rng = random.Random(seed)
     ids = itertools.count()
     sys_full = system_tokens // block_size
@@ -188,6 +208,7 @@ def bursty(
     ):
         _check(name, value, 1)
     _check("interval_s", interval_s, 0, integer=False)
+    _check_seed(seed)
     rng = random.Random(seed)
     ids = itertools.count()
     reqs = []
