@@ -5,6 +5,7 @@ from cacheroute.policies import (
     LoadBalancingPolicy,
     RoundRobinPolicy,
     available_policies,
+    policy_class,
     policy_descriptions,
     registry,
 )
@@ -75,3 +76,9 @@ def test_register_conflicts_and_bad_args() -> None:
         register_policy("has space", FirstHealthy)
     with pytest.raises(TypeError, match="LoadBalancingPolicy"):
         register_policy("x", int)  # type: ignore[arg-type]
+
+
+def test_policy_class() -> None:
+    assert policy_class("round_robin") is RoundRobinPolicy
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        policy_class("nope")

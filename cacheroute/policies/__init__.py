@@ -18,6 +18,7 @@ from cacheroute.policies.random import RandomPolicy
 from cacheroute.policies.registry import (
     available_policies,
     make_policy,
+    policy_class,
     policy_descriptions,
     register_policy,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "healthy_indices",
     "least_loaded_index",
     "make_policy",
+    "policy_class",
     "policy_descriptions",
     "register_policy",
 ]

@@ -8,7 +8,13 @@ from typing import Any
 
 from cacheroute.policies.base import LoadBalancingPolicy
 
-__all__ = ["available_policies", "make_policy", "policy_descriptions", "register_policy"]
+__all__ = [
+    "available_policies",
+    "make_policy",
+    "policy_class",
+    "policy_descriptions",
+    "register_policy",
+]
 
 _registry: dict[str, type[LoadBalancingPolicy]] = {}
 _lock = threading.Lock()
@@ -46,6 +52,20 @@ def available_policies() -> list[str]:
         return sorted(_registry)
 
 
+def policy_class(name: str) -> type[LoadBalancingPolicy]:
+    """The class registered as ``name`` (e.g. to inspect its parameters). O(1).
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the known names).
+    """
+    with _lock:
+        cls = _registry.get(name) if isinstance(name, str) else None
+        known = sorted(_registry)
+    if cls is None:
+        raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(known)}")
+    return cls
+
+
 def policy_descriptions() -> dict[str, str]:
     """``{name: one-line description}`` for every registered policy, sorted by name."""
     with _lock:
@@ -61,11 +81,7 @@ def make_policy(name: str, **config: Any) -> LoadBalancingPolicy:
         TypeError: a config key the policy does not accept (the message names it and lists
             the accepted keys), or a config value of the wrong type.
     """
-    with _lock:
-        cls = _registry.get(name) if isinstance(name, str) else None
-        known = sorted(_registry)
-    if cls is None:
-        raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(known)}")
+    cls = policy_class(name)
     signature = inspect.signature(cls)
     accepted = [
         p.name

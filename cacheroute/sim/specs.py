@@ -20,8 +20,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from cacheroute.policies import LoadBalancingPolicy, available_policies, make_policy
-from cacheroute.policies import registry as _registry
+from cacheroute.policies import (
+    LoadBalancingPolicy,
+    available_policies,
+    make_policy,
+    policy_class,
+)
 
 __all__ = ["MODE_KEYS", "PolicySpec", "default_specs", "parse_policy_list"]
 
@@ -51,9 +55,10 @@ def _accepted_keys(name: str) -> frozenset[str] | None:
 
 
 def _registered_class(name: str) -> type[LoadBalancingPolicy] | None:
-    # The registry has no public accessor for a class; read it under its lock.
-    with _registry._lock:
-        return _registry._registry.get(name)
+    try:
+        return policy_class(name)
+    except ValueError:
+        return None
 
 
 def _value(text: str) -> Any:
