@@ -14,11 +14,15 @@ Workloads (deterministic, seed 0):
 * W2 multi-turn: 200 conversations x 10 turns, turn k = turn k-1 + 300 random
   user characters + 300 random reply characters; tenant = conversation % 8;
   conversations interleaved in a seeded random order that keeps each one's
-  turn order; ``prefix_match`` then ``insert`` on each turn (and, separately,
-  the fused ``match_and_insert``).
+  turn order; ``prefix_match`` then ``insert`` on each turn.
 * W3 scale: 100,000 distinct random 1,000-character prompts, tenant = i % 16;
   insert cost per block of 10,000, structure memory at the end, then 10,000
   matches of new prompts.  Once more with ``max_size`` = 10,000,000.
+
+W1 and W2 also compare, on the same prompts (W1: its insert sequence), the
+fused ``match_and_insert`` with two calls (``prefix_match`` or
+``match_lengths``, then ``insert``) timed together, each on a fresh tree, runs
+interleaved, and print the ratio of the p50s.
 
 Per-op latency is measured with ``time.perf_counter_ns`` around each call (the
 timer's own cost, printed as ``timer``, is included).  W1/W2 print the median
@@ -251,15 +255,58 @@ def run_w2(a: Adapter, turns: list[tuple[str, str]]) -> tuple[Any, Any]:
     return stats(ins_ns), stats(m_ns)
 
 
-def run_w2_fused(turns: list[tuple[str, str]]) -> Any:
+def run_fused(pairs: list[tuple[str, str]], mode: str) -> Any:
+    """Per prompt, on a fresh tree: ``match_and_insert`` ("fused"), or
+    ``prefix_match`` + ``insert`` ("pm+insert") or ``match_lengths`` + ``insert``
+    ("ml+insert") on the same prompt, timed together.  The ``choose`` callback
+    (returning the workload's tenant) is built before the clock starts."""
     t = Tree()
     pc = time.perf_counter_ns
     ns = []
-    for text, tenant in turns:
-        t0 = pc()
-        t.match_and_insert(text, lambda lengths, tenant=tenant: tenant)
-        ns.append(pc() - t0)
+    if mode == "fused":
+        mai = t.match_and_insert
+        for text, tenant in pairs:
+
+            def choose(lengths: dict[str, int], tenant: str = tenant) -> str:
+                return tenant
+
+            t0 = pc()
+            mai(text, choose)
+            ns.append(pc() - t0)
+    else:
+        match: Callable[[str], Any] = t.prefix_match if mode == "pm+insert" else t.match_lengths
+        ins = t.insert
+        for text, tenant in pairs:
+            t0 = pc()
+            match(text)
+            ins(text, tenant)
+            ns.append(pc() - t0)
     return stats(ns)
+
+
+def print_fused(label: str, pairs: list[tuple[str, str]], runs: int) -> None:
+    """Fused vs two calls on the same prompts, interleaved runs, medians."""
+    rows: dict[str, list[tuple[float, float, float]]] = {
+        "fused": [],
+        "pm+insert": [],
+        "ml+insert": [],
+    }
+    for _ in range(runs):
+        for mode in rows:
+            rows[mode].append(run_fused(pairs, mode))
+    fused = med(rows["fused"])
+    for mode, name in (
+        ("pm+insert", "prefix_match + insert"),
+        ("ml+insert", "match_lengths + insert"),
+    ):
+        two = med(rows[mode])
+        print(f"  {label} {name:24s} {fmt(two)}")
+    pm, ml = med(rows["pm+insert"]), med(rows["ml+insert"])
+    print(f"  {label} {'match_and_insert (fused)':24s} {fmt(fused)}")
+    print(
+        f"  {label} fused / two calls (p50): {fused[0] / pm[0]:.2f} vs prefix_match + insert, "
+        f"{fused[0] / ml[0]:.2f} vs match_lengths + insert"
+    )
 
 
 def w3_prompts(seed: int, n: int) -> Iterator[str]:
@@ -359,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault(a.name, {})["w1"] = (ins, mat)
         print(f"  {a.name:18s} insert {fmt(ins)}")
         print(f"  {a.name:18s} match  {fmt(mat)}")
+    print_fused(f"{ours.name:18s}", d1[0], runs)
 
     print(f"\n## W2 multi-turn ({len(d2)} turns, up to 6,000 chars)")
     for a in [ours, *peers]:
@@ -367,8 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault(a.name, {})["w2"] = (ins, mat)
         print(f"  {a.name:18s} insert {fmt(ins)}")
         print(f"  {a.name:18s} match  {fmt(mat)}")
-    fused = med([run_w2_fused(d2) for _ in range(runs)])
-    print(f"  {ours.name:18s} match_and_insert (fused) {fmt(fused)}")
+    print_fused(f"{ours.name:18s}", d2, runs)
 
     print(f"\n## W3 scale ({w3_n:,} distinct 1,000-char prompts, 16 tenants)")
     run_w3_timed(ours, w3_n, w3_block, "ours")

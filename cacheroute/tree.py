@@ -19,10 +19,27 @@ Design notes (why it is fast in pure Python):
 * Per node there is one collector-tracked object (the node; internal nodes add
   their children ``dict``).  The per-node tenant map holds only ``str`` keys
   and ``int`` values, which CPython does not track.
+* Holder sets shrink going down and a node held by one tenant stores just that
+  ``str``, so a path is a run of multi-holder nodes followed by a run held by
+  one tenant; the per-call work outside the descent is proportional to the
+  first run (usually one or two nodes near the root), not to the path.
 * Recency is kept in one ``OrderedDict`` per tenant (plus one global one when
-  ``max_size`` is set), ordered so that every node comes *before* its
-  ancestors: the front entry is always a leaf for that tenant, so eviction
-  pops it in O(1), with no scan and no heap.
+  ``max_size`` is set); eviction pops the front entry in O(1) (amortized), with
+  no scan and no heap.  A tenant's leaves (nodes it holds without holding a
+  child) are always in its order; a multi-holder node counts, per holder, the
+  children that holder holds, so "is this a leaf of t" is O(1).
+
+  - Without ``max_size`` recency is *lazy*: an insert refreshes only its
+    deepest node.  An ancestor's recency is the most recent of its own
+    touches and its descendants'; when the front entry turns out to have
+    children held by the tenant it is dropped (it comes back, at the front,
+    when its last such child is evicted, which is exactly its recency then).
+    The eviction order is the same as the eager one below (tested).
+  - With ``max_size`` recency is *eager*: every node on the inserted path is
+    moved to the end, deepest first, in the tenant's order and the global one,
+    so every node comes before its ancestors and the front entry is a leaf.
+    (Global eviction removes a tenant's leaf out of order; only the eager form
+    keeps every ancestor at its exact place in every order then.)
 """
 
 from __future__ import annotations
@@ -46,16 +63,18 @@ _WIDE = 8  # code points per token in the wide token encoding
 _NARROW_LIMIT = 0x110000  # token ids below this map to one code point
 
 
-Holders = str | dict[str, None]
+Holders = str | dict[str, int]
 
 
 class _Node:
     """One radix-tree node.
 
     ``holders`` is the single tenant holding it (a ``str``: the common case,
-    no extra object), or a ``dict`` whose key order is the order of the
-    tenants' last touches (most recent last).  Invariant: a child's holders are a
-    subset of its parent's; a node without holders is unlinked.
+    no extra object; every child is held by it too), or a ``dict`` (two or more
+    tenants) whose key order is the order of the tenants' last touches (most
+    recent last) and whose value for a tenant is the number of children that
+    tenant holds.  Invariant: a child's holders are a subset of its parent's;
+    a node without holders is unlinked.
     """
 
     __slots__ = ("children", "edge", "holders", "parent")
@@ -166,7 +185,9 @@ class Tree:
     holds, which equals the number of edge units of the nodes it holds.
 
     Recency: ``insert`` and ``match_and_insert`` refresh the recency of every
-    node on the inserted path for that tenant.  ``prefix_match``,
+    node on the inserted path for that tenant (without ``max_size`` lazily:
+    same eviction order, less work per insert; see the module notes).
+    ``prefix_match``,
     ``prefix_match_tenant`` and ``match_lengths`` are read-only and do *not*
     refresh recency.
 
@@ -368,29 +389,39 @@ class Tree:
         Complexity: O(m) C-level compares + O(d) Python steps + O(holders of
         the last node).
         """
-        with self._lock:
-            s = self._encode(units, False)
+        lock = self._lock
+        lock.acquire()
+        try:
+            if type(units) is str and self._kind != "tokens":
+                s: str = units
+            else:
+                s = self._encode(units, False)
             n = len(s)
             w = self._w
             node = self._root
             last: _Node | None = None
             pos = 0
-            while pos < n:
-                ch = node.children
-                if ch is None:
-                    break
-                child = ch.get(s[pos] if w == 1 else s[pos : pos + w])
-                if child is None:
-                    break
-                last = child
-                e = child.edge
-                if s.startswith(e, pos):
-                    pos += len(e)
-                    node = child
-                else:
-                    k = _lcp(e, s, pos)
-                    pos += k - k % w
-                    break
+            if w != 1:
+                path, pos, last, k = self._walk(s)
+                pos += k
+                if last is None and path:
+                    last = path[-1]
+            else:  # inline walk (see _walk), one code point per unit
+                while pos < n:
+                    ch = node.children
+                    if ch is None:
+                        break
+                    child = ch.get(s[pos])
+                    if child is None:
+                        break
+                    last = child
+                    e = child.edge
+                    if s.startswith(e, pos):
+                        pos += len(e)
+                        node = child
+                    else:
+                        pos += _lcp(e, s, pos)
+                        break
             if last is None:
                 return 0, None
             h = last.holders
@@ -399,6 +430,8 @@ class Tree:
             for t in reversed(h):  # most recently used holder
                 return pos // w, t
             return pos // w, None  # pragma: no cover - nodes always have holders
+        finally:
+            lock.release()
 
     def prefix_match_tenant(self, units: Units, tenant: str) -> int:
         """Longest prefix of ``units`` held by ``tenant`` (0 if unknown).
@@ -407,7 +440,9 @@ class Tree:
         Complexity: O(m) C-level compares + O(d) Python steps.
         """
         _check_tenant(tenant)
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             s = self._encode(units, False)
             n = len(s)
             w = self._w
@@ -432,6 +467,8 @@ class Tree:
                     pos += k - k % w
                     break
             return pos // w
+        finally:
+            lock.release()
 
     def _walk(self, s: str) -> tuple[list[_Node], int, _Node | None, int]:
         """Descend along ``s``.
@@ -465,34 +502,47 @@ class Tree:
 
     def _lengths(
         self, path: list[_Node], pos: int, partial: _Node | None, k: int
-    ) -> dict[str, int]:
-        """Per-tenant matched code points for a walk; deepest first."""
+    ) -> tuple[dict[str, int], int]:
+        """Per-tenant matched code points for a walk (see :meth:`_walk`).
+
+        Holder sets only shrink going down, and a single-holder node (a ``str``)
+        has single-holder descendants only, so the path is a run of ``j``
+        multi-holder nodes followed by a run held by one tenant.  Only the
+        first run is visited (top-down, deeper ends overwrite shallower ones);
+        the second one contributes its deepest end alone.
+
+        :returns: ``(lengths, j)``.  O(j + tenants matched).  Key order: that
+            of the deepest node among those holding as many tenants as the
+            first one (as it always was; ``choose`` callbacks may see it).
+        """
         res: dict[str, int] = {}
-        prev = 0
+        top = 0  # holder count of the first node (the largest set)
+        end = 0
+        j = 0
+        for nd in path:
+            h = nd.holders
+            if isinstance(h, str):
+                break
+            j += 1
+            end += len(nd.edge)
+            if len(h) == top or not top:
+                top = len(h)
+                res = dict.fromkeys(h, end)
+            else:
+                res.update(dict.fromkeys(h, end))
         if partial is not None:
             h = partial.holders
             if isinstance(h, str):
                 res[h] = pos + k
-                prev = 1
-            else:
+            elif len(h) == top or not top:
                 res = dict.fromkeys(h, pos + k)
-                prev = len(h)
-        end = pos
-        for i in range(len(path) - 1, -1, -1):
-            nd = path[i]
-            h = nd.holders
-            if isinstance(h, str):
-                if not prev:
-                    res[h] = end
-                    prev = 1
-            elif len(h) != prev:  # holders shrink going down: equal size = same set
-                deeper = res
-                res = dict.fromkeys(h, end)
-                if deeper:
-                    res.update(deeper)  # deeper matches win (C-level merge)
-                prev = len(h)
-            end -= len(nd.edge)
-        return res
+            else:
+                res.update(dict.fromkeys(h, pos + k))
+        elif j < len(path):
+            h = path[-1].holders
+            assert isinstance(h, str)
+            res[h] = pos
+        return res, j
 
     def match_lengths(self, units: Units) -> dict[str, int]:
         """Matched units for every tenant with a non-zero match, in one walk.
@@ -500,14 +550,18 @@ class Tree:
         Read-only: does not refresh recency.  Thread-safe.
         Complexity: O(m) C-level compares + O(d + tenants matched) Python steps.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             s = self._encode(units, False)
-            res = self._lengths(*self._walk(s))
+            res = self._lengths(*self._walk(s))[0]
             w = self._w
             if w != 1:
                 for t in res:
                     res[t] //= w
             return res
+        finally:
+            lock.release()
 
     # ---------------------------------------------------------------- writes
 
@@ -528,12 +582,17 @@ class Tree:
             type, a non-int element, or is of the other kind than the tree.
         :raises ValueError: a token id is negative or >= 2**64.
 
-        Thread-safe.  Complexity: O(m) C-level compares + O(d) Python steps,
-        plus O(1) per node evicted by a bound (amortized by the low-water mark).
+        Thread-safe.  Complexity: O(m) C-level compares + O(d) Python steps
+        for the descent; then O(1) per multi-holder node on the path and per
+        node ``tenant`` newly holds (plus, with ``max_size``, O(1) per node on
+        the path); plus amortized O(1) per node evicted by a bound (amortized
+        further by the low-water mark).
         """
         if type(tenant) is not str:
             _check_tenant(tenant)
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             if type(units) is str and self._kind == "text":
                 s: str = units
             else:
@@ -555,24 +614,28 @@ class Tree:
             pos = 0
             partial = None
             k = 0
-            while pos < n:
-                ch = node.children
-                if ch is None:
-                    break
-                child = ch.get(s[pos] if w == 1 else s[pos : pos + w])
-                if child is None:
-                    break
-                e = child.edge
-                if s.startswith(e, pos):
-                    pos += len(e)
-                    path.append(child)
-                    node = child
-                else:
-                    partial = child
-                    k = _lcp(e, s, pos)
-                    k -= k % w
-                    break
+            if w != 1:
+                path, pos, partial, k = self._walk(s)
+            else:  # inline walk (see _walk), one code point per unit
+                while pos < n:
+                    ch = node.children
+                    if ch is None:
+                        break
+                    child = ch.get(s[pos])
+                    if child is None:
+                        break
+                    e = child.edge
+                    if s.startswith(e, pos):
+                        pos += len(e)
+                        path.append(child)
+                        node = child
+                    else:
+                        partial = child
+                        k = _lcp(e, s, pos)
+                        break
             self._insert_walked(s, tenant, path, pos, partial, k)
+        finally:
+            lock.release()
 
     def match_and_insert(
         self, units: Units, choose: Callable[[dict[str, int]], str | None]
@@ -585,85 +648,185 @@ class Tree:
         inserted for it exactly as :meth:`insert` would; if it returns ``None``
         nothing is inserted.  If ``choose`` raises, the tree is unchanged.
 
+        The descent is done once: the path it records (and the per-tenant
+        lengths read off it) is reused by the insert, so no edge is compared
+        twice.  (Exceptions, each needing a second descent: a token prompt with
+        an id >= 0x110000 on a narrow tree, and a prompt longer than a size
+        cap's low-water target.)
+
         :returns: ``(chosen, matched_units_of_chosen)`` (0 for None/no match).
-        Thread-safe.  Complexity: as :meth:`match_lengths` + :meth:`insert`,
-        with a single walk.
+        Thread-safe.  Complexity: O(m) C-level compares + O(d + T) Python
+        steps, plus what :meth:`insert` may evict.
         """
-        with self._lock:
-            s = self._encode(units, False)  # no widening before choose succeeds
-            walk = self._walk(s)
-            res = self._lengths(*walk)
+        lock = self._lock
+        lock.acquire()
+        try:
+            if type(units) is str and self._kind != "tokens":
+                s: str = units
+                fast = self._kind == "text"
+            else:
+                s = self._encode(units, False)  # no widening before choose succeeds
+                fast = False
             w = self._w
+            n = len(s)
+            node = self._root
+            path: list[_Node] = []
+            pos = 0
+            partial = None
+            k = 0
+            if w != 1:
+                path, pos, partial, k = self._walk(s)
+            else:  # inline walk (see _walk), one code point per unit
+                while pos < n:
+                    ch = node.children
+                    if ch is None:
+                        break
+                    child = ch.get(s[pos])
+                    if child is None:
+                        break
+                    e = child.edge
+                    if s.startswith(e, pos):
+                        pos += len(e)
+                        path.append(child)
+                        node = child
+                    else:
+                        partial = child
+                        k = _lcp(e, s, pos)
+                        break
+            # per-tenant lengths: _lengths inlined (hot path)
+            res: dict[str, int] = {}
+            top = end = j = 0
+            for nd in path:
+                h = nd.holders
+                if isinstance(h, str):
+                    break
+                j += 1
+                end += len(nd.edge)
+                if len(h) == top or not top:
+                    top = len(h)
+                    res = dict.fromkeys(h, end)
+                else:
+                    res.update(dict.fromkeys(h, end))
+            if partial is not None:
+                h = partial.holders
+                if isinstance(h, str):
+                    res[h] = pos + k
+                elif len(h) == top or not top:
+                    res = dict.fromkeys(h, pos + k)
+                else:
+                    res.update(dict.fromkeys(h, pos + k))
+            elif j < len(path):
+                h = path[-1].holders
+                assert isinstance(h, str)
+                res[h] = pos
             if w != 1:
                 for t in res:
                     res[t] //= w
             chosen = choose(dict(res))
             if chosen is None:
                 return None, 0
-            _check_tenant(chosen)
+            if type(chosen) is not str:
+                _check_tenant(chosen)
             if chosen not in self._sizes:
                 self._register(chosen)
-            if not isinstance(units, str) and self._w == 1:
-                full = self._encode(units, True)  # may widen the tree (ids >= 0x110000)
-                if self._w != w or len(full) != len(s):
-                    s = full
-                    walk = self._walk(s)
+            if fast and self._cap_chars < 0:  # text into a text tree, no bound
+                self._insert_walked(s, chosen, path, pos, partial, k, j)
+                return chosen, res.get(chosen, 0)
+            if w == 1 and n != len(units) and not isinstance(units, str):
+                # the read form stopped before an id >= 0x110000: insert the full
+                # prompt (this widens the tree)
+                s = self._encode(units, True)
             if s:
                 if self._kind is None:
                     self._kind = "text" if isinstance(units, str) else "tokens"
                 if 0 <= self._cap_chars < len(s):
                     s = s[: self._cap_chars]
-                    walk = self._walk(s)
-                self._insert_walked(s, chosen, *walk)
+                if len(s) != n or self._w != w:  # rare: see the docstring
+                    path, pos, partial, k = self._walk(s)
+                    j = -1
+                self._insert_walked(s, chosen, path, pos, partial, k, j)
             return chosen, res.get(chosen, 0)
+        finally:
+            lock.release()
 
     def _insert_walked(
-        self, s: str, t: str, path: list[_Node], pos: int, partial: _Node | None, k: int
+        self,
+        s: str,
+        t: str,
+        path: list[_Node],
+        pos: int,
+        partial: _Node | None,
+        k: int,
+        j: int = -1,
     ) -> None:
-        """Second half of insert, from a walk of ``s`` (see :meth:`_walk`)."""
+        """Second half of insert, from a walk of ``s`` (see :meth:`_walk`).
+
+        ``j``: number of multi-holder nodes at the top of ``path`` if known
+        (see :meth:`_lengths`), else -1.
+
+        O(1) for the new nodes, O(1) per node of ``path`` that ``t`` did not
+        hold yet and per multi-holder node of ``path``; without ``max_size``
+        the run of nodes held by ``t`` alone is not visited at all (lazy
+        recency, see the class notes), with it every node of ``path`` is
+        refreshed in both recency orders.
+        """
         od = self._lru[t]
         glru = self._glru
         w = self._w
         added = 0
         n = len(s)
-        parent = path[-1] if path else self._root
+        last = len(path) - 1
+        parent = path[last] if path else self._root
+        # ``nxt``: the node below the one being processed is on this insert;
+        # ``new``: and ``t`` did not hold it before (so the count of children
+        # ``t`` holds grows by one).
+        tail = nxt = new = pos < n or partial is not None
         if partial is not None:
             # split ``partial`` at k: a new upper node takes its first k units
             e = partial.edge
             ph = partial.holders
+            pos += k
             uh: Holders
             if isinstance(ph, str):
                 if ph == t:
                     uh = t
+                    new = False
                 else:
-                    uh = {ph: None, t: None}
+                    uh = {ph: 1, t: 1 if pos < n else 0}
                     added += k
             else:
-                uh = dict(ph)
-                if t in uh:
-                    del uh[t]  # re-insert below: most recent last
-                else:
+                uh = dict.fromkeys(ph, 1)  # each holds one child: ``partial``
+                c = uh.pop(t, -1)
+                if c < 0:
                     added += k
-                uh[t] = None
+                    uh[t] = 1 if pos < n else 0
+                else:
+                    uh[t] = 2 if pos < n else 1  # most recent last
+                    new = False
             upper = _Node(e[:k], parent, uh)
             low = e[k:]
-            upper.children = {low[0] if w == 1 else low[:w]: partial}
             partial.edge = low
             partial.parent = upper
             assert parent.children is not None
             parent.children[e[0] if w == 1 else e[:w]] = upper
-            pos += k
             if pos < n:
                 rest = s[pos:]
                 leaf = _Node(rest, upper, t)
-                upper.children[rest[0] if w == 1 else rest[:w]] = leaf
+                upper.children = {
+                    low[0] if w == 1 else low[:w]: partial,
+                    rest[0] if w == 1 else rest[:w]: leaf,
+                }
                 od[leaf] = None
                 added += n - pos
                 if glru is not None:
                     glru[leaf] = None
-            od[upper] = None
-            if glru is not None:
-                glru[upper] = None
+                    od[upper] = None
+                    glru[upper] = None
+            else:
+                upper.children = {low[0] if w == 1 else low[:w]: partial}
+                od[upper] = None
+                if glru is not None:
+                    glru[upper] = None
         elif pos < n:
             rest = s[pos:]
             leaf = _Node(rest, parent, t)
@@ -676,45 +839,86 @@ class Tree:
             added += n - pos
             if glru is not None:
                 glru[leaf] = None
-        # refresh the fully-covered path, deepest first (keeps descendants
-        # before ancestors in every recency order)
-        move = od.move_to_end
-        for i in range(len(path) - 1, -1, -1):
-            nd = path[i]
-            h = nd.holders
-            if isinstance(h, str):
-                if h == t:
+        # The path is a run of ``j`` multi-holder nodes, then a run of nodes
+        # held by one tenant (holders shrink going down).  Without a global
+        # bound, recency is lazy: only the deepest node of this insert is
+        # refreshed for ``t`` (see the class notes).  With one, it is eager:
+        # every node of the path is refreshed deepest first, in both orders.
+        if j < 0:
+            j = 0
+            while j <= last and not isinstance(path[j].holders, str):
+                j += 1
+        if j <= last:
+            h = path[j].holders
+            if h == t:  # t holds the whole path already
+                if glru is not None:
+                    move = od.move_to_end
+                    gmove = glru.move_to_end
+                    for i in range(last, j - 1, -1):
+                        nd = path[i]
+                        try:
+                            move(nd)
+                        except KeyError:  # held implicitly: a split made it
+                            od[nd] = None
+                        gmove(nd)
+                elif not nxt:
                     try:
-                        move(nd)
-                    except KeyError:  # held implicitly (created by a split)
-                        od[nd] = None
-                else:
-                    nd.holders = {h: None, t: None}
-                    od[nd] = None
+                        od.move_to_end(path[last])
+                    except KeyError:
+                        od[path[last]] = None
+                new = False
+            else:  # ``t`` joins the whole run, deepest first
+                assert isinstance(h, str)
+                adj = partial is None and tail  # a new leaf hangs below path[-1]
+                for i in range(last, j - 1, -1):
+                    nd = path[i]
+                    c = len(nd.children) if nd.children else 0
+                    if adj:
+                        c -= 1
+                        adj = False
+                    nd.holders = {h: c, t: 1 if nxt else 0}
                     added += len(nd.edge)
+                    if glru is not None:
+                        od[nd] = None
+                        glru.move_to_end(nd)
+                    nxt = True
+                if glru is None and not tail:
+                    od[path[last]] = None
+                new = True
+            nxt = True
+        for i in range(j - 1, -1, -1):
+            nd = path[i]
+            hd = nd.holders
+            assert type(hd) is dict
+            c = hd.pop(t, -1)
+            if c < 0:
+                hd[t] = 1 if nxt else 0
+                added += len(nd.edge)
+                if glru is not None or not nxt:
+                    od[nd] = None
+                new = True
             else:
-                if t in h:
-                    del h[t]  # re-insert below: most recent last
+                hd[t] = c + 1 if new else c  # most recent last
+                if glru is not None or not nxt:
                     try:
-                        move(nd)
+                        od.move_to_end(nd)
                     except KeyError:
                         od[nd] = None
-                else:
-                    od[nd] = None
-                    added += len(nd.edge)
-                h[t] = None
+                new = False
             if glru is not None:
                 glru.move_to_end(nd)
+            nxt = True
         if added:
             sizes = self._sizes
             sizes[t] += added
             self._total += added
-            if 0 <= self._max_tenant_chars < sizes[t]:
-                assert self._max_size_per_tenant is not None
-                self._evict_tenant(t, self._target(self._max_size_per_tenant) * w)
-            if 0 <= self._max_chars < self._total:
-                assert self._max_size is not None
-                self._evict_global(self._target(self._max_size) * w)
+            if self._cap_chars >= 0:  # some bound is set
+                if 0 <= self._max_tenant_chars < sizes[t]:
+                    assert self._max_size_per_tenant is not None
+                    self._evict_tenant(t, self._target(self._max_size_per_tenant) * w)
+                if 0 <= self._max_chars < self._total:
+                    assert self._max_size is not None
+                    self._evict_global(self._target(self._max_size) * w)
 
     # -------------------------------------------------------------- eviction
 
@@ -731,7 +935,12 @@ class Tree:
         x.parent = None
 
     def _evict_tenant(self, t: str, target: int) -> int:
-        """Evict ``t``'s LRU nodes until its size <= target code points."""
+        """Evict ``t``'s LRU nodes until its size <= target code points.
+
+        Amortized O(1) per node evicted: an entry popped for a node that still
+        has children held by ``t`` (left by lazy recency) is dropped, and the
+        node comes back when its last such child goes.
+        """
         od = self._lru[t]
         sizes = self._sizes
         root = self._root
@@ -740,6 +949,11 @@ class Tree:
         while size > target and od:
             x, _ = od.popitem(last=False)
             h = x.holders
+            if type(h) is dict:
+                if h[t]:
+                    continue  # not a leaf of t: its recency is its descendants'
+            elif x.children:
+                continue
             n = len(x.edge)
             size -= n
             freed += n
@@ -751,12 +965,18 @@ class Tree:
                 if len(h) == 1:
                     for only in h:
                         x.holders = only
-                elif not h:
-                    self._unlink(x)
-            if p is not root and p is not None and p not in od:
-                # p was held implicitly through x only: it is now t's LRU leaf
-                od[p] = None
-                od.move_to_end(p, last=False)
+            if p is not root and p is not None:
+                ph = p.holders
+                if type(ph) is dict:
+                    c = ph[t] - 1
+                    ph[t] = c
+                else:
+                    c = len(p.children) if p.children else 0
+                if not c and p not in od:
+                    # p was held through its children only: it is now t's
+                    # least recently used leaf
+                    od[p] = None
+                    od.move_to_end(p, last=False)
         sizes[t] = size
         self._total -= freed
         return freed
@@ -774,15 +994,22 @@ class Tree:
             n = len(x.edge)
             p = x.parent
             h = x.holders
+            self._unlink(x)
             for u in (h,) if isinstance(h, str) else h:
                 od = lru[u]
                 del od[x]
                 sizes[u] -= n
                 total -= n
-                if p is not root and p is not None and p not in od:
-                    od[p] = None
-                    od.move_to_end(p, last=False)
-            self._unlink(x)
+                if p is not root and p is not None:
+                    ph = p.holders
+                    if type(ph) is dict:
+                        c = ph[u] - 1
+                        ph[u] = c
+                    else:
+                        c = len(p.children) if p.children else 0
+                    if not c and p not in od:
+                        od[p] = None
+                        od.move_to_end(p, last=False)
         self._total = total
 
     def evict_tenant_by_size(self, max_units: int) -> int:
@@ -794,7 +1021,8 @@ class Tree:
         survives whole when its length is at most ``max_units``.
 
         :returns: units evicted (summed over tenants).
-        Thread-safe.  Complexity: O(T + e).
+        Thread-safe.  Complexity: O(T + e), amortized (with lazy recency an
+        entry may be popped and dropped once per insert that left it stale).
         """
         _check_count("max_units", max_units, allow_none=False, minimum=0)
         with self._lock:
@@ -934,18 +1162,27 @@ class Tree:
             assert sum(sizes.values()) == self._total
             assert all(v >= 0 for v in sizes.values())
             node_ids = {id(x) for x in nodes}
+            eager = self._glru is not None
+            for x in nodes:
+                h = x.holders
+                if type(h) is dict:  # child counts per holder
+                    kids = x.children.values() if x.children else ()
+                    for u, cnt in h.items():
+                        assert cnt == sum(1 for c in kids if u in _names(c.holders)), "count"
             for u, od in self._lru.items():
                 order = {id(x): i for i, x in enumerate(od)}
                 for x in od:
                     assert id(x) in node_ids and u in _names(x.holders)
                     p = x.parent
-                    if p is not None and p is not self._root and id(p) in order:
+                    if eager and p is not None and p is not self._root and id(p) in order:
                         assert order[id(p)] > order[id(x)], "ancestor before node"
                 for x in nodes:
                     if u in _names(x.holders) and id(x) not in order:
-                        # implicit: exactly one child held by u
+                        # implicit: held through children held by u (exactly one
+                        # in eager mode), never a leaf of u
                         kids = x.children.values() if x.children else ()
-                        assert sum(1 for c in kids if u in _names(c.holders)) == 1
+                        held = sum(1 for c in kids if u in _names(c.holders))
+                        assert held == 1 if eager else held >= 1, "implicit leaf"
             if self._glru is not None:
                 assert len(self._glru) == len(nodes)
                 gorder = {id(x): i for i, x in enumerate(self._glru)}

@@ -631,6 +631,69 @@ def test_implicit_nodes_eviction_order() -> None:
     check(t)
 
 
+@pytest.mark.parametrize("max_size", [None, 10**9])
+def test_lru_order_with_ancestors_touched_directly(max_size: int | None) -> None:
+    # Without max_size only the deepest node of an insert is refreshed (lazy
+    # recency); the eviction order must still be exact LRU by whole nodes.
+    # Nodes: "abc" (3 units), "de" and "xy" (2 each) below it.
+    for order, after_5, after_3 in (
+        (["abc", "abcde", "abcxy"], {"abcxy"}, {"abc"}),
+        (["abcde", "abcxy", "abc"], {"abcxy"}, {"abc"}),
+        (["abcde", "abc", "abcxy"], {"abcxy"}, {"abc"}),
+        (["abcxy", "abcde", "abc", "abcde"], {"abcde"}, {"abc"}),
+        (["abcxy", "abcde", "abc", "abcxy", "abc"], {"abcxy"}, {"abc"}),
+    ):
+        t = Tree(max_size=max_size)
+        for s in order:
+            t.insert(s, "t")
+        check(t)
+        assert t.evict_tenant_by_size(5) == 2
+        assert t._held()["t"] == after_5, order
+        check(t)
+        assert t.evict_tenant_by_size(3) == 2
+        assert t._held()["t"] == after_3, order
+        check(t)
+        assert t.evict_tenant_by_size(0) == 3
+        assert t._held()["t"] == set() and t.total_size() == 0
+        check(t)
+
+
+def test_lazy_recency_equals_eager() -> None:
+    # Tree() refreshes lazily, Tree(max_size=huge) eagerly; with no global
+    # eviction ever triggered, both must hold exactly the same after any ops.
+    for seed in range(60):
+        rng = random.Random(seed)
+        per = rng.choice([None, 9, 20])
+        lazy = Tree(max_size_per_tenant=per)
+        eager = Tree(max_size=10**9, max_size_per_tenant=per)
+        tenants = ["a", "b", "c", "d"][: rng.randint(1, 4)]
+        for _ in range(250):
+            s = "".join(rng.choice("xyz") for _ in range(rng.randint(0, 14)))
+            op = rng.random()
+            if op < 0.5:
+                tenant = rng.choice(tenants)
+                lazy.insert(s, tenant)
+                eager.insert(s, tenant)
+            elif op < 0.7:
+                tenant = rng.choice(tenants)
+                got = lazy.match_and_insert(s, lambda d, tenant=tenant: tenant)
+                assert got == eager.match_and_insert(s, lambda d, tenant=tenant: tenant)
+            elif op < 0.85:
+                k = rng.randint(0, 20)
+                assert lazy.evict_tenant_by_size(k) == eager.evict_tenant_by_size(k)
+            elif op < 0.9:
+                tenant = rng.choice(tenants)
+                lazy.remove_tenant(tenant)
+                eager.remove_tenant(tenant)
+            else:
+                assert list(lazy.match_lengths(s).items()) == list(eager.match_lengths(s).items())
+                assert lazy.prefix_match(s) == eager.prefix_match(s)
+            assert lazy._held() == eager._held(), seed
+            assert lazy.used_size_per_tenant() == eager.used_size_per_tenant()
+        lazy._check_invariants()
+        eager._check_invariants()
+
+
 # ------------------------------------------------------------------ threads
 
 
