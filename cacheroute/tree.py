@@ -478,16 +478,32 @@ class Tree:
             is the child whose edge matched only ``k`` code points (0 < k), or
             ``None`` (then ``k == 0``).
         """
-        w = self._w
         n = len(s)
         node = self._root
         path: list[_Node] = []
         pos = 0
+        w = self._w
+        if w == 1:  # one code point per unit: text and narrow tokens (the common case)
+            while pos < n:
+                ch = node.children
+                if ch is None:
+                    break
+                child = ch.get(s[pos])
+                if child is None:
+                    break
+                e = child.edge
+                if s.startswith(e, pos):
+                    pos += len(e)
+                    path.append(child)
+                    node = child
+                else:
+                    return path, pos, child, _lcp(e, s, pos)
+            return path, pos, None, 0
         while pos < n:
             ch = node.children
             if ch is None:
                 break
-            child = ch.get(s[pos] if w == 1 else s[pos : pos + w])
+            child = ch.get(s[pos : pos + w])
             if child is None:
                 break
             e = child.edge
@@ -606,33 +622,7 @@ class Tree:
                 self._register(tenant)
             if 0 <= self._cap_chars < len(s):
                 s = s[: self._cap_chars]
-            # inline walk (see _walk)
-            w = self._w
-            n = len(s)
-            node = self._root
-            path: list[_Node] = []
-            pos = 0
-            partial = None
-            k = 0
-            if w != 1:
-                path, pos, partial, k = self._walk(s)
-            else:  # inline walk (see _walk), one code point per unit
-                while pos < n:
-                    ch = node.children
-                    if ch is None:
-                        break
-                    child = ch.get(s[pos])
-                    if child is None:
-                        break
-                    e = child.edge
-                    if s.startswith(e, pos):
-                        pos += len(e)
-                        path.append(child)
-                        node = child
-                    else:
-                        partial = child
-                        k = _lcp(e, s, pos)
-                        break
+            path, pos, partial, k = self._walk(s)
             self._insert_walked(s, tenant, path, pos, partial, k)
         finally:
             lock.release()
@@ -669,30 +659,7 @@ class Tree:
                 fast = False
             w = self._w
             n = len(s)
-            node = self._root
-            path: list[_Node] = []
-            pos = 0
-            partial = None
-            k = 0
-            if w != 1:
-                path, pos, partial, k = self._walk(s)
-            else:  # inline walk (see _walk), one code point per unit
-                while pos < n:
-                    ch = node.children
-                    if ch is None:
-                        break
-                    child = ch.get(s[pos])
-                    if child is None:
-                        break
-                    e = child.edge
-                    if s.startswith(e, pos):
-                        pos += len(e)
-                        path.append(child)
-                        node = child
-                    else:
-                        partial = child
-                        k = _lcp(e, s, pos)
-                        break
+            path, pos, partial, k = self._walk(s)
             # per-tenant lengths: _lengths inlined (hot path)
             res: dict[str, int] = {}
             top = end = j = 0
