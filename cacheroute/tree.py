@@ -660,32 +660,7 @@ class Tree:
             w = self._w
             n = len(s)
             path, pos, partial, k = self._walk(s)
-            # per-tenant lengths: _lengths inlined (hot path)
-            res: dict[str, int] = {}
-            top = end = j = 0
-            for nd in path:
-                h = nd.holders
-                if isinstance(h, str):
-                    break
-                j += 1
-                end += len(nd.edge)
-                if len(h) == top or not top:
-                    top = len(h)
-                    res = dict.fromkeys(h, end)
-                else:
-                    res.update(dict.fromkeys(h, end))
-            if partial is not None:
-                h = partial.holders
-                if isinstance(h, str):
-                    res[h] = pos + k
-                elif len(h) == top or not top:
-                    res = dict.fromkeys(h, pos + k)
-                else:
-                    res.update(dict.fromkeys(h, pos + k))
-            elif j < len(path):
-                h = path[-1].holders
-                assert isinstance(h, str)
-                res[h] = pos
+            res, j = self._lengths(path, pos, partial, k)
             if w != 1:
                 for t in res:
                     res[t] //= w
