@@ -885,7 +885,6 @@ class Tree:
         """
         od = self._lru[t]
         sizes = self._sizes
-        root = self._root
         freed = 0
         size = sizes[t]
         while size > target and od:
@@ -907,27 +906,34 @@ class Tree:
                 if len(h) == 1:
                     for only in h:
                         x.holders = only
-            if p is not root and p is not None:
-                ph = p.holders
-                if type(ph) is dict:
-                    c = ph[t] - 1
-                    ph[t] = c
-                else:
-                    c = len(p.children) if p.children else 0
-                if not c and p not in od:
-                    # p was held through its children only: it is now t's
-                    # least recently used leaf
-                    od[p] = None
-                    od.move_to_end(p, last=False)
+            self._lost_child(p, t, od)
         sizes[t] = size
         self._total -= freed
         return freed
+
+    def _lost_child(self, p: _Node | None, t: str, od: OrderedDict[_Node, None]) -> None:
+        """Tenant ``t`` just lost a child of ``p``: fix ``p``'s child count for ``t``.
+
+        A ``p`` that ``t`` held through its children only, and no longer holds
+        any child of, is now ``t``'s least recently used leaf: it goes to the
+        front of ``t``'s order. O(1).
+        """
+        if p is self._root or p is None:
+            return
+        ph = p.holders
+        if type(ph) is dict:
+            c = ph[t] - 1
+            ph[t] = c
+        else:
+            c = len(p.children) if p.children else 0
+        if not c and p not in od:
+            od[p] = None
+            od.move_to_end(p, last=False)
 
     def _evict_global(self, target: int) -> None:
         """Evict globally LRU nodes (for all holders) until total <= target."""
         glru = self._glru
         assert glru is not None
-        root = self._root
         lru = self._lru
         sizes = self._sizes
         total = self._total
@@ -942,16 +948,7 @@ class Tree:
                 del od[x]
                 sizes[u] -= n
                 total -= n
-                if p is not root and p is not None:
-                    ph = p.holders
-                    if type(ph) is dict:
-                        c = ph[u] - 1
-                        ph[u] = c
-                    else:
-                        c = len(p.children) if p.children else 0
-                    if not c and p not in od:
-                        od[p] = None
-                        od.move_to_end(p, last=False)
+                self._lost_child(p, u, od)
         self._total = total
 
     def evict_tenant_by_size(self, max_units: int) -> int:
