@@ -483,27 +483,11 @@ class Tree:
         path: list[_Node] = []
         pos = 0
         w = self._w
-        if w == 1:  # one code point per unit: text and narrow tokens (the common case)
-            while pos < n:
-                ch = node.children
-                if ch is None:
-                    break
-                child = ch.get(s[pos])
-                if child is None:
-                    break
-                e = child.edge
-                if s.startswith(e, pos):
-                    pos += len(e)
-                    path.append(child)
-                    node = child
-                else:
-                    return path, pos, child, _lcp(e, s, pos)
-            return path, pos, None, 0
         while pos < n:
             ch = node.children
             if ch is None:
                 break
-            child = ch.get(s[pos : pos + w])
+            child = ch.get(s[pos] if w == 1 else s[pos : pos + w])
             if child is None:
                 break
             e = child.edge
