@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
 from cacheroute import BasicWorker
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MOONCAKE = FIXTURES / "mooncake_sample.jsonl"
+CLAUDE = FIXTURES / "claude_code_sample.jsonl.gz"
 
 
 def build_workers(

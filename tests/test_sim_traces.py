@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import CLAUDE, MOONCAKE
 
 from cacheroute.sim import (
     TraceFormatError,
@@ -16,10 +17,6 @@ from cacheroute.sim import (
     load_trace,
     simulate,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures"
-MOONCAKE = FIXTURES / "mooncake_sample.jsonl"
-CLAUDE = FIXTURES / "claude_code_sample.jsonl.gz"
 
 
 def _raw(path: Path) -> list[dict[str, Any]]:

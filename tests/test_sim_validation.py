@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import CLAUDE, FIXTURES, MOONCAKE
 
 from cacheroute.cli import main
 from cacheroute.policies import LoadBalancingPolicy, registry
@@ -31,10 +32,6 @@ from cacheroute.sim import (
 from cacheroute.sim.metrics import percentile
 from cacheroute.sim.progress import ProgressBar
 from cacheroute.worker import Worker
-
-FIXTURES = Path(__file__).parent / "fixtures"
-MOONCAKE = FIXTURES / "mooncake_sample.jsonl"
-CLAUDE = FIXTURES / "claude_code_sample.jsonl.gz"
 
 
 def _small() -> Any:
