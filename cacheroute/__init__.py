@@ -14,25 +14,30 @@ from cacheroute.policies import (
     CacheAwareConfig,
     CacheAwarePolicy,
     Decision,
+    DecisionReason,
     LoadBalancingPolicy,
     PairPolicy,
     available_policies,
     make_policy,
     register_policy,
 )
-from cacheroute.worker import BasicWorker, LoadUnderflowError, Worker, WorkerType
+from cacheroute.tree import Tree
+from cacheroute.worker import BasicWorker, LoadUnderflowError, WorkAccounting, Worker, WorkerType
 
 __all__ = [
     "BasicWorker",
     "CacheAwareConfig",
     "CacheAwarePolicy",
     "Decision",
+    "DecisionReason",
     "Lease",
     "LoadBalancingPolicy",
     "LoadUnderflowError",
     "NoHealthyWorkerError",
     "PairLease",
     "PairPolicy",
+    "Tree",
+    "WorkAccounting",
     "Worker",
     "WorkerType",
     "__version__",

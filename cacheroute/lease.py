@@ -1,4 +1,4 @@
-"""Load leases: the one safe way for a gateway to take load on a worker.
+"""Load leases: the one safe way for a gateway to take load and work on a worker.
 
 Seed 001: a proxy path chose a worker but never counted its load, so the imbalance check
 never fired and one engine took all 480 requests while seven idled. With a lease,
@@ -7,10 +7,19 @@ exactly once, whatever happens::
 
     with acquire(policy, workers, request_text) as lease:  # load +1 on lease.worker
         forward(lease.worker)                               # stream the response here
+        ...                # on the first streamed byte: lease.first_token()
     # load -1 exactly once: on exit, on exception, or earlier via lease.release(success=...)
 
 ``async with acquire(...)`` works the same way. Selection itself is synchronous (it is
 microseconds of CPU work and must not yield between choosing and counting).
+
+**Work.** A lease also carries the request's work (see :mod:`cacheroute.worker`): from
+:func:`acquire` until :meth:`Lease.first_token` its *prefill tokens* (the prompt's tokens
+the policy does not expect cached on the worker) count in the worker's
+``pending_prefill_tokens()``; from the first token until release its *context tokens*
+(the prompt's tokens) count in ``decode_tokens()``. Work-aware policies read these totals
+to estimate how long a new request would wait. Call ``first_token()`` when the engine's
+first output byte arrives; a lease released without it gives its prefill work back then.
 
 **Streaming.** Hold the lease until the last byte of the response has been sent: open it
 before the upstream request, and release it in a ``finally`` that is certain to run when the
@@ -39,20 +48,46 @@ timeouts included.
 ``LookupError``): a gateway maps it to HTTP 503. It never returns a lease without a worker.
 
 **Forgotten leases.** A lease that is garbage-collected unreleased is released then (with
-``success=False``) and a ``ResourceWarning`` is issued: the load never leaks, but the
-release comes late, so always use ``with`` or ``finally``.
+``success=False``) and *then* a ``ResourceWarning`` is issued, so the load is back even
+when warnings are errors; the release comes late, so always use ``with`` or ``finally``.
+
+**Interrupts.** On a :class:`~cacheroute.worker.BasicWorker`, taking, moving and giving
+back a lease's load and work are each one atomic step that also records the lease's
+state: a ``KeyboardInterrupt`` (or any exception) can land before it or after it, never
+between the load changing and the lease knowing. If :func:`acquire` is interrupted after
+the step, the half-built lease is garbage-collected with the exception's traceback and
+gives its load back then (with a ``ResourceWarning``). On a custom
+:class:`~cacheroute.worker.Worker`, load and state are two steps (its
+``increment_load()``, then the lease's record): an interrupt landing exactly between them
+leaks one unit, which no pure-Python code can prevent for an object whose locking it
+does not own. **Cancellation** (asyncio) can only land at an ``await``: nothing in
+:func:`acquire` awaits, so ``async with acquire(...)`` is never cancelled between taking
+the load and entering the block. A lease taken with ``lease = acquire(...)`` and entered
+after an ``await`` is held across that ``await``: if the task is cancelled there, the
+lease is released only when the task's traceback (which references it) is freed. Enter
+the lease (``with``/``async with``/``try``) before the next ``await``.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 from types import TracebackType
 
-from cacheroute.policies.base import LoadBalancingPolicy, RequestText
-from cacheroute.worker import Worker
+from cacheroute._validation import check_bool, check_int, fail
+from cacheroute.policies.base import (
+    Decision,
+    LoadBalancingPolicy,
+    RequestText,
+    check_workers,
+)
+from cacheroute.worker import BasicWorker, Worker
 
 __all__ = ["Lease", "NoHealthyWorkerError", "PairLease", "acquire", "acquire_pair"]
+
+# Lease states (``Lease._state[0]``).
+_NEW, _PREFILL, _DECODE, _RELEASED = 0, 1, 2, 3
 
 
 class NoHealthyWorkerError(LookupError):
@@ -69,41 +104,147 @@ def _checked_index(policy: LoadBalancingPolicy, index: object, n: int, param: st
     return index
 
 
-class _Releasable:
-    """Exactly-once release shared by :class:`Lease` and :class:`PairLease`."""
+class Lease:
+    """One unit of load, and one request's work, held on one worker. Made by :func:`acquire`.
 
-    __slots__ = ("__weakref__", "_token", "policy", "success")
+    States: *prefill* (from :func:`acquire`), *decode* (after :meth:`first_token`),
+    *released* (after :meth:`release`, exactly once). Every transition is atomic and
+    thread-safe; any number of threads may call ``first_token``/``release``.
 
-    def __init__(self, policy: LoadBalancingPolicy) -> None:
+    Attributes:
+        worker: the chosen worker.
+        index: its index in the list given to :func:`acquire`.
+        policy: the policy that chose it.
+        decision: the policy's :class:`~cacheroute.policies.base.Decision`.
+        prefill_tokens: the prompt's tokens not expected cached on the worker.
+        context_tokens: the prompt's tokens (decode work after the first token).
+        success: the outcome passed at release (``None`` while held).
+
+    >>> from cacheroute import BasicWorker, acquire, make_policy
+    >>> w = BasicWorker("http://w1")
+    >>> lease = acquire(make_policy("round_robin"), [w], [1] * 100)
+    >>> w.load(), w.pending_prefill_tokens(), w.decode_tokens()
+    (1, 100, 0)
+    >>> lease.first_token(); w.pending_prefill_tokens(), w.decode_tokens()
+    True
+    (0, 100)
+    >>> lease.release(); w.load(), w.decode_tokens()
+    True
+    (0, 0)
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_basic",
+        "_lock",
+        "_state",
+        "context_tokens",
+        "decision",
+        "index",
+        "policy",
+        "prefill_tokens",
+        "success",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        policy: LoadBalancingPolicy,
+        worker: Worker,
+        index: int,
+        decision: Decision | None = None,
+        prefill_tokens: int = 0,
+        context_tokens: int = 0,
+    ) -> None:
+        """A lease not yet holding anything: :func:`acquire` builds and takes it."""
         self.policy = policy
+        self.worker = worker
+        self.index = index
+        self.decision = decision
+        self.prefill_tokens = prefill_tokens
+        self.context_tokens = context_tokens
         self.success: bool | None = None
-        # list.pop() is atomic in CPython: whichever thread pops the token releases;
-        # every later call finds the list empty. No lock needed for exactly-once.
-        self._token: list[bool] = [True]
+        self._state = [_NEW]
+        # BasicWorker: its own lock makes each step atomic with the state change. Other
+        # workers: a per-lease lock orders the steps (see the module notes on interrupts).
+        self._basic = type(worker) is BasicWorker
+        self._lock: threading.Lock | None = None if self._basic else threading.Lock()
+
+    def _step(self, expect: int, new: int, load: int, prefill: int, decode: int) -> bool:
+        """Move ``expect -> new`` applying the deltas to the worker, atomically."""
+        worker = self.worker
+        if self._basic:
+            step = worker._transition  # type: ignore[attr-defined]
+            return bool(step(self._state, expect, new, load, prefill, decode))
+        lock = self._lock
+        assert lock is not None
+        add_work = getattr(worker, "add_work", None) if prefill or decode else None
+        with lock:
+            if self._state[0] != expect:
+                return False
+            if load > 0:
+                worker.increment_load()
+            try:
+                if add_work is not None:
+                    add_work(prefill, decode)
+                try:
+                    if load < 0:
+                        worker.decrement_load()
+                except BaseException:
+                    if add_work is not None:
+                        add_work(-prefill, -decode)
+                    raise
+            except BaseException:
+                if load > 0:
+                    worker.decrement_load()
+                raise
+            self._state[0] = new
+            return True
+
+    def _take(self) -> None:
+        self._step(_NEW, _PREFILL, 1, self.prefill_tokens, 0)
 
     @property
     def released(self) -> bool:
         """Whether the load has been given back."""
-        return not self._token
+        return self._state[0] == _RELEASED
+
+    @property
+    def in_prefill(self) -> bool:
+        """Whether the lease is held and :meth:`first_token` has not been called."""
+        return self._state[0] == _PREFILL
+
+    def first_token(self) -> bool:
+        """The engine produced the first token: the prefill work becomes decode work.
+
+        Non-blocking (an O(1) locked step), so call it from sync or async code alike, on
+        the first byte streamed from the engine. Idempotent: ``True`` the first time,
+        ``False`` after (or once released).
+        """
+        return self._step(_PREFILL, _DECODE, 0, -self.prefill_tokens, self.context_tokens)
 
     def release(self, success: bool = True) -> bool:
-        """Give the load back now. Idempotent: returns ``True`` the first time, then ``False``.
+        """Give the load and work back now. Idempotent: ``True`` the first time, then ``False``.
 
-        ``policy.on_request_complete(url, success)`` is called once per leg, after the
-        load has been given back (so an exception in the callback cannot leak load).
+        ``policy.on_request_complete(url, success)`` is called after the load has been
+        given back (so an exception in the callback cannot leak load).
+
+        Raises:
+            TypeError: ``success`` is not a ``bool`` (the lease stays held).
         """
-        try:
-            self._token.pop()
-        except IndexError:
+        check_bool("success", success)
+        if not self._give_back():
             return False
-        self.success = bool(success)
-        self._give_back(self.success)
+        self.success = success
+        self.policy.on_request_complete(self.worker.url, success)
         return True
 
-    def _give_back(self, success: bool) -> None:
-        raise NotImplementedError
+    def _give_back(self) -> bool:
+        return self._step(_PREFILL, _RELEASED, -1, -self.prefill_tokens, 0) or self._step(
+            _DECODE, _RELEASED, -1, 0, -self.context_tokens
+        )
 
-    def __enter__(self) -> _Releasable:
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(
@@ -114,7 +255,7 @@ class _Releasable:
     ) -> None:
         self.release(success=exc_type is None)
 
-    async def __aenter__(self) -> _Releasable:
+    async def __aenter__(self) -> Lease:
         return self
 
     async def __aexit__(
@@ -126,113 +267,175 @@ class _Releasable:
         self.release(success=exc_type is None)
 
     def __del__(self) -> None:
-        if getattr(self, "_token", None):
-            warnings.warn(
-                f"{type(self).__name__} was garbage-collected without release(); "
-                "its load is given back now (use `with acquire(...)` or release in `finally`)",
-                ResourceWarning,
-                stacklevel=1,
-            )
-            self.release(success=False)
-
-
-class Lease(_Releasable):
-    """One unit of load held on one worker. Made by :func:`acquire`.
-
-    Attributes:
-        worker: the chosen worker.
-        index: its index in the list given to :func:`acquire`.
-        policy: the policy that chose it.
-        success: the outcome passed at release (``None`` while held).
-    """
-
-    __slots__ = ("index", "worker")
-
-    def __init__(self, policy: LoadBalancingPolicy, worker: Worker, index: int) -> None:
-        super().__init__(policy)
-        self.worker = worker
-        self.index = index
-
-    def _give_back(self, success: bool) -> None:
-        self.worker.decrement_load()
-        self.policy.on_request_complete(self.worker.url, success)
-
-    def __enter__(self) -> Lease:
-        return self
-
-    async def __aenter__(self) -> Lease:
-        return self
+        state = getattr(self, "_state", None)
+        if state is None or state[0] in (_NEW, _RELEASED):
+            return
+        # Give the load back before warning: under ``-W error`` the warning raises.
+        if self._give_back():
+            self.success = False
+            try:
+                self.policy.on_request_complete(self.worker.url, False)
+            finally:
+                warnings.warn(
+                    f"{self!r} was garbage-collected without release(); its load was given "
+                    "back now (use `with acquire(...)` or release in `finally`)",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
 
     def __repr__(self) -> str:
-        state = "released" if self.released else "held"
+        state = ("new", "held", "decoding", "released")[self._state[0]]
         return f"<Lease {state} worker={self.worker.url!r} index={self.index}>"
 
 
-class PairLease(_Releasable):
+class PairLease:
     """Load held on a prefill worker and a decode worker together. Made by :func:`acquire_pair`.
 
-    Both legs are released together, exactly once.
+    Two :class:`Lease` legs: the prefill leg carries the prefill work, the decode leg the
+    context tokens once :meth:`first_token` is called. Both legs are released together,
+    each exactly once.
+
+    Attributes:
+        prefill, decode: the two workers; ``prefill_index``, ``decode_index`` their indices.
+        prefill_lease, decode_lease: the legs.
     """
 
-    __slots__ = ("decode", "decode_index", "prefill", "prefill_index")
+    __slots__ = ("__weakref__", "decode_lease", "policy", "prefill_lease")
 
-    def __init__(
-        self,
-        policy: LoadBalancingPolicy,
-        prefill: Worker,
-        prefill_index: int,
-        decode: Worker,
-        decode_index: int,
-    ) -> None:
-        super().__init__(policy)
-        self.prefill = prefill
-        self.prefill_index = prefill_index
-        self.decode = decode
-        self.decode_index = decode_index
+    def __init__(self, policy: LoadBalancingPolicy, prefill: Lease, decode: Lease) -> None:
+        self.policy = policy
+        self.prefill_lease = prefill
+        self.decode_lease = decode
 
-    def _give_back(self, success: bool) -> None:
+    @property
+    def prefill(self) -> Worker:
+        return self.prefill_lease.worker
+
+    @property
+    def decode(self) -> Worker:
+        return self.decode_lease.worker
+
+    @property
+    def prefill_index(self) -> int:
+        return self.prefill_lease.index
+
+    @property
+    def decode_index(self) -> int:
+        return self.decode_lease.index
+
+    @property
+    def released(self) -> bool:
+        """Whether both legs have been given back."""
+        return self.prefill_lease.released and self.decode_lease.released
+
+    @property
+    def success(self) -> bool | None:
+        """The outcome passed at release (``None`` while held)."""
+        return self.prefill_lease.success
+
+    def first_token(self) -> bool:
+        """Prefill done: the prefill leg's work ends, the decode leg's begins."""
+        a = self.prefill_lease.first_token()
+        b = self.decode_lease.first_token()
+        return a or b
+
+    def release(self, success: bool = True) -> bool:
+        """Release both legs; ``True`` if this call released anything."""
+        check_bool("success", success)
         try:
-            self.prefill.decrement_load()
+            a = self.prefill_lease.release(success)
         finally:
-            self.decode.decrement_load()
-        try:
-            self.policy.on_request_complete(self.prefill.url, success)
-        finally:
-            self.policy.on_request_complete(self.decode.url, success)
+            b = self.decode_lease.release(success)
+        return a or b
 
     def __enter__(self) -> PairLease:
         return self
 
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release(success=exc_type is None)
+
     async def __aenter__(self) -> PairLease:
         return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release(success=exc_type is None)
 
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
         return f"<PairLease {state} prefill={self.prefill.url!r} decode={self.decode.url!r}>"
 
 
-def acquire(
-    policy: LoadBalancingPolicy, workers: Sequence[Worker], request_text: RequestText = None
+def _check_policy(policy: object) -> LoadBalancingPolicy:
+    if not isinstance(policy, LoadBalancingPolicy):
+        raise fail("policy", "a LoadBalancingPolicy", policy, TypeError)
+    return policy
+
+
+def _lease(
+    policy: LoadBalancingPolicy,
+    workers: Sequence[Worker],
+    decision: Decision,
+    param: str,
+    prompt_tokens: int | None,
+    decode_leg: bool = False,
 ) -> Lease:
-    """Choose a worker with ``policy`` and take one unit of load on it.
+    index = _checked_index(policy, decision.index, len(workers), param)
+    tokens = decision.prompt_tokens if prompt_tokens is None else prompt_tokens
+    cached = min(max(decision.cached_tokens, 0), tokens)
+    if decode_leg:
+        return Lease(policy, workers[index], index, decision, 0, tokens)
+    return Lease(policy, workers[index], index, decision, tokens - cached, tokens)
+
+
+def acquire(
+    policy: LoadBalancingPolicy,
+    workers: Sequence[Worker],
+    request_text: RequestText = None,
+    *,
+    prompt_tokens: int | None = None,
+) -> Lease:
+    """Choose a worker with ``policy`` and take one unit of load (and the request's work) on it.
 
     The load is taken immediately, so ``lease.worker`` is usable at once; use the lease as
     a (sync or async) context manager, or call :meth:`Lease.release` in a ``finally``.
 
+    Args:
+        policy: the routing policy.
+        workers: the candidate workers (one model's).
+        request_text: prompt text, token ids, or ``None``.
+        prompt_tokens: the prompt's exact token count when the caller knows it;
+            otherwise the policy's estimate (token ids: their number; text: characters
+            / :data:`~cacheroute.policies.base.CHARS_PER_TOKEN`).
+
     Raises:
         NoHealthyWorkerError: no worker in ``workers`` is healthy.
-        TypeError: bad ``request_text`` (from the policy).
+        TypeError: ``policy`` is not a policy, ``workers`` is not a list of workers, or
+            ``request_text`` / ``prompt_tokens`` has a wrong type.
         ValueError: the policy returned something that is not an index into ``workers``.
+
+    Nothing is taken when it raises. O(policy decision).
     """
-    index = policy.select_worker(workers, request_text)
-    if index is None:
+    _check_policy(policy)
+    check_workers(workers)
+    check_int("prompt_tokens", prompt_tokens, minimum=0, none_ok=True)
+    decision = policy.decide(workers, request_text)
+    if decision is None:
         raise NoHealthyWorkerError(
             f"policy {policy.name!r} found no healthy worker among {len(workers)}"
         )
-    index = _checked_index(policy, index, len(workers), "index")
-    worker = workers[index]
-    worker.increment_load()
-    return Lease(policy, worker, index)
+    lease = _lease(policy, workers, decision, "index", prompt_tokens)
+    lease._take()
+    return lease
 
 
 def acquire_pair(
@@ -240,13 +443,20 @@ def acquire_pair(
     prefill_workers: Sequence[Worker],
     decode_workers: Sequence[Worker],
     request_text: RequestText = None,
+    *,
+    prompt_tokens: int | None = None,
 ) -> PairLease:
     """Choose a (prefill, decode) pair with ``policy`` and take load on both.
 
     Raises :class:`NoHealthyWorkerError` when either list has no healthy worker.
     If taking load on the decode leg fails, the prefill leg's load is given back first.
+    Arguments and errors as :func:`acquire`.
     """
-    pair = policy.select_worker_pair(prefill_workers, decode_workers, request_text)
+    _check_policy(policy)
+    check_workers(prefill_workers)
+    check_workers(decode_workers)
+    check_int("prompt_tokens", prompt_tokens, minimum=0, none_ok=True)
+    pair = policy.decide_pair(prefill_workers, decode_workers, request_text)
     if pair is None:
         raise NoHealthyWorkerError(
             f"policy {policy.name!r} found no healthy (prefill, decode) pair among "
@@ -254,13 +464,12 @@ def acquire_pair(
         )
     if not isinstance(pair, tuple) or len(pair) != 2:
         raise ValueError(f"policy {policy.name!r} returned {pair!r}, not a (prefill, decode) pair")
-    i = _checked_index(policy, pair[0], len(prefill_workers), "prefill index")
-    j = _checked_index(policy, pair[1], len(decode_workers), "decode index")
-    prefill, decode = prefill_workers[i], decode_workers[j]
-    prefill.increment_load()
+    prefill = _lease(policy, prefill_workers, pair[0], "prefill index", prompt_tokens)
+    decode = _lease(policy, decode_workers, pair[1], "decode index", prompt_tokens, True)
+    prefill._take()
     try:
-        decode.increment_load()
+        decode._take()
     except BaseException:
-        prefill.decrement_load()
+        prefill._give_back()
         raise
-    return PairLease(policy, prefill, i, decode, j)
+    return PairLease(policy, prefill, decode)

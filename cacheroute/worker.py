@@ -8,15 +8,37 @@ Load is the number of requests in flight on the worker: it goes up when a reques
 dispatched and down when its response (streams included) has finished. Take load only
 through :func:`cacheroute.acquire`, which gives it back exactly once (seed 001: a path
 that forgot to count load made one engine take every request).
+
+**Work.** Requests differ by orders of magnitude (a 50-token chat turn, a 200k-token
+agent context), so a count of requests says little about how long the next one will wait.
+A worker that also implements :class:`WorkAccounting` (``BasicWorker`` does) keeps two
+token totals, maintained by the leases: *pending prefill tokens* (tokens leased for
+prefill whose first output token has not been reported yet: the queue in front of a new
+request) and *decode tokens* (context tokens of requests past their first token: the
+pressure on every decode step and on KV memory). Work-aware policies read them through
+:func:`read_work`; workers without them read as zero work and policies fall back to
+counts.
 """
 
 from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["BasicWorker", "LoadUnderflowError", "Worker", "WorkerType"]
+from cacheroute._validation import check_bool, check_int, check_str, describe, fail
+
+__all__ = [
+    "BasicWorker",
+    "LoadUnderflowError",
+    "WorkAccounting",
+    "Worker",
+    "WorkerType",
+    "all_basic",
+    "read_loads",
+    "read_work",
+]
 
 
 class WorkerType(enum.Enum):
@@ -87,6 +109,28 @@ class Worker(Protocol):
         ...
 
 
+@runtime_checkable
+class WorkAccounting(Protocol):
+    """Optional token totals of a worker, kept by the leases (``BasicWorker`` has them).
+
+    Both totals are sums over the worker's leases, so they return to 0 when every lease
+    is released. :meth:`add_work` must apply both deltas atomically and refuse (raising
+    :class:`LoadUnderflowError`, changing nothing) to take a total below 0.
+    """
+
+    def pending_prefill_tokens(self) -> int:
+        """Uncached prompt tokens leased here whose first output token is not out yet."""
+        ...
+
+    def decode_tokens(self) -> int:
+        """Context tokens of the requests leased here that are past their first token."""
+        ...
+
+    def add_work(self, prefill_tokens: int, decode_tokens: int) -> None:
+        """Add (signed) deltas to both totals, atomically."""
+        ...
+
+
 class BasicWorker:
     """A thread-safe :class:`Worker` with in-memory counters.
 
@@ -98,19 +142,24 @@ class BasicWorker:
         healthy: initial health.
 
     Every counter method is O(1) and takes the worker's own lock, so no update is lost
-    however many threads call it. Reads (:meth:`load`, :meth:`processed`) take no lock.
+    however many threads call it. Reads (:meth:`load`, :meth:`processed`,
+    :meth:`pending_prefill_tokens`, :meth:`decode_tokens`) take no lock.
 
     >>> w = BasicWorker("http://w1:8000", model_id="llama")
     >>> w.increment_load(); w.load()
     1
+    >>> w.add_work(1200, 0); w.pending_prefill_tokens()
+    1200
     """
 
     __slots__ = (
         "_bootstrap_port",
+        "_decode",
         "_healthy",
         "_load",
         "_lock",
         "_model_id",
+        "_prefill",
         "_processed",
         "_url",
         "_worker_type",
@@ -125,29 +174,15 @@ class BasicWorker:
         bootstrap_port: int | None = None,
         healthy: bool = True,
     ) -> None:
-        for param, value in (("url", url), ("model_id", model_id)):
-            if not isinstance(value, str):
-                raise TypeError(f"{param} must be a str, got {type(value).__name__}: {value!r}")
-            if not value:
-                raise ValueError(f"{param} must be a non-empty str, got {value!r}")
+        check_str("url", url)
+        check_str("model_id", model_id)
         if not isinstance(worker_type, WorkerType):
-            raise TypeError(f"worker_type must be a WorkerType, got {worker_type!r}")
+            raise fail("worker_type", "a WorkerType", worker_type, TypeError)
         if bootstrap_port is not None:
+            check_int("bootstrap_port", bootstrap_port, minimum=1, maximum=65535)
             if worker_type is not WorkerType.PREFILL:
-                raise ValueError(
-                    f"bootstrap_port is only for PREFILL workers, got bootstrap_port="
-                    f"{bootstrap_port!r} with worker_type={worker_type.name}"
-                )
-            if (
-                not isinstance(bootstrap_port, int)
-                or isinstance(bootstrap_port, bool)
-                or not 1 <= bootstrap_port <= 65535
-            ):
-                raise ValueError(
-                    f"bootstrap_port must be an int in [1, 65535], got {bootstrap_port!r}"
-                )
-        if not isinstance(healthy, bool):
-            raise TypeError(f"healthy must be a bool, got {healthy!r}")
+                raise fail("bootstrap_port", "None unless worker_type is PREFILL", bootstrap_port)
+        check_bool("healthy", healthy)
         self._url = url
         self._model_id = model_id
         self._worker_type = worker_type
@@ -155,6 +190,8 @@ class BasicWorker:
         self._healthy = healthy
         self._load = 0
         self._processed = 0
+        self._prefill = 0
+        self._decode = 0
         self._lock = threading.Lock()
 
     @property
@@ -175,23 +212,25 @@ class BasicWorker:
         return self._bootstrap_port
 
     def is_healthy(self) -> bool:
+        """Whether the worker may be chosen. O(1), no lock."""
         return self._healthy
 
     def set_healthy(self, healthy: bool) -> None:
         """Mark the worker (un)healthy. Load and processed counts are kept as they are:
         requests in flight on a worker that turns unhealthy still finish and release."""
-        if not isinstance(healthy, bool):
-            raise TypeError(f"healthy must be a bool, got {healthy!r}")
-        self._healthy = healthy
+        self._healthy = check_bool("healthy", healthy)
 
     def load(self) -> int:
+        """Requests in flight (leases held). O(1), no lock."""
         return self._load
 
     def increment_load(self) -> None:
+        """Count one more request in flight (leases do this; do not call it by hand)."""
         with self._lock:
             self._load += 1
 
     def decrement_load(self) -> None:
+        """Count one request finished; raises :class:`LoadUnderflowError` at zero."""
         with self._lock:
             if self._load <= 0:
                 raise LoadUnderflowError(
@@ -201,16 +240,149 @@ class BasicWorker:
             self._load -= 1
 
     def processed(self) -> int:
+        """Requests routed here so far (the tie-breaker between equal loads). O(1)."""
         return self._processed
 
     def increment_processed(self) -> None:
+        """Count one more request routed here (policies call it on the worker they choose)."""
         with self._lock:
             self._processed += 1
+
+    def pending_prefill_tokens(self) -> int:
+        """Uncached prompt tokens leased here whose first output token is not out yet."""
+        return self._prefill
+
+    def decode_tokens(self) -> int:
+        """Context tokens of the requests leased here that are past their first token."""
+        return self._decode
+
+    def add_work(self, prefill_tokens: int, decode_tokens: int) -> None:
+        """Add signed deltas to both token totals, atomically. O(1).
+
+        Raises:
+            TypeError: a delta is not an int.
+            LoadUnderflowError: a total would go below 0 (nothing is changed).
+        """
+        check_int("prefill_tokens", prefill_tokens)
+        check_int("decode_tokens", decode_tokens)
+        with self._lock:
+            p = self._prefill + prefill_tokens
+            d = self._decode + decode_tokens
+            if p < 0 or d < 0:
+                raise LoadUnderflowError(
+                    f"add_work({prefill_tokens}, {decode_tokens}) on worker {self._url!r} "
+                    f"would take its totals to prefill={p}, decode={d}: work was given back "
+                    "that was never taken (use cacheroute.acquire)"
+                )
+            self._prefill = p
+            self._decode = d
+
+    def _transition(
+        self, state: list[int], expect: int, new: int, load: int, prefill: int, decode: int
+    ) -> bool:
+        """The one atomic step of a lease on this worker (used by :mod:`cacheroute.lease`).
+
+        If ``state[0] == expect``: add the deltas and set ``state[0] = new``; else change
+        nothing. The body calls nothing between the first change and the last, so neither
+        another thread (the lock) nor an asynchronous exception such as
+        ``KeyboardInterrupt`` (CPython delivers those only at calls and loop edges) can
+        observe load changed without the lease's state changed with it.
+        """
+        with self._lock:
+            if state[0] != expect:
+                return False
+            n = self._load + load
+            p = self._prefill + prefill
+            d = self._decode + decode
+            if n < 0 or p < 0 or d < 0:
+                raise LoadUnderflowError(
+                    f"a lease on worker {self._url!r} would take its load to {n} (prefill "
+                    f"tokens {p}, decode tokens {d}): load was given back by hand that a "
+                    "lease still holds"
+                )
+            self._load = n
+            self._prefill = p
+            self._decode = d
+            state[0] = new
+            return True
 
     def __repr__(self) -> str:
         extra = f", bootstrap_port={self._bootstrap_port}" if self._bootstrap_port else ""
         return (
             f"BasicWorker({self._url!r}, model_id={self._model_id!r}, "
             f"worker_type={self._worker_type.name}{extra}, healthy={self._healthy}, "
-            f"load={self._load}, processed={self._processed})"
+            f"load={self._load}, processed={self._processed}, "
+            f"prefill_tokens={self._prefill}, decode_tokens={self._decode})"
         )
+
+
+def all_basic(workers: Sequence[Worker]) -> bool:
+    """Whether every worker is exactly a :class:`BasicWorker` (the fast read paths apply).
+
+    Policies compute it once per distinct worker list. O(n).
+    """
+    return all(type(w) is BasicWorker for w in workers)
+
+
+def _not_a_worker(workers: Sequence[object]) -> TypeError:
+    """The error for a worker list holding something that is not a Worker (slow path)."""
+    for i, w in enumerate(workers):
+        if not isinstance(w, Worker):
+            return TypeError(f"workers[{i}] must be a Worker, got {describe(w)}")
+    return TypeError(f"workers must hold Worker objects, got {describe(workers)}")
+
+
+def read_loads(workers: Sequence[Worker], basic: bool = False) -> list[int]:
+    """The load of each worker, ``-1`` for an unhealthy one, in one pass. O(n).
+
+    Args:
+        workers: the workers, in order.
+        basic: ``True`` when :func:`all_basic` holds for ``workers`` (the caller caches
+            it): the slots behind ``is_healthy()``/``load()`` are then read directly,
+            about 3x cheaper than the method calls.
+
+    Raises:
+        TypeError: an element is not a :class:`Worker` (the message names its index).
+
+    >>> read_loads([BasicWorker("http://a"), BasicWorker("http://b", healthy=False)])
+    [0, -1]
+    """
+    try:
+        if basic:
+            return [w._load if w._healthy else -1 for w in workers]  # type: ignore[attr-defined]
+        return [w.load() if w.is_healthy() else -1 for w in workers]
+    except AttributeError:
+        raise _not_a_worker(workers) from None
+
+
+def read_work(
+    workers: Sequence[Worker], basic: bool = False
+) -> tuple[list[int], list[int], list[int]]:
+    """``(loads, pending prefill tokens, decode tokens)`` of each worker, in one pass. O(n).
+
+    Loads are as in :func:`read_loads` (``-1`` for an unhealthy worker). A worker that
+    does not implement :class:`WorkAccounting` reads as 0 tokens.
+
+    >>> w = BasicWorker("http://a"); w.add_work(300, 2000)
+    >>> read_work([w], basic=True)
+    ([0], [300], [2000])
+    """
+    loads = read_loads(workers, basic)
+    if basic:
+        return (
+            loads,
+            [w._prefill for w in workers],  # type: ignore[attr-defined]
+            [w._decode for w in workers],  # type: ignore[attr-defined]
+        )
+    prefill: list[int] = []
+    decode: list[int] = []
+    for w in workers:
+        # getattr, not isinstance(w, WorkAccounting): a runtime protocol check costs µs.
+        pending = getattr(w, "pending_prefill_tokens", None)
+        if pending is None:
+            prefill.append(0)
+            decode.append(0)
+        else:
+            prefill.append(pending())
+            decode.append(w.decode_tokens())  # type: ignore[attr-defined]
+    return loads, prefill, decode

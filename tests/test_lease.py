@@ -175,7 +175,9 @@ def test_manual_decrement_then_release_is_a_caller_bug() -> None:
     workers[0].decrement_load()  # the bug seed 001's fix avoided: load given back by hand
     with pytest.raises(LoadUnderflowError):
         lease.release()
-    assert workers[0].load() == 0 and lease.released
+    assert workers[0].load() == 0 and not lease.released  # refused: nothing changed
+    workers[0].increment_load()  # the caller repairs its bug
+    assert lease.release() and workers[0].load() == 0
 
 
 @pytest.mark.parametrize("name", available_policies())

@@ -5,15 +5,21 @@
 """
 
 from cacheroute.policies.base import (
+    CHARS_PER_TOKEN,
+    Decision,
+    DecisionReason,
     LoadBalancingPolicy,
     RequestText,
     check_request_text,
+    check_workers,
+    estimate_tokens,
     healthy_indices,
     least_loaded_index,
 )
-from cacheroute.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy, Decision
+from cacheroute.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from cacheroute.policies.pair import PairPolicy
 from cacheroute.policies.power_of_two import PowerOfTwoPolicy
+from cacheroute.policies.prefix import PoolView, PrefixPolicy
 from cacheroute.policies.random import RandomPolicy
 from cacheroute.policies.registry import (
     available_policies,
@@ -36,18 +42,24 @@ for _cls in (
 del _cls
 
 __all__ = [
+    "CHARS_PER_TOKEN",
     "CacheAwareConfig",
     "CacheAwarePolicy",
     "Decision",
+    "DecisionReason",
     "LoadBalancingPolicy",
     "PairPolicy",
+    "PoolView",
     "PowerOfTwoPolicy",
+    "PrefixPolicy",
     "RandomPolicy",
     "RequestText",
     "RoundRobinPolicy",
     "ShortestQueuePolicy",
     "available_policies",
     "check_request_text",
+    "check_workers",
+    "estimate_tokens",
     "healthy_indices",
     "least_loaded_index",
     "make_policy",

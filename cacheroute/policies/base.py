@@ -9,22 +9,37 @@ Shared semantics, true of every policy (the project's own property tests and
 * ``request_text`` may be a ``str``, a sequence of non-negative ``int`` token ids
   (``list``, ``tuple``, ``array.array``) or ``None``; any other type raises ``TypeError``.
   Policies that ignore the text check only its container type (O(1)); policies that read
-  token ids (the cache-aware tree) validate every id, at C speed.
+  token ids (the cache-aware tree) validate every id, at C speed;
+* ``workers`` that is not a ``list``/``tuple`` of :class:`~cacheroute.worker.Worker`
+  raises ``TypeError`` naming it (or the index of the first bad element).
+
+One request flows through :meth:`LoadBalancingPolicy.decide`, which returns a
+:class:`Decision`: the chosen index plus what the policy expects of it (prompt tokens,
+tokens already cached there). :func:`cacheroute.acquire` turns that into a lease holding
+the load and the work on the worker. ``select_worker`` is ``decide(...).index``.
 """
 
 from __future__ import annotations
 
 import array
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
-from cacheroute.worker import Worker
+from cacheroute._validation import check_sequence
+from cacheroute.worker import Worker, _not_a_worker
 
 __all__ = [
+    "CHARS_PER_TOKEN",
+    "Decision",
+    "DecisionReason",
     "LoadBalancingPolicy",
     "RequestText",
     "check_request_text",
+    "check_workers",
+    "estimate_tokens",
     "healthy_indices",
     "least_loaded_index",
 ]
@@ -32,7 +47,87 @@ __all__ = [
 RequestText: TypeAlias = "str | Sequence[int] | None"
 """What a policy may route on: prompt text, token ids, or nothing."""
 
+CHARS_PER_TOKEN = 4
+"""Characters per token assumed when a prompt is text (English BPE vocabularies average
+about 4); pass ``prompt_tokens`` to :func:`cacheroute.acquire` when you know the count."""
+
+
+class DecisionReason(str, enum.Enum):
+    """Which rule made a decision. A ``str`` enum: ``reason == "cache_hit"`` works."""
+
+    CACHE_HIT = "cache_hit"
+    """Balanced load, match above the threshold: the longest-match holder (cache_aware)."""
+    CACHE_MISS = "cache_miss"
+    """Balanced load, match at or below the threshold, or no text: least load."""
+    IMBALANCED = "imbalanced"
+    """Load imbalanced: the imbalanced branch decided (cache_aware)."""
+    LEAST_COST = "least_cost"
+    """The least estimated cost (work_aware: estimated time to first token)."""
+    HASH = "hash"
+    """The prompt's place on a hash ring (prefix_hash)."""
+    POLICY = "policy"
+    """A policy without reasons of its own (round robin, random, least load, yours)."""
+
+
+@dataclass(slots=True)
+class Decision:
+    """One routing decision: what :meth:`LoadBalancingPolicy.decide` returns.
+
+    A plain slotted record (cheap to build on every request; treat it as read-only).
+    :func:`cacheroute.acquire` takes ``prompt_tokens - cached_tokens`` as the lease's
+    pending prefill work on the worker.
+
+    >>> d = Decision(0, "http://w1", DecisionReason.CACHE_HIT, 10, 8, 40, 32)
+    >>> d.index, d.reason == "cache_hit", d.prompt_tokens - d.cached_tokens
+    (0, True, 8)
+    """
+
+    index: int
+    """Index of the chosen worker in the list the caller passed."""
+    url: str
+    """The chosen worker's URL."""
+    reason: str
+    """The rule that decided: a :class:`DecisionReason` for the built-in policies."""
+    request_units: int = 0
+    """Units (characters or tokens) in the request; 0 without text."""
+    matched_units: int = 0
+    """Units of the request the policy believes the chosen worker already caches."""
+    prompt_tokens: int = 0
+    """The policy's estimate of the prompt's tokens (see :func:`estimate_tokens`)."""
+    cached_tokens: int = 0
+    """Of those, tokens expected to be served from the chosen worker's prefix cache."""
+    cost: float | None = None
+    """Policy-specific score of the chosen worker (work_aware: estimated seconds to first
+    token), ``None`` when the policy computes none."""
+
+
 _TOKEN_CONTAINERS = (list, tuple, array.array)
+
+
+def estimate_tokens(request_text: RequestText) -> int:
+    """Tokens in a prompt: its length for token ids, ``ceil(chars / CHARS_PER_TOKEN)`` for
+    text, 0 for ``None``. O(1).
+
+    >>> estimate_tokens([1, 2, 3]), estimate_tokens("x" * 10), estimate_tokens(None)
+    (3, 3, 0)
+    """
+    if request_text is None:
+        return 0
+    if isinstance(request_text, str):
+        return -(-len(request_text) // CHARS_PER_TOKEN)
+    return len(request_text)
+
+
+def check_workers(workers: object) -> Sequence[Worker]:
+    """``workers`` if it is a ``list``/``tuple`` (or other non-text ``Sequence``).
+
+    O(1): elements are checked where they are read (a non-Worker element raises
+    ``TypeError`` naming its index then). ``str``, ``bytes``, dicts, sets and
+    generators raise ``TypeError`` naming ``workers``.
+    """
+    if type(workers) is list or type(workers) is tuple:
+        return workers
+    return check_sequence("workers", workers)
 
 
 def check_request_text(request_text: object) -> None:
@@ -55,8 +150,16 @@ def check_request_text(request_text: object) -> None:
 
 
 def healthy_indices(workers: Sequence[Worker]) -> list[int]:
-    """Indices of the healthy workers, in order. O(n)."""
-    return [i for i, w in enumerate(workers) if w.is_healthy()]
+    """Indices of the healthy workers, in order. O(n).
+
+    >>> from cacheroute import BasicWorker
+    >>> healthy_indices([BasicWorker("http://a", healthy=False), BasicWorker("http://b")])
+    [1]
+    """
+    try:
+        return [i for i, w in enumerate(check_workers(workers)) if w.is_healthy()]
+    except AttributeError:
+        raise _not_a_worker(workers) from None
 
 
 def least_loaded_index(workers: Sequence[Worker]) -> int | None:
@@ -64,19 +167,27 @@ def least_loaded_index(workers: Sequence[Worker]) -> int | None:
 
     Breaking ties by processed count keeps equal (or stale) loads from all landing on
     worker 0. ``None`` when no worker is healthy. O(n), one pass, no allocation per worker.
+
+    >>> from cacheroute import BasicWorker
+    >>> a, b = BasicWorker("http://a"), BasicWorker("http://b")
+    >>> a.increment_processed(); least_loaded_index([a, b])
+    1
     """
     best = -1
     best_load = best_processed = 0
-    for i, w in enumerate(workers):
-        if not w.is_healthy():
-            continue
-        load = w.load()
-        if best < 0 or load < best_load:
-            best, best_load, best_processed = i, load, w.processed()
-        elif load == best_load:
-            processed = w.processed()
-            if processed < best_processed:
-                best, best_processed = i, processed
+    try:
+        for i, w in enumerate(check_workers(workers)):
+            if not w.is_healthy():
+                continue
+            load = w.load()
+            if best < 0 or load < best_load:
+                best, best_load, best_processed = i, load, w.processed()
+            elif load == best_load:
+                processed = w.processed()
+                if processed < best_processed:
+                    best, best_processed = i, processed
+    except AttributeError:
+        raise _not_a_worker(workers) from None
     return None if best < 0 else best
 
 
@@ -84,8 +195,9 @@ class LoadBalancingPolicy(ABC):
     """Base class of every routing policy.
 
     Subclass it, set :attr:`name` and :attr:`description`, implement
-    :meth:`select_worker`, and register the class with
-    :func:`cacheroute.policies.register_policy` to make it available by name::
+    :meth:`select_worker` (or, to report what you expect cached, :meth:`decide`), and
+    register the class with :func:`cacheroute.policies.register_policy` to make it
+    available by name::
 
         class FirstHealthy(LoadBalancingPolicy):
             name = "first_healthy"
@@ -127,8 +239,29 @@ class LoadBalancingPolicy(ABC):
             An index into ``workers`` of a healthy worker, or ``None`` when none is healthy.
 
         Raises:
-            TypeError: ``request_text`` is not a ``str``, token-id sequence or ``None``.
+            TypeError: ``request_text`` is not a ``str``, token-id sequence or ``None``,
+                or ``workers`` is not a list of workers.
         """
+
+    def decide(
+        self, workers: Sequence[Worker], request_text: RequestText = None
+    ) -> Decision | None:
+        """Choose a worker and say what is expected of it: the path of one request.
+
+        The default wraps :meth:`select_worker` and expects nothing cached
+        (``cached_tokens=0``). Policies that know what a worker caches override this and
+        define :meth:`select_worker` as ``decide(...).index`` (so a subclass of such a
+        policy overrides ``decide``). :func:`cacheroute.acquire` calls this.
+
+        Returns:
+            A :class:`Decision`, or ``None`` when no worker is healthy.
+        """
+        index = self.select_worker(workers, request_text)
+        if index is None:
+            return None
+        url = workers[index].url if type(index) is int and 0 <= index < len(workers) else ""
+        n = 0 if request_text is None else len(request_text)
+        return Decision(index, url, DecisionReason.POLICY, n, 0, estimate_tokens(request_text))
 
     def select_worker_pair(
         self,
@@ -144,15 +277,30 @@ class LoadBalancingPolicy(ABC):
         consulted, so no tree is updated for a request that cannot be served.
         Use :class:`cacheroute.policies.PairPolicy` to combine any two policies.
         """
+        pair = self.decide_pair(prefill_workers, decode_workers, request_text)
+        return None if pair is None else (pair[0].index, pair[1].index)
+
+    def decide_pair(
+        self,
+        prefill_workers: Sequence[Worker],
+        decode_workers: Sequence[Worker],
+        request_text: RequestText = None,
+    ) -> tuple[Decision, Decision] | None:
+        """:meth:`select_worker_pair` with a :class:`Decision` per leg (what
+        :func:`cacheroute.acquire_pair` calls). The default: least load on the decode list
+        first, then :meth:`decide` on the prefill list."""
         check_request_text(request_text)
         decode = least_loaded_index(decode_workers)
         if decode is None:
             return None
-        prefill = self.select_worker(prefill_workers, request_text)
+        prefill = self.decide(prefill_workers, request_text)
         if prefill is None:
             return None
-        decode_workers[decode].increment_processed()
-        return prefill, decode
+        worker = decode_workers[decode]
+        worker.increment_processed()
+        n = 0 if request_text is None else len(request_text)
+        tokens = estimate_tokens(request_text)
+        return prefill, Decision(decode, worker.url, DecisionReason.POLICY, n, 0, tokens)
 
     def on_request_complete(self, worker_url: str, success: bool) -> None:  # noqa: B027
         """Called once per request when its lease is released, with the outcome.

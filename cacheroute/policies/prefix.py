@@ -1,0 +1,460 @@
+"""``PrefixPolicy``: the shared machinery of policies that remember where prefixes live.
+
+A prefix-aware policy decides one request in four steps, all in :meth:`PrefixPolicy.decide`,
+top to bottom:
+
+1. **View.** Read every worker's health and load (and, for work-aware policies, its
+   pending prefill and decode tokens) once, through :mod:`cacheroute.worker`'s fast
+   readers. Workers that are unhealthy or removed are not eligible.
+2. **Match.** Ask the prefix index of the request's model which workers hold how much of
+   the prompt (one tree descent, :meth:`cacheroute.tree.Tree.match_lengths`).
+3. **Choose.** The subclass's rule, :meth:`PrefixPolicy.choose`, returns the index, the
+   reason and (optionally) a cost. This is the one method a prefix policy implements.
+4. **Record.** Insert the prompt for the chosen worker (it will cache it once it serves
+   the request) and count it as processed; then build the
+   :class:`~cacheroute.policies.base.Decision`.
+
+Membership: a worker is known from the first list it appears in. ``remove_worker`` drops
+its tenant from every tree and marks its URL removed (never chosen again, even if a
+caller still passes it) until ``add_worker`` or ``sync_workers`` lists it again.
+
+Sizing: each worker's share of a tree is capped at its engine's KV capacity,
+``kv_capacity_tokens`` converted to units with ``tokens_per_unit``, so the tree forgets
+roughly what the engine evicts; the whole tree is also capped in units.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from itertools import compress
+from typing import ClassVar, Literal
+
+from cacheroute._validation import check_bool, check_choice, check_str, fail
+from cacheroute.policies.base import (
+    CHARS_PER_TOKEN,
+    Decision,
+    DecisionReason,
+    LoadBalancingPolicy,
+    RequestText,
+    check_request_text,
+    check_workers,
+)
+from cacheroute.tree import Tree
+from cacheroute.worker import Worker, _not_a_worker, all_basic, read_loads, read_work
+
+__all__ = ["DecisionObserver", "PoolView", "PrefixPolicy", "TreeKind"]
+
+_log = logging.getLogger("cacheroute.policies")
+
+TreeKind = Literal["text", "tokens"]
+"""The kind of units of a tree: characters of text, or token ids."""
+
+DecisionObserver = Callable[[Decision], None]
+"""Type of the ``on_decision`` observer."""
+
+_POOL_CACHE = 8  # distinct worker lists whose derived data is kept
+
+
+class _Pool:
+    """What a policy derives once per distinct worker list (and removed set)."""
+
+    __slots__ = ("all", "basic", "index_of", "key", "mask", "model", "removed", "urls")
+
+    def __init__(self, key: tuple[Worker, ...], removed: frozenset[str]) -> None:
+        self.key = key
+        self.removed = removed
+        try:
+            self.urls: tuple[str, ...] = tuple(w.url for w in key)
+            models = {w.model_id for w in key}
+        except AttributeError:
+            raise _not_a_worker(key) from None
+        if len(models) > 1:
+            raise ValueError(
+                f"workers must all serve one model (pass one model's workers per call), "
+                f"got model_ids {sorted(models)}"
+            )
+        self.model = models.pop() if models else ""
+        self.basic = all_basic(key)
+        self.all = list(range(len(key)))  # shared, never mutated
+        index_of: dict[str, tuple[int, ...]] = {}
+        for i, u in enumerate(self.urls):
+            index_of[u] = (*index_of.get(u, ()), i)
+        self.index_of = index_of
+        mask = [u not in removed for u in self.urls]
+        self.mask: list[bool] | None = None if all(mask) else mask
+
+
+class PoolView:
+    """One call's view of the pool, handed to :meth:`PrefixPolicy.choose`.
+
+    Attributes:
+        workers: the workers passed (as a tuple).
+        urls: their URLs.
+        loads: in-flight load per index, ``-1`` for a worker that may not be chosen
+            (unhealthy or removed).
+        eligible: the indices that may be chosen, ascending (never empty).
+        min_load, max_load: over the eligible workers.
+        prefill_tokens, decode_tokens: per index (policies with ``reads_work``), else
+            ``None``.
+        units: units of the request (0 without text).
+    """
+
+    __slots__ = (
+        "decode_tokens",
+        "eligible",
+        "loads",
+        "max_load",
+        "min_load",
+        "pool",
+        "prefill_tokens",
+        "units",
+        "urls",
+        "workers",
+    )
+
+    def __init__(
+        self,
+        pool: _Pool,
+        loads: list[int],
+        eligible: list[int],
+        prefill: list[int] | None,
+        decode: list[int] | None,
+        units: int,
+    ) -> None:
+        self.pool = pool
+        self.workers = pool.key
+        self.urls = pool.urls
+        self.loads = loads
+        self.eligible = eligible
+        el = loads if eligible is pool.all else [loads[i] for i in eligible]
+        self.min_load = min(el)
+        self.max_load = max(el)
+        self.prefill_tokens = prefill
+        self.decode_tokens = decode
+        self.units = units
+
+    def holders(self, lengths: dict[str, int], limit: int | None = None) -> tuple[int, list[int]]:
+        """The longest match among eligible workers (with load <= ``limit`` if given).
+
+        Returns ``(matched units, indices holding it)``; ``(0, [])`` when none matches.
+        O(tenants in ``lengths``), not O(workers).
+        """
+        best = 0
+        cands: list[int] = []
+        loads, index_of = self.loads, self.pool.index_of
+        for url, m in lengths.items():
+            if m < best:
+                continue
+            for i in index_of.get(url, ()):
+                if loads[i] >= 0 and (limit is None or loads[i] <= limit):
+                    if m > best:
+                        best, cands = m, [i]
+                    else:
+                        cands.append(i)
+        return best, cands
+
+    def pick(self, cands: Sequence[int], tree: Tree | None = None) -> int:
+        """The one tie-break rule: least load, then (with ``tree``) the smallest share of
+        the tree, then fewest processed, then lowest index.
+
+        Processed breaks ties so that equal (or stale) loads do not all land on worker 0;
+        the tree size spreads fresh prefixes over workers that hold less. O(len(cands)),
+        plus O(tenants) for the tree sizes when several candidates tie on load.
+        """
+        if len(cands) == 1:
+            return cands[0]
+        loads = self.loads
+        low = min(loads[i] for i in cands)
+        ties = [i for i in cands if loads[i] == low]
+        if len(ties) == 1:
+            return ties[0]
+        ws, urls = self.workers, self.urls
+        if tree is None:
+            return min(ties, key=lambda i: (ws[i].processed(), i))
+        sizes = tree.used_size_per_tenant()
+        return min(ties, key=lambda i: (sizes.get(urls[i], 0), ws[i].processed(), i))
+
+
+class PrefixPolicy(LoadBalancingPolicy):
+    """Base class of policies that keep a prefix tree of what they routed where.
+
+    Subclasses implement :meth:`choose`; everything else (worker views, one tree per
+    (model, text or tokens), membership, tree bounds, the observer, the decode leg of
+    pairs) is here. Thread-safe: the trees carry their own locks; the policy's own state
+    is copy-on-write under one lock.
+
+    Args (keyword, shared by subclasses):
+        max_tree_size: int > 0, units per tree (all workers), enforced on insert.
+        max_tree_size_per_worker: int > 0 or ``None``: units per worker per tree.
+        on_decision: ``None`` or a callable receiving each
+            :class:`~cacheroute.policies.base.Decision`, outside every lock; its
+            exceptions are logged (logger ``cacheroute.policies``), never raised.
+    """
+
+    needs_request_text = True
+    reads_work: ClassVar[bool] = False
+    """Whether :meth:`choose` needs pending prefill and decode tokens in its view."""
+
+    def _init_prefix(
+        self,
+        max_tree_size: int,
+        max_tree_size_per_worker: int | None,
+        on_decision: DecisionObserver | None,
+        tokens_per_unit: float | None = None,
+    ) -> None:
+        self._max_tree_size = max_tree_size
+        self._max_tree_size_per_worker = max_tree_size_per_worker
+        self._observer = on_decision
+        self._tokens_per_unit = tokens_per_unit
+        self._trees: dict[tuple[str, str], Tree] = {}
+        self._lock = threading.Lock()  # guards tree creation and membership
+        self._removed: frozenset[str] = frozenset()
+        self._known: frozenset[str] = frozenset()
+        self._pools: list[_Pool] = []
+
+    # ------------------------------------------------------------------ the rule
+
+    def choose(
+        self, view: PoolView, lengths: dict[str, int], tree: Tree | None
+    ) -> tuple[int, str, float | None]:
+        """The decision rule: ``(index, reason, cost)`` for one request.
+
+        Args:
+            view: the pool as read for this call (loads, eligible workers, ...).
+            lengths: ``{url: matched units}`` from the request's tree (``{}`` without
+                text); may name workers outside the list (ignore them: use
+                :meth:`PoolView.holders`).
+            tree: the request's tree, or ``None`` without text.
+
+        Returns:
+            An index in ``view.eligible``, a reason (a
+            :class:`~cacheroute.policies.base.DecisionReason`) and a cost or ``None``.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ one request
+
+    def decide(
+        self, workers: Sequence[Worker], request_text: RequestText = None
+    ) -> Decision | None:
+        """Choose a worker, record the prompt for it, count it as processed.
+
+        Returns:
+            The :class:`~cacheroute.policies.base.Decision`, or ``None`` when no worker is
+            eligible (healthy and not removed); nothing is recorded or counted then.
+
+        Raises:
+            TypeError: ``workers`` or ``request_text`` of a wrong type (or a token id that
+                is not an int); ValueError: a negative token id, or workers of several
+                models. Nothing is recorded or counted when it raises.
+
+        Complexity: O(n) worker reads + one tree descent (O(m) C-level compares for m
+        units) + O(t) for the t tenants matching + the insert.
+        """
+        if type(request_text) is not str:
+            check_request_text(request_text)
+        check_workers(workers)
+        key = workers if type(workers) is tuple else tuple(workers)
+        units: str | Sequence[int] = request_text or ""
+        n = len(units)
+        kind: TreeKind = "text" if isinstance(units, str) else "tokens"
+        tree: Tree | None = None
+        while True:
+            pool = self._pool(key)
+            view = self._view(pool, n)
+            if view is None:
+                return None
+            if n and tree is None:
+                tree = self._tree(pool.model, kind)
+            lengths = tree.match_lengths(units) if tree is not None else {}
+            index, reason, cost = self.choose(view, lengths, tree)
+            if self._removed is pool.removed:
+                break  # membership unchanged since the view: commit
+        url = pool.urls[index]
+        if tree is not None:
+            tree.insert(units, url)
+            if url in self._removed:  # removed while we inserted: take it out again
+                tree.remove_tenant(url)
+        key[index].increment_processed()
+        matched = lengths.get(url, 0)
+        tpu = self._tpu(request_text)
+        decision = Decision(
+            index, url, reason, n, matched, -int(-n * tpu // 1), int(matched * tpu), cost
+        )
+        observer = self._observer
+        if observer is not None:
+            try:
+                observer(decision)
+            except Exception:
+                _log.exception("%s on_decision observer raised; decision kept", self.name)
+        return decision
+
+    def select_worker(
+        self, workers: Sequence[Worker], request_text: RequestText = None
+    ) -> int | None:
+        """:meth:`decide`, returning only the index (``None`` when none is eligible)."""
+        decision = self.decide(workers, request_text)
+        return None if decision is None else decision.index
+
+    def _tpu(self, request_text: RequestText) -> float:
+        if self._tokens_per_unit is not None:
+            return self._tokens_per_unit
+        return 1.0 / CHARS_PER_TOKEN if isinstance(request_text, str) else 1.0
+
+    def _pool(self, key: tuple[Worker, ...]) -> _Pool:
+        """The derived data of this worker list: a hit costs one C-level tuple compare.
+
+        The few most recent lists are kept (a gateway serving several models alternates
+        between per-model lists). Copy-on-write: a racing thread builds its own entry.
+        """
+        removed = self._removed
+        pools = self._pools
+        for p in pools:
+            if p.key == key and p.removed is removed:
+                return p
+        p = _Pool(key, removed)
+        with self._lock:
+            self._known = self._known | set(p.urls)
+        self._pools = [p, *pools[: _POOL_CACHE - 1]]
+        return p
+
+    def _view(self, pool: _Pool, units: int) -> PoolView | None:
+        if self.reads_work:
+            loads, prefill, decode = read_work(pool.key, pool.basic)
+        else:
+            loads, prefill, decode = read_loads(pool.key, pool.basic), None, None
+        if not loads:
+            return None
+        mask = pool.mask
+        if mask is None and min(loads) >= 0:  # all eligible: the common case
+            return PoolView(pool, loads, pool.all, prefill, decode, units)
+        if mask is not None:
+            loads = [x if ok else -1 for x, ok in zip(loads, mask, strict=True)]
+        eligible = list(compress(pool.all, [x >= 0 for x in loads]))
+        if not eligible:
+            return None
+        return PoolView(pool, loads, eligible, prefill, decode, units)
+
+    def _tree(self, model: str, kind: TreeKind) -> Tree:
+        key = (model, kind)
+        tree = self._trees.get(key)
+        if tree is None:
+            with self._lock:
+                tree = self._trees.get(key)
+                if tree is None:
+                    tree = Tree(
+                        max_size=self._max_tree_size,
+                        max_size_per_tenant=self._max_tree_size_per_worker,
+                    )
+                    self._trees[key] = tree
+        return tree
+
+    # ------------------------------------------------------------------ pairs
+
+    def decide_pair(
+        self,
+        prefill_workers: Sequence[Worker],
+        decode_workers: Sequence[Worker],
+        request_text: RequestText = None,
+    ) -> tuple[Decision, Decision] | None:
+        """Prefill by :meth:`decide`; decode by least load over eligible decode workers
+        (ties by fewest processed, then index). The decode leg is chosen first: when none
+        is eligible, ``None`` is returned and no tree is touched."""
+        check_request_text(request_text)
+        check_workers(decode_workers)
+        key = decode_workers if type(decode_workers) is tuple else tuple(decode_workers)
+        view = self._view(self._pool(key), 0)
+        if view is None:
+            return None
+        d = view.pick(view.eligible)
+        prefill = self.decide(prefill_workers, request_text)
+        if prefill is None:
+            return None
+        key[d].increment_processed()
+        leg = Decision(
+            d, view.urls[d], DecisionReason.POLICY, prefill.request_units, 0, prefill.prompt_tokens
+        )
+        return prefill, leg
+
+    # ------------------------------------------------------------------ state
+
+    def tree(self, model_id: str, kind: TreeKind = "text", *, create: bool = False) -> Tree | None:
+        """The tree of ``model_id`` for text or token-id requests.
+
+        ``None`` if no request has used it yet, unless ``create`` (then an empty, bounded
+        tree is made, e.g. to warm it from a known state). O(1).
+        """
+        check_str("model_id", model_id)
+        check_choice("kind", kind, ("text", "tokens"))
+        if check_bool("create", create):
+            return self._tree(model_id, kind)
+        return self._trees.get((model_id, kind))
+
+    def tree_sizes(self) -> dict[tuple[str, str], int]:
+        """``{(model_id, kind): total units}`` of every tree. O(trees)."""
+        return {k: t.total_size() for k, t in list(self._trees.items())}
+
+    def removed_urls(self) -> frozenset[str]:
+        """URLs that are never chosen (removed and not added back). O(1)."""
+        return self._removed
+
+    # ------------------------------------------------------------------ membership
+
+    @staticmethod
+    def _check_worker(param: str, worker: object) -> Worker:
+        if not isinstance(worker, Worker):
+            raise fail(param, "a Worker", worker, TypeError)
+        return worker
+
+    def on_worker_added(self, worker: Worker) -> None:
+        """A worker joined (or came back): it may be chosen again. O(removed urls)."""
+        url = self._check_worker("worker", worker).url
+        with self._lock:
+            self._known = self._known | {url}
+            if url in self._removed:
+                self._removed = self._removed - {url}
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        """A worker left for good: drop its tenant from every tree; never choose it again.
+
+        Its URL is recorded as removed first, so a concurrent ``decide`` either inserted
+        before the tenant is dropped or sees the URL removed. O(units it held).
+        """
+        url = self._check_worker("worker", worker).url
+        with self._lock:
+            self._removed = self._removed | {url}
+            trees = list(self._trees.values())
+        for t in trees:
+            t.remove_tenant(url)
+
+    def add_worker(self, worker: Worker) -> None:
+        """Alias of :meth:`on_worker_added`."""
+        self.on_worker_added(worker)
+
+    def remove_worker(self, worker: Worker) -> None:
+        """Alias of :meth:`on_worker_removed`."""
+        self.on_worker_removed(worker)
+
+    def sync_workers(self, workers: Sequence[Worker]) -> None:
+        """Make the pool exactly ``workers``: every other known worker is removed (as by
+        :meth:`on_worker_removed`); every listed one may be chosen. Workers first seen
+        later in a list are accepted as new. O(known workers + units dropped)."""
+        check_workers(workers)
+        urls = {self._check_worker(f"workers[{i}]", w).url for i, w in enumerate(workers)}
+        with self._lock:
+            trees = list(self._trees.values())
+            tenants = {t for tree in trees for t in tree.tenants()}
+            stale = (self._known | tenants) - urls
+            self._removed = frozenset((self._removed | stale) - urls)
+            self._known = frozenset(urls)
+        for tree in trees:
+            for t in stale:
+                tree.remove_tenant(t)
+
+    def _describe_config(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._describe_config()}trees={len(self._trees)})"
