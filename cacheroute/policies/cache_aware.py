@@ -63,6 +63,10 @@ class CacheAwareConfig:
         max_tree_size_per_worker: int > 0 or ``None``: cap on one worker's units in a
             tree (e.g. its KV-cache size), also enforced on insert. Default ``None``.
         imbalance_mode: ``"locality"`` (default) or ``"least_load"``; see the module doc.
+        tokens_per_unit: real > 0 or ``None`` (default: 1 for token ids, 1/4 for text):
+            tokens one request unit stands for (a block id of 16 tokens: 16).
+        kv_capacity_tokens: int > 0 or ``None`` (default, as SGLang: no per-worker cap):
+            each engine's KV capacity in tokens; caps each worker's share of a tree.
         on_decision: ``None`` (default) or a callable receiving each
             :class:`~cacheroute.policies.base.Decision`, outside every lock. Its exceptions
             are logged (logger ``cacheroute.policies``) and never fail the routing call.
@@ -85,6 +89,8 @@ class CacheAwareConfig:
     max_tree_size: int = 2**24
     max_tree_size_per_worker: int | None = None
     imbalance_mode: ImbalanceMode = "locality"
+    tokens_per_unit: float | None = None
+    kv_capacity_tokens: int | None = None
     on_decision: DecisionObserver | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,7 +104,12 @@ class CacheAwareConfig:
             "max_tree_size_per_worker", self.max_tree_size_per_worker, minimum=1, none_ok=True
         )
         check_choice("imbalance_mode", self.imbalance_mode, ("locality", "least_load"))
+        tpu = check_real(
+            "tokens_per_unit", self.tokens_per_unit, minimum=0.0, min_open=True, none_ok=True
+        )
+        check_int("kv_capacity_tokens", self.kv_capacity_tokens, minimum=1, none_ok=True)
         check_callable("on_decision", self.on_decision, none_ok=True)
+        object.__setattr__(self, "tokens_per_unit", tpu)
         # An int threshold is fine; store floats.
         object.__setattr__(self, "cache_threshold", ct)
         object.__setattr__(self, "balance_rel_threshold", rel)
@@ -144,6 +155,8 @@ class CacheAwarePolicy(PrefixPolicy):
         imbalance_mode: ImbalanceMode = "locality",
         on_decision: DecisionObserver | None = None,
         *,
+        tokens_per_unit: float | None = None,
+        kv_capacity_tokens: int | None = None,
         config: CacheAwareConfig | None = None,
     ) -> None:
         given: dict[str, object] = {
@@ -153,6 +166,8 @@ class CacheAwarePolicy(PrefixPolicy):
             "max_tree_size": max_tree_size,
             "max_tree_size_per_worker": max_tree_size_per_worker,
             "imbalance_mode": imbalance_mode,
+            "tokens_per_unit": tokens_per_unit,
+            "kv_capacity_tokens": kv_capacity_tokens,
         }
         if config is None:
             config = CacheAwareConfig(**given, on_decision=on_decision)  # type: ignore[arg-type]
@@ -176,7 +191,13 @@ class CacheAwarePolicy(PrefixPolicy):
         self._abs = config.balance_abs_threshold
         self._rel = config.balance_rel_threshold
         self._locality = config.imbalance_mode == "locality"
-        self._init_prefix(config.max_tree_size, config.max_tree_size_per_worker, config.on_decision)
+        self._init_prefix(
+            config.max_tree_size,
+            config.max_tree_size_per_worker,
+            config.on_decision,
+            config.tokens_per_unit,
+            config.kv_capacity_tokens,
+        )
 
     @property
     def config(self) -> CacheAwareConfig:

@@ -185,9 +185,15 @@ class PrefixPolicy(LoadBalancingPolicy):
     pairs) is here. Thread-safe: the trees carry their own locks; the policy's own state
     is copy-on-write under one lock.
 
-    Args (keyword, shared by subclasses):
+    Settings shared by subclasses (keyword arguments of their constructors):
         max_tree_size: int > 0, units per tree (all workers), enforced on insert.
         max_tree_size_per_worker: int > 0 or ``None``: units per worker per tree.
+        tokens_per_unit: real > 0 or ``None``: tokens one unit of the request stands for
+            (``None``: 1 for token ids, ``1 / CHARS_PER_TOKEN`` for text; a block id of
+            16 tokens: 16). Converts matches to cached tokens and capacities to units.
+        kv_capacity_tokens: int > 0 or ``None``: each engine's KV-cache capacity in
+            tokens (vLLM: ``num_gpu_blocks x block_size``). A worker's share of a tree
+            is capped at it, so the tree forgets roughly what the engine evicts.
         on_decision: ``None`` or a callable receiving each
             :class:`~cacheroute.policies.base.Decision`, outside every lock; its
             exceptions are logged (logger ``cacheroute.policies``), never raised.
@@ -202,12 +208,14 @@ class PrefixPolicy(LoadBalancingPolicy):
         max_tree_size: int,
         max_tree_size_per_worker: int | None,
         on_decision: DecisionObserver | None,
-        tokens_per_unit: float | None = None,
+        tokens_per_unit: float | None,
+        kv_capacity_tokens: int | None,
     ) -> None:
         self._max_tree_size = max_tree_size
         self._max_tree_size_per_worker = max_tree_size_per_worker
         self._observer = on_decision
         self._tokens_per_unit = tokens_per_unit
+        self._kv_capacity_tokens = kv_capacity_tokens
         self._trees: dict[tuple[str, str], Tree] = {}
         self._lock = threading.Lock()  # guards tree creation and membership
         self._removed: frozenset[str] = frozenset()
@@ -299,9 +307,25 @@ class PrefixPolicy(LoadBalancingPolicy):
         return None if decision is None else decision.index
 
     def _tpu(self, request_text: RequestText) -> float:
+        return self.tokens_per_unit("text" if isinstance(request_text, str) else "tokens")
+
+    def tokens_per_unit(self, kind: TreeKind) -> float:
+        """Tokens one unit of a ``kind`` tree stands for: ``tokens_per_unit`` when set,
+        else 1 for token ids and ``1 / CHARS_PER_TOKEN`` for text. O(1)."""
         if self._tokens_per_unit is not None:
             return self._tokens_per_unit
-        return 1.0 / CHARS_PER_TOKEN if isinstance(request_text, str) else 1.0
+        return 1.0 / CHARS_PER_TOKEN if kind == "text" else 1.0
+
+    def worker_tree_limit(self, kind: TreeKind) -> int | None:
+        """Units of a ``kind`` tree one worker may hold: its KV capacity in units
+        (``kv_capacity_tokens / tokens_per_unit``), within ``max_tree_size_per_worker``;
+        ``None`` when neither is set. O(1)."""
+        caps = []
+        if self._kv_capacity_tokens is not None:
+            caps.append(max(1, int(self._kv_capacity_tokens / self.tokens_per_unit(kind))))
+        if self._max_tree_size_per_worker is not None:
+            caps.append(self._max_tree_size_per_worker)
+        return min(caps) if caps else None
 
     def _pool(self, key: tuple[Worker, ...]) -> _Pool:
         """The derived data of this worker list: a hit costs one C-level tuple compare.
@@ -346,7 +370,7 @@ class PrefixPolicy(LoadBalancingPolicy):
                 if tree is None:
                     tree = Tree(
                         max_size=self._max_tree_size,
-                        max_size_per_tenant=self._max_tree_size_per_worker,
+                        max_size_per_tenant=self.worker_tree_limit(kind),
                     )
                     self._trees[key] = tree
         return tree

@@ -182,6 +182,7 @@ class Engine:
         "next_time",
         "oversized",
         "peak_used",
+        "prefilled",
         "requests",
         "used",
         "version",
@@ -220,6 +221,7 @@ class Engine:
         self._run_steps = 0
         self._seq = 0
         self.version = 0
+        self.prefilled: list[int] = []  # request ids whose first token the last boundary made
         self.next_time: float | None = None
 
     # ---------------------------------------------------------------- queries
@@ -264,10 +266,13 @@ class Engine:
         """Finish the iteration ending at ``now``; return the request ids that completed.
 
         Afterwards :attr:`next_time` is the next boundary (``None`` when idle) with a new
-        :attr:`version`.
+        :attr:`version`, and :attr:`prefilled` lists the requests whose first token this
+        boundary produced (the simulator reports them to their leases).
         """
         finished: list[int] = []
+        self.prefilled = []
         if self._phase == _PREFILL:
+            self.prefilled = self._admitted
             first_token = self.first_token
             reqs = self.requests
             running = self._running

@@ -147,7 +147,14 @@ def simulate(
         if decision.reason == "imbalanced":
             imbalanced += 1
 
-    pol = spec.build(seed=seed, on_decision=observe)
+    # Prefix policies see one unit per block: tell them what a unit and an engine hold.
+    block = reqs[0].block_size if reqs else 1
+    pol = spec.build(
+        seed=seed,
+        on_decision=observe,
+        tokens_per_unit=float(block),
+        kv_capacity_tokens=cfg.cache_tokens,
+    )
     pool = [BasicWorker(f"http://sim-worker-{i}:8000") for i in range(workers)]
     first_token = [0.0] * n
     hit = [0] * n
@@ -171,7 +178,12 @@ def simulate(
             eng = engines[e]
             if version != eng.version:
                 continue
-            for rid in eng.boundary(now):
+            finished_now = eng.boundary(now)
+            for rid in eng.prefilled:  # first tokens out: their work moves to decode
+                lease = leases[rid]
+                if lease is not None:
+                    lease.first_token()
+            for rid in finished_now:
                 lease = leases[rid]
                 if lease is None or done[rid] >= 0:
                     raise RuntimeError(f"request {rid} completed twice")
@@ -186,7 +198,7 @@ def simulate(
                 push(heap, (eng.next_time, seq, e, eng.version))
         else:
             r = reqs[i]
-            lease = acquire(pol, pool, r.blocks)
+            lease = acquire(pol, pool, r.blocks, prompt_tokens=r.input_tokens)
             leases[i] = lease
             routed[i] = lease.index
             eng = engines[lease.index]
