@@ -264,6 +264,14 @@ class _DeadlineExceeded(Exception):
     pass
 
 
+class _Retry(Exception):
+    """The engine failed before a byte reached the client: try another (or answer this)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__()
+        self.response = response
+
+
 _TIMEOUTS = (asyncio.TimeoutError, _DeadlineExceeded)  # aiohttp's timeouts subclass the first
 _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, _DeadlineExceeded)
 
@@ -572,46 +580,60 @@ class Gateway:
         # A stream notices a client that leaves at once, even while the engine is silent.
         watch = _ClientWatch(receive) if stream else None
         response: Response | _LeasedStream | None = None
+        tried: list[Worker] = []  # engines that failed this request, in order
         try:
-            sent = await self._send(path, raw, headers, text)
-            if isinstance(sent, Response):
-                return sent
-            lease, upstream = sent
-            if watch is not None:
-                watch.on_gone = upstream.close  # the relay then stops at once
-                if watch.gone:
+            while True:
+                sent = await self._send(path, raw, headers, text, tried, response)
+                if isinstance(sent, Response):
+                    return sent
+                lease, upstream = sent
+                if watch is not None:
+                    watch.on_gone = upstream.close  # the relay then stops at once
+                    if watch.gone:
+                        upstream.close()
+                # From here the lease and the open upstream response have one owner at a time.
+                try:
+                    if upstream.status >= 400:
+                        response = await self._relay_error(lease, upstream, deadline)
+                        return response
+                    ctype = upstream.headers.get("content-type", "")
+                    if watch is None or not ctype.startswith("text/event-stream"):
+                        # Not a stream (whatever was asked for): relayed whole.
+                        response = await self._relay_whole(lease, upstream, deadline)
+                        return response
+                    response = await self._start_stream(lease, upstream, deadline, watch)
+                    return response
+                except _Retry as retry:  # cut before anything reached the client
+                    response = retry.response
+                    tried.append(lease.worker)
+                    if len(tried) > self.max_retries or (watch is not None and watch.gone):
+                        return response
+                except BaseException:
+                    lease.release(success=False)
                     upstream.close()
-            # From here the lease and the open upstream response have one owner at a time.
-            try:
-                if upstream.status >= 400:
-                    response = await self._relay_error(lease, upstream, deadline)
-                    return response
-                sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
-                if watch is None or not sse:  # not a stream (whatever was asked): relay whole
-                    response = await self._relay_whole(lease, upstream, deadline)
-                    return response
-                response = await self._start_stream(lease, upstream, deadline, watch)
-                return response
-            except BaseException:
-                lease.release(success=False)
-                upstream.close()
-                raise
+                    raise
         finally:
             if watch is not None and not isinstance(response, _LeasedStream):
                 watch.stop()  # no stream to watch over: the stream owns the watch otherwise
 
     async def _send(
-        self, path: str, raw: bytes, headers: list[tuple[str, str]], text: RoutingText
+        self,
+        path: str,
+        raw: bytes,
+        headers: list[tuple[str, str]],
+        text: RoutingText,
+        tried: list[Worker],
+        error: Response | None,
     ) -> tuple[Lease, aiohttp.ClientResponse] | Response:
         """Take a lease and send the request; (lease, response with headers) or an error.
 
-        A request that cannot have reached its engine is retried on the engines not tried
-        yet (the policy chooses among those only); with none left, the last error stands.
+        A request that cannot have reached its engine (or whose engine failed before a
+        byte reached the client: ``error`` is then that failure) is retried on the engines
+        not in ``tried`` (the policy chooses among those only), ``max_retries`` times at
+        most in all; with no engine left, the last error stands.
         """
-        tried: list[Worker] = []
-        candidates: list[BasicWorker] = self.workers
-        error: Response | None = None
-        for _ in range(self.max_retries + 1):
+        while True:
+            candidates = [w for w in self.workers if w not in tried] if tried else self.workers
             try:
                 lease = acquire(self.policy, candidates, text)
             except NoHealthyWorkerError as exc:
@@ -637,17 +659,14 @@ class Gateway:
                 timeout = isinstance(exc, asyncio.TimeoutError)
                 status, kind = (504, "upstream_timeout") if timeout else (502, "upstream_error")
                 error = _error(status, kind, f"engine {worker.url}: {exc!r}")
-                if not self._send_failed(worker, exc):
-                    return error
                 tried.append(worker)
-                candidates = [w for w in self.workers if w not in tried]
+                if not self._send_failed(worker, exc) or len(tried) > self.max_retries:
+                    return error
                 continue
             except BaseException:
                 lease.release(success=False)
                 raise
             return lease, upstream
-        assert error is not None
-        return error
 
     def _send_failed(self, worker: Worker, exc: BaseException) -> bool:
         """Record a failure to get response headers; return whether to try another engine."""
@@ -699,14 +718,19 @@ class Gateway:
         return _error(502, "upstream_error", f"engine {worker.url} returned {status}: {detail}")
 
     def _failed(self, lease: Lease, exc: BaseException, what: str) -> Response:
-        """Release and count a failure before anything reached the client: a JSON error."""
+        """Release and count a failure before anything reached the client.
+
+        A timeout is a 504 JSON error (the engine may still be working: not retried).
+        Any other failure raises :class:`_Retry` with a 502 JSON error: the engine is gone
+        or broke the answer, nothing reached the client, so another engine may serve it.
+        """
         worker = lease.worker
         lease.release(success=False)
         if isinstance(exc, _TIMEOUTS):
             self.record(worker, "timeout", repr(exc))
             return _error(504, "upstream_timeout", f"engine {worker.url} timed out {what}")
         self.record(worker, "error", repr(exc))
-        return _error(502, "upstream_error", f"engine {worker.url} failed {what}: {exc!r}")
+        raise _Retry(_error(502, "upstream_error", f"engine {worker.url} failed {what}: {exc!r}"))
 
     async def _relay_whole(
         self, lease: Lease, upstream: aiohttp.ClientResponse, deadline: float

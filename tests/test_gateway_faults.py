@@ -319,3 +319,27 @@ def test_retry_with_no_engine_left_is_the_error(
     _assert_openai_error(r.json(), 502, "upstream_error")
     assert broken.posts == 1  # not the same engine three times
     assert gw.loads() == [0]
+
+
+def test_engine_failing_before_the_first_event_is_retried_elsewhere(
+    tmp_path: Path,
+    scripted: Callable[..., ScriptedEngine],
+    gateway: Callable[..., GatewayThread],
+) -> None:
+    # Nothing reached the client, and the engine is not working on it any more (the
+    # connection is gone): another engine may serve it.
+    broken = scripted(_sse_cut_before_any_event)
+    good = Engine("good", tmp_path)
+    try:
+        good.wait_ready()
+        gw = gateway([broken.url, good.url], _cache_aware(), max_retries=2)
+        status, ctype, raw = _stream(gw.url + "/v1/completions",
+                                     {"prompt": "q" * 400, "stream": True})  # fmt: skip
+        assert status == 200 and ctype.startswith("text/event-stream"), raw
+        events = _sse_events(raw)
+        assert events[-1] == "[DONE]" and all("error" not in e for e in events), events
+        assert broken.posts == 1 and good.stats()["requests"] == 1
+        assert gw.gateway.stats()["requests"]["retries"] == 1
+        assert gw.loads() == [0, 0]
+    finally:
+        good.stop()
