@@ -1,4 +1,4 @@
-"""An OpenAI-compatible streaming gateway that routes with cacheroute (Starlette + httpx).
+"""An OpenAI-compatible streaming gateway that routes with cacheroute (Starlette + aiohttp).
 
 It proxies ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streaming SSE and
 plain JSON) to a pool of engines (SGLang, vLLM, or ``fake_engine.py``), choosing the engine
@@ -11,14 +11,17 @@ for each request with any registered cacheroute policy:
 * **Routing text.** Completions route on the prompt (text or token ids); chat requests
   route on the whole conversation (tools, then every message in order), so turn ``k+1``
   of a conversation extends turn ``k`` and lands where its KV cache is.
+* **Bodies untouched.** The request body is forwarded byte for byte (it is parsed only to
+  find the routing text), and the engine's answer is relayed as it came.
 * **Health.** An engine is marked unhealthy when it refuses connections, after
   ``max_failures`` consecutive failed requests, or when a health check fails; it is used
-  again as soon as a health check passes.
-* **Clear errors, never hangs.** No healthy engine: 503. Engine failure or bad gateway
-  status before the response started: 502 (after retrying other engines when the request
-  cannot have reached the engine), timeout: 504, all with an OpenAI-style JSON error body.
-  A failure after streaming started ends the stream with a ``data: {"error": ...}`` event
-  instead of ``data: [DONE]``.
+  again as soon as a health check passes (every ``health_check_interval`` seconds).
+* **Clear errors, never hangs.** Bad request body: 400. No healthy engine: 503. Engine
+  failure or bad gateway status before the answer started: 502 (after retrying *other*
+  engines when the request cannot have reached the engine), timeout: 504, all with an
+  OpenAI-style JSON error body. A stream's status is sent only with its first whole event,
+  so a failure before it is still a clean JSON error; a failure after it ends the stream
+  with a ``data: {"error": ...}`` event of its own instead of ``data: [DONE]``.
 * ``GET /stats``: per-engine health, load, processed and outcome counters.
 
 Run it::
@@ -34,19 +37,18 @@ import argparse
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import anyio
-import httpx
+import aiohttp
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from cacheroute import (
     BasicWorker,
@@ -62,12 +64,14 @@ from cacheroute.worker import Worker
 __all__ = [
     "DEFAULT_POLICY",
     "FALLBACK_POLICY",
+    "BadRequest",
     "Gateway",
     "build_parser",
     "chat_routing_text",
     "create_app",
     "default_policy_name",
     "main",
+    "parse_request",
     "routing_text",
 ]
 
@@ -95,11 +99,24 @@ _HOP_BY_HOP = frozenset(
         "accept-encoding",
     }
 )
+_HOP_BY_HOP_BYTES = frozenset(h.encode() for h in _HOP_BY_HOP)
+_NOT_RELAYED = _HOP_BY_HOP | {"date", "server"}  # our own server sets date and server
+
+TOKEN_ID_LIMIT = 2**64
+"""Token ids must be integers in ``[0, 2**64)`` (what the routing tree can hold)."""
 
 RoutingText = str | list[int] | None
 
 
 # --------------------------------------------------------------------------- routing text
+
+
+class BadRequest(ValueError):
+    """A request body the gateway refuses (400), naming the offending parameter."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
 
 
 def _content_text(content: Any) -> str:
@@ -139,12 +156,28 @@ def chat_routing_text(body: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _token_ids(ids: Sequence[Any], where: str) -> list[int] | None:
+    """``ids`` as token ids, ``None`` if they are not all ints; :class:`BadRequest` if any
+    int is out of range."""
+    if not all(type(t) is int for t in ids):
+        return None
+    for i, t in enumerate(ids):
+        if not 0 <= t < TOKEN_ID_LIMIT:
+            raise BadRequest(
+                f"token ids must be integers in [0, 2**64); {where}[{i}] is {t}", "prompt"
+            )
+    return list(ids)
+
+
 def routing_text(path: str, body: Mapping[str, Any]) -> RoutingText:
     """What the policy routes on for a request to ``path`` with JSON ``body``.
 
     Completions: the prompt, as text or token ids (a batch of prompts is joined, since
     the batch goes to one engine). Chat: :func:`chat_routing_text`. ``None`` when there
     is nothing to route on (the engine will reject such a request anyway).
+
+    Raises:
+        BadRequest: token ids out of ``[0, 2**64)``.
     """
     if path.endswith("/chat/completions"):
         return chat_routing_text(body) or None
@@ -154,13 +187,46 @@ def routing_text(path: str, body: Mapping[str, Any]) -> RoutingText:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return "\n".join(prompt) or None
-        if all(type(t) is int and t >= 0 for t in prompt):
-            return list(prompt)
-        if all(isinstance(p, list) for p in prompt):
-            ids = [t for p in prompt for t in p]
-            if all(type(t) is int and t >= 0 for t in ids):
-                return ids or None
+        if all(isinstance(p, list) for p in prompt):  # a batch of token-id prompts
+            ids: list[int] = []
+            for k, p in enumerate(prompt):
+                part = _token_ids(p, f"prompt[{k}]")
+                if part is None:
+                    return None
+                ids += part
+            return ids or None
+        return _token_ids(prompt, "prompt")
     return None
+
+
+def parse_request(
+    path: str, raw: bytes, *, route: bool = True
+) -> tuple[dict[str, Any], RoutingText]:
+    """The JSON body of a request and its routing text (``None`` unless ``route``).
+
+    Token ids are checked whether or not ``route`` is set, so every policy refuses the same
+    bodies.
+
+    Raises:
+        BadRequest: the body is not a JSON object, is nested too deeply to parse, or holds
+            out-of-range token ids.
+    """
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    except ValueError as exc:  # bad JSON, bad UTF-8, an int of more than 4,300 digits
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        if route:
+            return body, routing_text(path, body)
+        if not path.endswith("/chat/completions"):
+            routing_text(path, {"prompt": body.get("prompt")})  # the token-id check only
+    except RecursionError:  # JSON that parses but is too deep to walk again
+        raise BadRequest("request body is nested too deeply") from None
+    return body, None
 
 
 # --------------------------------------------------------------------------- the gateway
@@ -171,16 +237,20 @@ def default_policy_name() -> str:
     return DEFAULT_POLICY if DEFAULT_POLICY in available_policies() else FALLBACK_POLICY
 
 
-def _error(status: int, kind: str, message: str) -> JSONResponse:
-    """An OpenAI-style error response."""
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "code": status}}, status_code=status
+def _error_body(status: int, kind: str, message: str, param: str | None = None) -> bytes:
+    error = {"message": message, "type": kind, "param": param, "code": status}
+    return json.dumps({"error": error}).encode()
+
+
+def _error(status: int, kind: str, message: str, param: str | None = None) -> Response:
+    """An OpenAI-style error response (``code`` is the HTTP status, as vLLM does)."""
+    return Response(
+        _error_body(status, kind, message, param), status, media_type="application/json"
     )
 
 
 def _sse_error(status: int, kind: str, message: str) -> bytes:
-    payload = {"error": {"message": message, "type": kind, "code": status}}
-    return f"data: {json.dumps(payload)}\n\n".encode()
+    return b"data: " + _error_body(status, kind, message) + b"\n\n"
 
 
 def _last_event_end(buf: bytes) -> int:
@@ -192,6 +262,56 @@ def _last_event_end(buf: bytes) -> int:
 
 class _DeadlineExceeded(Exception):
     pass
+
+
+class _Retry(Exception):
+    """The engine failed before a byte reached the client: try another (or answer this)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__()
+        self.response = response
+
+
+_TIMEOUTS = (asyncio.TimeoutError, _DeadlineExceeded)  # aiohttp's timeouts subclass the first
+_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, _DeadlineExceeded)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request body, or ``None`` if the client left before sending all of it."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class _ClientWatch:
+    """Waits for the client to disconnect and then calls ``on_gone`` (once).
+
+    One small task per streaming request: it is how a stream notices a client that left
+    while the engine is silent (during prefill, or between tokens).
+    """
+
+    __slots__ = ("_task", "gone", "on_gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self.on_gone: Callable[[], None] | None = None
+        self._task = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        message: Message = await receive()
+        while message["type"] != "http.disconnect":
+            message = await receive()
+        self.gone = True
+        if self.on_gone is not None:
+            self.on_gone()
+
+    def stop(self) -> None:
+        self._task.cancel()
 
 
 @dataclass
@@ -209,6 +329,8 @@ class WorkerStats:
 class Gateway:
     """The engines, the policy, the upstream client and the counters behind the app.
 
+    It is also the ASGI app of the proxied routes (``await gateway(scope, receive, send)``).
+
     Args:
         worker_urls: engine base URLs (``http://host:port``), all serving the same model.
         policy: a policy name (``None``: :func:`default_policy_name`) or a policy object
@@ -223,7 +345,8 @@ class Gateway:
         max_failures: consecutive failed requests that mark an engine unhealthy.
         max_retries: extra engines to try when a request could not reach its engine.
         max_connections: upstream connection pool size.
-        transport: an httpx transport, for tests.
+        keepalive_timeout: seconds an idle upstream connection is kept for reuse; keep it
+            below the engines' own keep-alive timeout (uvicorn's default is 5 s).
     """
 
     def __init__(
@@ -240,7 +363,7 @@ class Gateway:
         max_failures: int = 3,
         max_retries: int = 2,
         max_connections: int = 1024,
-        transport: httpx.AsyncBaseTransport | None = None,
+        keepalive_timeout: float = 4.0,
     ) -> None:
         urls = list(dict.fromkeys(u.rstrip("/") for u in worker_urls))
         if not urls:
@@ -262,6 +385,7 @@ class Gateway:
             self._owns_policy = True
         # Policies with per-worker state (cache_aware's tree tenants) learn the pool here.
         self.policy.sync_workers(self.workers)
+        self._route = bool(getattr(self.policy, "needs_request_text", True))
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.request_timeout = request_timeout
@@ -270,7 +394,7 @@ class Gateway:
         self.max_failures = max_failures
         self.max_retries = max_retries
         self.max_connections = max_connections
-        self._transport = transport
+        self.keepalive_timeout = keepalive_timeout
         self.counters = dict.fromkeys(
             (
                 "requests",
@@ -284,7 +408,7 @@ class Gateway:
             ),
             0,
         )
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._recheck: asyncio.Task[None] | None = None
         self._last_recheck = float("-inf")
 
@@ -293,17 +417,23 @@ class Gateway:
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         """Open the upstream client, check health once, run the health loop, clean up."""
-        limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=64)
-        timeout = httpx.Timeout(
-            connect=self.connect_timeout,
-            read=min(self.read_timeout, self.request_timeout),
-            write=self.connect_timeout,
-            pool=self.connect_timeout,
+        connector = aiohttp.TCPConnector(
+            limit=self.max_connections, keepalive_timeout=self.keepalive_timeout
         )
-        async with httpx.AsyncClient(
-            timeout=timeout, limits=limits, transport=self._transport
-        ) as client:
-            self._client = client
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self.connect_timeout,
+            sock_read=min(self.read_timeout, self.request_timeout),
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,  # relay bytes as they are
+            # Send the client's headers only: none of aiohttp's own defaults.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+        async with session:
+            self._session = session
             await self.check_health()  # so engines that are down never get a request
             task = (
                 asyncio.create_task(self._health_loop()) if self.health_check_interval > 0 else None
@@ -317,13 +447,13 @@ class Gateway:
                         await task
                 if self._owns_policy:
                     self.policy.close()
-                self._client = None
+                self._session = None
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
             raise RuntimeError("the gateway is not running (use it inside the app lifespan)")
-        return self._client
+        return self._session
 
     # -- health -------------------------------------------------------------------------
 
@@ -336,12 +466,14 @@ class Gateway:
 
     async def check_health(self) -> None:
         """One round of ``GET /health`` on every engine, concurrently."""
+        timeout = aiohttp.ClientTimeout(total=self.health_check_timeout)
 
         async def check(worker: BasicWorker) -> None:
             try:
-                r = await self.client.get(worker.url + "/health", timeout=self.health_check_timeout)
-                ok, why = r.status_code == 200, f"health check: HTTP {r.status_code}"
-            except httpx.HTTPError as exc:
+                async with self.session.get(worker.url + "/health", timeout=timeout) as r:
+                    await r.read()
+                    ok, why = r.status == 200, f"health check: HTTP {r.status}"
+            except _UPSTREAM_ERRORS as exc:
                 ok, why = False, f"health check: {type(exc).__name__}"
             if not ok:
                 self.worker_stats[worker.url].health_checks_failed += 1
@@ -415,103 +547,167 @@ class Gateway:
 
     # -- proxying -----------------------------------------------------------------------
 
-    async def proxy(self, request: Request) -> Response:
-        """Route one completions or chat request to an engine and relay its response."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app of ``/v1/completions`` and ``/v1/chat/completions``."""
+        response = await self.proxy(scope, receive)
+        await response(scope, receive, send)
+
+    async def proxy(self, scope: Scope, receive: Receive) -> Response | _LeasedStream:
+        """Route one completions or chat request to an engine; the response relays it."""
         self.counters["requests"] += 1
-        raw = await request.body()
+        raw = await _read_body(receive)
+        if raw is None:  # the client left before its request was complete
+            self.counters["client_disconnects"] += 1
+            return Response(status_code=499)
+        path = scope["path"]
         try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
+            body, text = parse_request(path, raw, route=self._route)
+        except BadRequest as exc:
             self.counters["bad_requests"] += 1
-            return _error(400, "invalid_request_error", "request body must be a JSON object")
-        text = routing_text(request.url.path, body)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers["accept-encoding"] = "identity"  # relay bytes as they are
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return _error(400, "invalid_request_error", exc.message, exc.param)
+        query = scope.get("query_string", b"")
+        if query:
+            path += "?" + query.decode("latin-1")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k not in _HOP_BY_HOP_BYTES
+        ]
+        headers.append(("accept-encoding", "identity"))  # relay bytes as they are
+        stream = bool(body.get("stream"))
         deadline = asyncio.get_running_loop().time() + self.request_timeout
 
-        for attempt in range(self.max_retries + 1):
+        # A stream notices a client that leaves at once, even while the engine is silent.
+        watch = _ClientWatch(receive) if stream else None
+        response: Response | _LeasedStream | None = None
+        tried: list[Worker] = []  # engines that failed this request, in order
+        try:
+            while True:
+                sent = await self._send(path, raw, headers, text, tried, response)
+                if isinstance(sent, Response):
+                    return sent
+                lease, upstream = sent
+                if watch is not None:
+                    watch.on_gone = upstream.close  # the relay then stops at once
+                    if watch.gone:
+                        upstream.close()
+                # From here the lease and the open upstream response have one owner at a time.
+                try:
+                    if upstream.status >= 400:
+                        response = await self._relay_error(lease, upstream, deadline)
+                        return response
+                    ctype = upstream.headers.get("content-type", "")
+                    if watch is None or not ctype.startswith("text/event-stream"):
+                        # Not a stream (whatever was asked for): relayed whole.
+                        response = await self._relay_whole(lease, upstream, deadline)
+                        return response
+                    response = await self._start_stream(lease, upstream, deadline, watch)
+                    return response
+                except _Retry as retry:  # cut before anything reached the client
+                    response = retry.response
+                    tried.append(lease.worker)
+                    if len(tried) > self.max_retries or (watch is not None and watch.gone):
+                        return response
+                except BaseException:
+                    lease.release(success=False)
+                    upstream.close()
+                    raise
+        finally:
+            if watch is not None and not isinstance(response, _LeasedStream):
+                watch.stop()  # no stream to watch over: the stream owns the watch otherwise
+
+    async def _send(
+        self,
+        path: str,
+        raw: bytes,
+        headers: list[tuple[str, str]],
+        text: RoutingText,
+        tried: list[Worker],
+        error: Response | None,
+    ) -> tuple[Lease, aiohttp.ClientResponse] | Response:
+        """Take a lease and send the request; (lease, response with headers) or an error.
+
+        A request that cannot have reached its engine (or whose engine failed before a
+        byte reached the client: ``error`` is then that failure) is retried on the engines
+        not in ``tried`` (the policy chooses among those only), ``max_retries`` times at
+        most in all; with no engine left, the last error stands.
+        """
+        while True:
+            candidates = [w for w in self.workers if w not in tried] if tried else self.workers
             try:
-                lease = acquire(self.policy, self.workers, text)
-            except NoHealthyWorkerError:
+                lease = acquire(self.policy, candidates, text)
+            except NoHealthyWorkerError as exc:
+                if error is not None:  # no other engine to try
+                    return error
                 await self.recheck_health()
                 try:
-                    lease = acquire(self.policy, self.workers, text)
-                except NoHealthyWorkerError as exc:
+                    lease = acquire(self.policy, candidates, text)
+                except NoHealthyWorkerError:
                     self.counters["no_healthy_worker"] += 1
                     return _error(503, "no_healthy_worker", str(exc))
-            self.worker_stats[lease.worker.url].routed += 1
+            if error is not None:
+                self.counters["retries"] += 1
+            worker = lease.worker
+            self.worker_stats[worker.url].routed += 1
             try:
-                upstream = await self.client.send(
-                    self.client.build_request(
-                        "POST", lease.worker.url + path, content=raw, headers=headers
-                    ),
-                    stream=True,
+                upstream = await self.session.request(
+                    "POST", worker.url + path, data=raw, headers=headers
                 )
-            except httpx.TransportError as exc:
+            except _UPSTREAM_ERRORS as exc:
                 # Nothing has reached the client yet, so another engine may still serve it.
                 lease.release(success=False)
-                retry = self._send_failed(lease.worker, exc)
-                if retry and attempt < self.max_retries:
-                    self.counters["retries"] += 1
-                    continue
-                if isinstance(exc, httpx.TimeoutException):
-                    return _error(504, "upstream_timeout", f"engine {lease.worker.url}: {exc!r}")
-                return _error(502, "upstream_error", f"engine {lease.worker.url}: {exc!r}")
+                timeout = isinstance(exc, asyncio.TimeoutError)
+                status, kind = (504, "upstream_timeout") if timeout else (502, "upstream_error")
+                error = _error(status, kind, f"engine {worker.url}: {exc!r}")
+                tried.append(worker)
+                if not self._send_failed(worker, exc) or len(tried) > self.max_retries:
+                    return error
+                continue
             except BaseException:
                 lease.release(success=False)
                 raise
-            break
-        else:  # pragma: no cover - the loop always returns or breaks
-            raise AssertionError
+            return lease, upstream
 
-        # From here the lease and the open upstream response belong to one owner at a time.
-        try:
-            if upstream.status_code >= 400:
-                return await self._relay_error(lease, upstream, deadline)
-            if not body.get("stream"):
-                return await self._relay_whole(lease, upstream, deadline)
-        except BaseException:
-            lease.release(success=False)
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
-            raise
-        return _LeasedStream(self, lease, upstream, deadline)
-
-    def _send_failed(self, worker: Worker, exc: httpx.TransportError) -> bool:
+    def _send_failed(self, worker: Worker, exc: BaseException) -> bool:
         """Record a failure to get response headers; return whether to try another engine."""
-        if isinstance(exc, httpx.PoolTimeout):  # our pool is full: not the engine's fault
-            self.counters["timeouts"] += 1
-            return False
-        if isinstance(exc, httpx.ConnectError):  # nobody listening: down for sure
+        if isinstance(exc, aiohttp.ClientConnectorError):  # nobody listening: down for sure
             self._set_health(self._by_url[worker.url], False, f"connect failed: {exc!r}")
-        self.record(worker, "timeout" if isinstance(exc, httpx.TimeoutException) else "error",
-                    repr(exc))  # fmt: skip
+        timeout = isinstance(exc, asyncio.TimeoutError)
+        self.record(worker, "timeout" if timeout else "error", repr(exc))
         # A read timeout may mean the engine is working on it: do not run it twice.
-        return not isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout))
+        return not timeout or isinstance(exc, aiohttp.ConnectionTimeoutError)
 
-    async def _read_all(self, upstream: httpx.Response, deadline: float) -> bytes:
-        loop = asyncio.get_running_loop()
-        chunks = []
-        async for chunk in upstream.aiter_raw():
-            chunks.append(chunk)
-            if loop.time() > deadline:
-                raise _DeadlineExceeded
-        return b"".join(chunks)
+    async def _read(self, upstream: aiohttp.ClientResponse, deadline: float) -> bytes:
+        """The next bytes of the engine's answer (``b""`` at its end)."""
+        chunk = await upstream.content.readany()
+        if chunk and asyncio.get_running_loop().time() > deadline:
+            raise _DeadlineExceeded
+        return chunk
+
+    async def _first_bytes(
+        self, lease: Lease, upstream: aiohttp.ClientResponse, deadline: float
+    ) -> bytes:
+        """The first bytes of a successful answer, streamed or whole.
+
+        **The first upstream byte arrives here and nowhere else** (for a stream, it is the
+        time to first token): whatever must happen at that moment goes in this method.
+        """
+        return await self._read(upstream, deadline)
 
     async def _relay_error(
-        self, lease: Lease, upstream: httpx.Response, deadline: float
+        self, lease: Lease, upstream: aiohttp.ClientResponse, deadline: float
     ) -> Response:
         """An engine answered 4xx/5xx: 4xx is passed through, 5xx becomes a 502."""
-        status, worker = upstream.status_code, lease.worker
+        status, worker = upstream.status, lease.worker
+        chunks = []
         try:
-            content = await self._read_all(upstream, deadline)
-        except (httpx.HTTPError, _DeadlineExceeded):
-            content = b""
+            while chunk := await self._read(upstream, deadline):
+                chunks.append(chunk)
+        except _UPSTREAM_ERRORS:
+            pass
         finally:
-            await upstream.aclose()
+            upstream.close()
+        content = b"".join(chunks)
         if status < 500:  # the request's fault, not the engine's
             lease.release(success=True)
             self.record(worker, "rejected")
@@ -521,97 +717,155 @@ class Gateway:
         self.record(worker, "error", f"HTTP {status}")
         return _error(502, "upstream_error", f"engine {worker.url} returned {status}: {detail}")
 
-    async def _relay_whole(
-        self, lease: Lease, upstream: httpx.Response, deadline: float
-    ) -> Response:
+    def _failed(self, lease: Lease, exc: BaseException, what: str) -> Response:
+        """Release and count a failure before anything reached the client.
+
+        A timeout is a 504 JSON error (the engine may still be working: not retried).
+        Any other failure raises :class:`_Retry` with a 502 JSON error: the engine is gone
+        or broke the answer, nothing reached the client, so another engine may serve it.
+        """
         worker = lease.worker
-        try:
-            content = await self._read_all(upstream, deadline)
-        except (httpx.TimeoutException, _DeadlineExceeded) as exc:
-            lease.release(success=False)
+        lease.release(success=False)
+        if isinstance(exc, _TIMEOUTS):
             self.record(worker, "timeout", repr(exc))
-            return _error(504, "upstream_timeout", f"engine {worker.url} timed out")
-        except httpx.TransportError as exc:
-            lease.release(success=False)
-            self.record(worker, "error", repr(exc))
-            return _error(502, "upstream_error", f"engine {worker.url} failed: {exc!r}")
-        finally:
-            await upstream.aclose()
+            return _error(504, "upstream_timeout", f"engine {worker.url} timed out {what}")
+        self.record(worker, "error", repr(exc))
+        raise _Retry(_error(502, "upstream_error", f"engine {worker.url} failed {what}: {exc!r}"))
+
+    async def _relay_whole(
+        self, lease: Lease, upstream: aiohttp.ClientResponse, deadline: float
+    ) -> Response:
+        """Read the whole answer, then relay it; a cut answer is a clean 502 (or 504)."""
+        try:
+            chunks = [await self._first_bytes(lease, upstream, deadline)]
+            while chunks[-1]:
+                chunks.append(await self._read(upstream, deadline))
+        except _UPSTREAM_ERRORS as exc:
+            upstream.close()
+            return self._failed(lease, exc, "before its answer was complete")
+        upstream.release()  # read to the end: the connection goes back to the pool
         lease.release(success=True)
-        self.record(worker, "completed")
-        return Response(content, upstream.status_code, headers=_response_headers(upstream, worker))
+        self.record(lease.worker, "completed")
+        headers = _response_headers(upstream, lease.worker)
+        return Response(b"".join(chunks), upstream.status, headers=headers)
+
+    async def _start_stream(
+        self,
+        lease: Lease,
+        upstream: aiohttp.ClientResponse,
+        deadline: float,
+        watch: _ClientWatch,
+    ) -> Response | _LeasedStream:
+        """Read up to the first whole SSE event; only then is the stream's 200 committed."""
+        try:
+            head = await self._first_bytes(lease, upstream, deadline)
+            while head and not _last_event_end(head):
+                chunk = await self._read(upstream, deadline)
+                if not chunk:
+                    break
+                head += chunk
+        except _UPSTREAM_ERRORS as exc:
+            upstream.close()
+            if watch.gone:
+                lease.release(success=False)
+                self.record(lease.worker, "client_disconnect")
+                return Response(status_code=499)
+            return self._failed(lease, exc, "before its first event")
+        return _LeasedStream(self, lease, upstream, head, deadline, watch)
 
 
-def _response_headers(upstream: httpx.Response, worker: Worker) -> dict[str, str]:
-    # date and server are set by our own server; forwarding them would duplicate them.
-    headers = {
-        k: v
-        for k, v in upstream.headers.items()
-        if k.lower() not in _HOP_BY_HOP and k.lower() not in ("date", "server")
-    }
+def _response_headers(upstream: aiohttp.ClientResponse, worker: Worker) -> dict[str, str]:
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _NOT_RELAYED}
     headers["x-cacheroute-worker"] = worker.url
     return headers
 
 
-class _LeasedStream(StreamingResponse):
-    """Relays an engine's stream to the client and owns the request's lease until it ends.
+class _LeasedStream:
+    """Relays an engine's SSE stream to the client and owns the request's lease until it ends.
 
-    The lease is released in :meth:`__call__`'s ``finally``, which runs however the
-    response ends: the last byte sent, the engine failing, a timeout, or the client going
-    away (Starlette then cancels the relay, or the server raises on send).
+    An ASGI response of its own (no task group per stream). The lease is released in
+    :meth:`__call__`'s ``finally``, which runs however the response ends: the last byte
+    relayed, the engine failing, a timeout, the client going away (the watch then closes
+    the upstream response, which ends the relay at once), or the task being cancelled.
+    Only whole events are forwarded, so an error event never lands mid-line.
     """
 
     def __init__(
-        self, gateway: Gateway, lease: Lease, upstream: httpx.Response, deadline: float
+        self,
+        gateway: Gateway,
+        lease: Lease,
+        upstream: aiohttp.ClientResponse,
+        head: bytes,
+        deadline: float,
+        watch: _ClientWatch,
     ) -> None:
         self._gateway = gateway
         self._lease = lease
         self._upstream = upstream
-        self._outcome = "client_disconnect"  # unless the relay ends by itself
-        self._detail = ""
-        sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
-        self._relay_gen = self._relay(deadline, sse)
-        headers = _response_headers(upstream, lease.worker)
-        headers.setdefault("cache-control", "no-cache")
-        super().__init__(self._relay_gen, status_code=upstream.status_code, headers=headers)
-
-    async def _relay(self, deadline: float, sse: bool) -> AsyncGenerator[bytes, None]:
-        loop = asyncio.get_running_loop()
-        url = self._lease.worker.url
-        pending = b""
-        try:
-            async for chunk in self._upstream.aiter_raw():
-                if sse:  # forward whole events only, so an error event never lands mid-line
-                    pending += chunk
-                    end = _last_event_end(pending)
-                    if end:
-                        yield pending[:end]
-                        pending = pending[end:]
-                elif chunk:
-                    yield chunk
-                if loop.time() > deadline:
-                    raise _DeadlineExceeded
-            if pending:
-                yield pending
-            self._outcome = "completed"
-        except (httpx.TimeoutException, _DeadlineExceeded) as exc:
-            self._outcome, self._detail = "timeout", repr(exc)
-            yield _sse_error(504, "upstream_timeout", f"engine {url} timed out mid-stream")
-        except httpx.TransportError as exc:
-            self._outcome, self._detail = "error", repr(exc)
-            yield _sse_error(502, "upstream_error", f"engine {url} failed mid-stream: {exc!r}")
+        self._head = head
+        self._deadline = deadline
+        self._watch = watch
+        headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in upstream.headers.items()
+            if k.lower() not in _NOT_RELAYED
+        ]
+        if not any(k == b"cache-control" for k, _ in headers):
+            headers.append((b"cache-control", b"no-cache"))
+        headers.append((b"x-cacheroute-worker", lease.worker.url.encode("latin-1")))
+        self.status_code = upstream.status
+        self.raw_headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway, lease, upstream, watch = self._gateway, self._lease, self._upstream, self._watch
+        outcome, detail, tail = "client_disconnect", "", b""
         try:
-            await super().__call__(scope, receive, send)
+            await send(
+                {"type": "http.response.start", "status": self.status_code,
+                 "headers": self.raw_headers}
+            )  # fmt: skip
+            pending = self._head
+            try:
+                while True:
+                    end = _last_event_end(pending)
+                    if end == len(pending):
+                        await send({"type": "http.response.body", "body": pending,
+                                    "more_body": True})  # fmt: skip
+                        pending = b""
+                    elif end:
+                        await send({"type": "http.response.body", "body": pending[:end],
+                                    "more_body": True})  # fmt: skip
+                        pending = pending[end:]
+                    chunk = await gateway._read(upstream, self._deadline)
+                    if not chunk:
+                        break
+                    pending += chunk
+                outcome, tail = "completed", pending  # an unterminated last event, as sent
+            except _TIMEOUTS as exc:
+                if not watch.gone:
+                    outcome, detail = "timeout", repr(exc)
+                    url = lease.worker.url
+                    tail = _sse_error(504, "upstream_timeout", f"engine {url} timed out mid-stream")
+            except aiohttp.ClientError as exc:
+                if not watch.gone:
+                    outcome, detail = "error", repr(exc)
+                    tail = _sse_error(
+                        502, "upstream_error",
+                        f"engine {lease.worker.url} failed mid-stream: {exc!r}",
+                    )  # fmt: skip
         finally:
             # Release first and synchronously: nothing below can stop the load coming back.
-            self._lease.release(success=self._outcome == "completed")
-            self._gateway.record(self._lease.worker, self._outcome, self._detail)
-            # Closing the upstream connection is how the engine learns to stop generating.
-            with anyio.CancelScope(shield=True):
-                await self._relay_gen.aclose()
-                await self._upstream.aclose()
+            watch.stop()
+            lease.release(success=outcome == "completed")
+            gateway.record(lease.worker, outcome, detail)
+            # Closing the upstream connection is how the engine learns to stop generating;
+            # a stream read to its end goes back to the pool.
+            if outcome == "completed":
+                upstream.release()
+            else:
+                upstream.close()
+        if outcome != "client_disconnect":
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 # --------------------------------------------------------------------------- the app
@@ -628,9 +882,6 @@ def create_app(
     """
     gateway = Gateway(worker_urls, policy, **options)
 
-    async def proxy(request: Request) -> Response:
-        return await gateway.proxy(request)
-
     async def stats(request: Request) -> Response:
         return JSONResponse(gateway.stats())
 
@@ -646,16 +897,17 @@ def create_app(
         for worker in gateway.workers:
             if worker.is_healthy():
                 try:
-                    r = await gateway.client.get(worker.url + "/v1/models")
-                except httpx.HTTPError:
+                    async with gateway.session.get(worker.url + "/v1/models") as r:
+                        content, status = await r.read(), r.status
+                except _UPSTREAM_ERRORS:
                     continue
-                return Response(r.content, r.status_code, media_type="application/json")
+                return Response(content, status, media_type="application/json")
         return _error(503, "no_healthy_worker", "no healthy engine to list models")
 
     app = Starlette(
         routes=[
-            Route("/v1/completions", proxy, methods=["POST"]),
-            Route("/v1/chat/completions", proxy, methods=["POST"]),
+            Route("/v1/completions", gateway, methods=["POST"]),
+            Route("/v1/chat/completions", gateway, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/stats", stats, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
@@ -701,6 +953,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive failed requests that mark an engine unhealthy")  # fmt: skip
     p.add_argument("--max-retries", type=int, default=2,
                    help="engines to try next when a request could not reach one")  # fmt: skip
+    p.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"),
+                   help="event loop (auto: uvloop when installed)")  # fmt: skip
+    p.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"),
+                   help="HTTP parser of the server (auto: httptools when installed)")  # fmt: skip
     p.add_argument("--log-level", default="info")
     return p
 
@@ -711,7 +967,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     app = create_app(
         args.worker,
         args.policy,
@@ -726,7 +981,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     gateway: Gateway = app.state.gateway
     log.info("routing with %r over %s", gateway.policy.name, [w.url for w in gateway.workers])
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        loop=args.loop,
+        http=args.http,
+        access_log=False,  # a line per request costs more CPU than the routing
+    )
 
 
 if __name__ == "__main__":

@@ -497,21 +497,28 @@ def test_engine_comes_back_after_health_check_recovers(tmp_path: Path) -> None:
 
 
 def test_no_healthy_engine_is_a_503_and_timeouts_end_the_stream(tmp_path: Path) -> None:
-    # A slow engine: 2,000 uncached tokens of prefill at 2 ms each is a 4 s first token.
-    slow = Engine("slow", tmp_path, "--prefill-ms-per-token", "2")
+    # A slow engine: 2,000 uncached tokens of prefill at 2 ms each is a 4 s first token,
+    # and 1.5 s between tokens.
+    slow = Engine("slow", tmp_path, "--prefill-ms-per-token", "2", "--decode-ms-per-token", "1500")
     gw: GatewayThread | None = None
     try:
         slow.wait_ready()
         gw = GatewayThread(
             [slow.url], "round_robin", read_timeout=0.5, request_timeout=5.0,
-            health_check_interval=0.2, max_failures=1,
+            health_check_interval=0.2, max_failures=2,
         )  # fmt: skip
         gw.start()
+        # Silence before the first event: nothing was sent yet, so a clean 504 JSON error.
         body = {"prompt": "y" * 8000, "stream": True, "max_tokens": 4}
+        r0 = httpx.post(gw.url + "/v1/completions", json=body, timeout=10.0)
+        assert r0.status_code == 504 and r0.json()["error"]["type"] == "upstream_timeout"
+        # Silence after the first event: the stream ends with an error event of its own.
+        body = {"prompt": "short", "stream": True, "max_tokens": 4}
         with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=10.0) as r:
-            assert r.status_code == 200  # the engine sent its headers at once
+            assert r.status_code == 200
             lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert len(lines) == 1 and json.loads(lines[0][6:])["error"]["code"] == 504, lines
+        assert len(lines) == 2 and json.loads(lines[1][6:])["error"]["code"] == 504, lines
+        assert "choices" in json.loads(lines[0][6:])
         _wait_until(lambda: gw.loads() == [0], 10.0, "load back to 0")
         slow.stop()
         _wait_until(lambda: not gw.gateway.workers[0].is_healthy(), 10.0, "engine marked down")
