@@ -691,8 +691,13 @@ class Gateway:
 
         **The first upstream byte arrives here and nowhere else** (for a stream, it is the
         time to first token): whatever must happen at that moment goes in this method.
+        The lease learns that prefill is over, so its work on the engine moves from
+        pending prefill to decode (what work-aware policies read).
         """
-        return await self._read(upstream, deadline)
+        chunk = await self._read(upstream, deadline)
+        if chunk:
+            lease.first_token()
+        return chunk
 
     async def _relay_error(
         self, lease: Lease, upstream: aiohttp.ClientResponse, deadline: float

@@ -212,3 +212,31 @@ def test_fake_engine_advertises_no_model_path() -> None:
         assert not any("path" in key or key == "root" for m in models["data"] for key in m)
     finally:
         engine.stop()
+
+
+def test_first_upstream_byte_moves_the_lease_from_prefill_to_decode(tmp_path: Path) -> None:
+    """The gateway reports the first token: work-aware policies see prefill end there."""
+    engine = Engine("engine-0", tmp_path)
+    gw: GatewayThread | None = None
+    try:
+        engine.wait_ready()
+        gw = GatewayThread([engine.url], _cache_aware())
+        gw.start()
+        worker = gw.gateway.workers[0]
+        body = {"prompt": "tokens " * 200, "stream": True, "max_tokens": 40}
+        with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=10.0) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            assert first != "data: [DONE]"
+            assert worker.load() == 1
+            assert worker.pending_prefill_tokens() == 0  # type: ignore[attr-defined]
+            assert worker.decode_tokens() > 0  # type: ignore[attr-defined]
+            for _ in lines:
+                pass
+        _wait_until(lambda: worker.load() == 0, 5.0, "the lease released")
+        assert worker.decode_tokens() == 0  # type: ignore[attr-defined]
+    finally:
+        if gw is not None:
+            gw.stop()
+        engine.stop()
