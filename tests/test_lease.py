@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import threading
 import warnings
 
 import pytest
 from conftest import build_workers
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cacheroute import (
     BasicWorker,
@@ -20,7 +16,6 @@ from cacheroute import (
     NoHealthyWorkerError,
     acquire,
     acquire_pair,
-    available_policies,
     make_policy,
 )
 from cacheroute.policies import LoadBalancingPolicy, ShortestQueuePolicy
@@ -178,112 +173,3 @@ def test_manual_decrement_then_release_is_a_caller_bug() -> None:
     assert workers[0].load() == 0 and not lease.released  # refused: nothing changed
     workers[0].increment_load()  # the caller repairs its bug
     assert lease.release() and workers[0].load() == 0
-
-
-@pytest.mark.parametrize("name", available_policies())
-def test_load_counted_for_every_policy(name: str) -> None:
-    # Seed 001 gated load tracking on the policy's name. Nothing here does.
-    workers = build_workers([0, 0, 0])
-    leases = [acquire(make_policy(name), workers, f"prompt {i}") for i in range(6)]
-    assert sum(w.load() for w in workers) == 6
-    for lease in leases:
-        lease.release()
-    assert [w.load() for w in workers] == [0, 0, 0]
-
-
-def test_threads_8_by_10000_end_at_zero() -> None:
-    workers = build_workers([0] * 4)
-    policy = make_policy("power_of_two", seed=1)
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def work(t: int) -> None:
-        barrier.wait()
-        try:
-            for k in range(10_000):
-                if k % 3 == 0:
-                    try:
-                        with acquire(policy, workers, "p"):
-                            raise Boom
-                    except Boom:
-                        pass
-                elif k % 3 == 1:
-                    lease = acquire(policy, workers)
-                    lease.release()
-                    lease.release()
-                else:
-                    with acquire(policy, workers) as lease:
-                        pass
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert [w.load() for w in workers] == [0, 0, 0, 0]
-    assert sum(w.processed() for w in workers) == 80_000  # one routing decision per lease
-
-
-class LeaseMachine(RuleBasedStateMachine):
-    """Any interleaving of acquire, release, exceptions and health flips keeps
-    every worker's load equal to its open leases."""
-
-    @initialize(n=st.integers(1, 5), name=st.sampled_from(available_policies()))
-    def setup(self, n: int, name: str) -> None:
-        self.workers = build_workers([0] * n)
-        self.policy = make_policy(name)
-        self.open: list[Lease] = []
-
-    @rule(text=st.one_of(st.none(), st.text(max_size=8)))
-    def open_lease(self, text: str | None) -> None:
-        any_healthy = any(w.is_healthy() for w in self.workers)
-        try:
-            lease = acquire(self.policy, self.workers, text)
-        except NoHealthyWorkerError:
-            assert not any_healthy
-            return
-        assert any_healthy and lease.worker.is_healthy()
-        self.open.append(lease)
-
-    @precondition(lambda self: self.open)
-    @rule(data=st.data(), success=st.booleans())
-    def release(self, data: st.DataObject, success: bool) -> None:
-        lease = self.open.pop(data.draw(st.integers(0, len(self.open) - 1)))
-        assert lease.release(success=success) is True
-        assert lease.release() is False
-
-    @rule()
-    def exception_inside_with(self) -> None:
-        if not any(w.is_healthy() for w in self.workers):
-            return
-        with pytest.raises(Boom), acquire(self.policy, self.workers, "q"):
-            raise Boom
-
-    @precondition(lambda self: self.open)
-    @rule(data=st.data())
-    def release_twice_via_with(self, data: st.DataObject) -> None:
-        lease = self.open.pop(data.draw(st.integers(0, len(self.open) - 1)))
-        with lease:
-            lease.release()
-
-    @rule(data=st.data())
-    def flip_health(self, data: st.DataObject) -> None:
-        w = self.workers[data.draw(st.integers(0, len(self.workers) - 1))]
-        w.set_healthy(not w.is_healthy())
-
-    @invariant()
-    def load_equals_open_leases(self) -> None:
-        for w in self.workers:
-            assert w.load() == sum(1 for lease in self.open if lease.worker is w)
-
-    def teardown(self) -> None:
-        for lease in self.open:
-            lease.release()
-        assert all(w.load() == 0 for w in self.workers)
-
-
-TestLeaseMachine = LeaseMachine.TestCase
-TestLeaseMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
