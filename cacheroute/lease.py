@@ -515,8 +515,8 @@ def acquire_pair(
     Arguments and errors as :func:`acquire`.
     """
     _check_policy(policy)
-    check_workers(prefill_workers)
-    check_workers(decode_workers)
+    check_workers(prefill_workers, "prefill_workers")
+    check_workers(decode_workers, "decode_workers")
     check_int("prompt_tokens", prompt_tokens, minimum=0, none_ok=True)
     pair = policy.decide_pair(prefill_workers, decode_workers, request_text)
     if pair is None:

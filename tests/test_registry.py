@@ -43,7 +43,7 @@ def test_builtins_registered_with_descriptions() -> None:
 def test_unknown_name_lists_known() -> None:
     with pytest.raises(ValueError, match=r"unknown policy 'nope'.*round_robin"):
         make_policy("nope")
-    with pytest.raises(ValueError, match="unknown policy 3"):
+    with pytest.raises(TypeError, match=r"^name must be a str, got 3 \(int\)"):
         make_policy(3)  # type: ignore[arg-type]
 
 

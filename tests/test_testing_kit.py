@@ -146,6 +146,10 @@ def test_checks_as_one_str_is_refused_not_split_into_letters() -> None:
         check_policy("round_robin", checks="select")
     with pytest.raises(TypeError, match=r"checks\[0\] must be one of"):
         check_policy("round_robin", checks=[1])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"checks must be None or a non-empty list"):
+        check_policy("round_robin", checks=[])  # would pass having checked nothing
+    with pytest.raises(TypeError, match=r"checks must be None or a list"):
+        check_policy("round_robin", checks={})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

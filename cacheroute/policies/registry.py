@@ -6,7 +6,7 @@ import inspect
 import threading
 from typing import Any
 
-from cacheroute._validation import check_bool
+from cacheroute._validation import check_bool, check_str
 from cacheroute.policies.base import LoadBalancingPolicy
 
 __all__ = [
@@ -59,13 +59,18 @@ def policy_class(name: str) -> type[LoadBalancingPolicy]:
     """The class registered as ``name`` (e.g. to inspect its parameters). O(1).
 
     Raises:
+        TypeError: ``name`` is not a ``str``.
         ValueError: ``name`` is not registered (the message lists the known names).
     """
+    check_str("name", name)
     with _lock:
-        cls = _registry.get(name) if isinstance(name, str) else None
+        cls = _registry.get(name)
         known = sorted(_registry)
     if cls is None:
-        raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(known)}")
+        raise ValueError(
+            f"unknown policy {name!r}: name must be one of the available policies: "
+            f"{', '.join(known)}"
+        )
     return cls
 
 

@@ -12,7 +12,7 @@ import functools
 import random
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import hypothesis
@@ -494,10 +494,12 @@ def _check_threads(
 def _check_checks(checks: Iterable[str] | None) -> tuple[str, ...]:
     if checks is None:
         return CHECKS
-    if isinstance(checks, (str, bytes)) or not isinstance(checks, Iterable):
+    if isinstance(checks, (str, bytes, Mapping)) or not isinstance(checks, Iterable):
         what = f"None or a list of check names ({', '.join(CHECKS)})"
         raise fail("checks", what, checks, TypeError)
     selected = tuple(checks)
+    if not selected:  # would pass having checked nothing
+        raise fail("checks", "None or a non-empty list of check names", checks)
     for i, name in enumerate(selected):
         check_choice(f"checks[{i}]", name, CHECKS)
     return selected
