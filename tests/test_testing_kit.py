@@ -404,6 +404,7 @@ def test_leak_on_failure_is_invisible_to_selection_checks() -> None:
     check_policy(LeaksOnFailure, max_examples=20, checks=["select", "pair"], settings=NO_DB)
 
 
+@pytest.mark.slow
 def test_failures_are_shrunk_and_the_reported_example_shows_the_fault() -> None:
     # What hypothesis guarantees, asserted exactly: the kit keeps the shrink phase and the
     # falsifying-example note, and the message describes a real counterexample (the chosen
