@@ -20,12 +20,6 @@ def test_ignores_load() -> None:
     assert {p.select_worker(workers) for _ in range(4)} == {0, 1}
 
 
-def test_none_when_no_healthy() -> None:
-    p = RoundRobinPolicy()
-    assert p.select_worker([]) is None
-    assert p.select_worker(build_workers([0, 0], healthy=[False, False])) is None
-
-
 def test_fair_under_threads() -> None:
     workers = build_workers([0] * 5)
     p = RoundRobinPolicy()

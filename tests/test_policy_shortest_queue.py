@@ -41,10 +41,6 @@ def test_open_leases_balance_load() -> None:
     assert [w.load() for w in workers] == [0, 0, 0]
 
 
-def test_none_when_no_healthy() -> None:
-    assert ShortestQueuePolicy().select_worker([]) is None
-
-
 @settings(max_examples=60, deadline=None)
 @given(spec=st.lists(st.tuples(st.integers(0, 30), st.booleans()), max_size=9))
 def test_is_the_least_loaded_healthy_lowest_index_first(spec: list[tuple[int, bool]]) -> None:

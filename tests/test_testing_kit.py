@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import Phase, given, settings
 
-from cacheroute import BasicWorker, LoadUnderflowError, WorkerType, make_policy
+from cacheroute import BasicWorker, CacheAwarePolicy, LoadUnderflowError, WorkerType, make_policy
 from cacheroute.policies import LoadBalancingPolicy, RoundRobinPolicy, ShortestQueuePolicy
 from cacheroute.policies.base import (
     Decision,
@@ -71,6 +71,16 @@ class RoundRobinMachine(PolicyStateMachine):
 
 TestRoundRobinMachine = RoundRobinMachine.TestCase
 TestRoundRobinMachine.settings = settings(max_examples=15, stateful_step_count=20, deadline=None)
+
+
+def test_several_models_are_routed_one_model_per_call() -> None:
+    # Prefix-aware policies refuse a list mixing models (ValueError naming them): the kit
+    # splits a multi-model cluster by model, as a gateway does, and checks each list.
+    check_policy("cache_aware", models=3, max_examples=20, checks=["select"])
+    with pytest.raises(ValueError, match="one model"):
+        CacheAwarePolicy().select_worker(
+            [BasicWorker("http://a", model_id="m0"), BasicWorker("http://b", model_id="m1")]
+        )
 
 
 def test_state_machine_without_factory_says_so() -> None:
@@ -416,7 +426,10 @@ def test_failures_are_shrunk_and_the_reported_example_shows_the_fault() -> None:
         check_policy(PicksUnhealthy, checks=["select"], settings=settings(database=None))
     message = str(info.value)
     assert message.startswith(f"[{ONLY_HEALTHY}] ")
-    chosen = int(re.search(r"select_worker returned (\d+)", message).group(1))  # type: ignore[union-attr]
+    # select_worker and decide alternate: the shrunk example may end at either
+    found = re.search(r"(?:select_worker returned |decide returned Decision\(index=)(\d+)", message)
+    assert found, message
+    chosen = int(found.group(1))
     described = dict(re.findall(r"\[(\d+)\] \S+ (healthy|UNHEALTHY) load=", message))
     assert described[str(chosen)] == "UNHEALTHY" and "healthy" in described.values(), message
     assert any("Failing test case" in note for note in getattr(info.value, "__notes__", []))

@@ -155,11 +155,11 @@ def _check_select(
         sync: bool,
     ) -> None:
         policy = factory()
+        if sync:
+            policy.sync_workers(cluster)  # the whole pool, every model's workers
         lists = _by_model(cluster)
         for step, request_text in enumerate(stream):
             pool = lists[step % len(lists)]
-            if sync and step < len(lists):
-                policy.sync_workers(pool)
             before = loads(pool)
             method = "decide" if step % 2 else "select_worker"
             call = policy.decide if step % 2 else policy.select_worker
