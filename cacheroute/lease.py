@@ -57,10 +57,14 @@ state: a ``KeyboardInterrupt`` (or any exception) can land before it or after it
 between the load changing and the lease knowing. If :func:`acquire` is interrupted after
 the step, the half-built lease is garbage-collected with the exception's traceback and
 gives its load back then (with a ``ResourceWarning``). On a custom
-:class:`~cacheroute.worker.Worker`, load and state are two steps (its
-``increment_load()``, then the lease's record): an interrupt landing exactly between them
-leaks one unit, which no pure-Python code can prevent for an object whose locking it
-does not own. **Cancellation** (asyncio) can only land at an ``await``: nothing in
+:class:`~cacheroute.worker.Worker`, each change is the worker's own call
+(``increment_load()``, ``add_work()``, ``decrement_load()``) followed or preceded by the
+lease's record of it: an interrupt landing exactly between a call that adds (load or work)
+and its record, or inside that call after its effect, leaks that call's delta (one unit
+of load, or one lease's tokens), which no pure-Python code can prevent for an object whose
+locking it does not own. Give-backs are recorded before their call, so nothing is ever
+given back twice, and a release interrupted half-way is finished by the next release or
+by garbage collection. **Cancellation** (asyncio) can only land at an ``await``: nothing in
 :func:`acquire` awaits, so ``async with acquire(...)`` is never cancelled between taking
 the load and entering the block. A lease taken with ``lease = acquire(...)`` and entered
 after an ``await`` is held across that ``await``: if the task is cancelled there, the
@@ -136,6 +140,7 @@ class Lease:
     __slots__ = (
         "__weakref__",
         "_basic",
+        "_held",
         "_lock",
         "_state",
         "context_tokens",
@@ -169,40 +174,93 @@ class Lease:
         # workers: a per-lease lock orders the steps (see the module notes on interrupts).
         self._basic = type(worker) is BasicWorker
         self._lock: threading.Lock | None = None if self._basic else threading.Lock()
+        self._held: list[int] | None = None if self._basic else [0, 0, 0]
 
     def _step(self, expect: int, new: int, load: int, prefill: int, decode: int) -> bool:
-        """Move ``expect -> new`` applying the deltas to the worker, atomically."""
-        worker = self.worker
-        if self._basic:
-            step = worker._transition  # type: ignore[attr-defined]
-            return bool(step(self._state, expect, new, load, prefill, decode))
-        lock = self._lock
-        assert lock is not None
-        add_work = getattr(worker, "add_work", None) if prefill or decode else None
+        """Move ``expect -> new`` applying the deltas to a BasicWorker, atomically."""
+        step = self.worker._transition  # type: ignore[attr-defined]
+        return bool(step(self._state, expect, new, load, prefill, decode))
+
+    # Custom workers: each change is the worker's own call. ``_held`` records what the
+    # lease holds there ([load, prefill tokens, decode tokens]): written right after a
+    # call that adds, right before a call that gives back (restored if the worker refuses
+    # with an Exception). So an interrupt between a call and its record can only leak
+    # that call's delta, never make a later release give something back twice.
+
+    def _custom_take(self) -> None:
+        worker, held, lock = self.worker, self._held, self._lock
+        assert held is not None and lock is not None
+        add_work = getattr(worker, "add_work", None)
         with lock:
-            if self._state[0] != expect:
-                return False
-            if load > 0:
-                worker.increment_load()
-            try:
-                if add_work is not None:
-                    add_work(prefill, decode)
+            if self._state[0] != _NEW:
+                return
+            worker.increment_load()
+            held[0] = 1
+            self._state[0] = _PREFILL
+            if add_work is not None and self.prefill_tokens:
                 try:
-                    if load < 0:
-                        worker.decrement_load()
-                except BaseException:
-                    if add_work is not None:
-                        add_work(-prefill, -decode)
-                    raise
-            except BaseException:
-                if load > 0:
+                    add_work(self.prefill_tokens, 0)
+                except Exception:
+                    self._state[0] = _NEW
+                    held[0] = 0
                     worker.decrement_load()
-                raise
-            self._state[0] = new
+                    raise
+                held[1] = self.prefill_tokens
+
+    def _custom_first_token(self) -> bool:
+        worker, held, lock = self.worker, self._held, self._lock
+        assert held is not None and lock is not None
+        add_work = getattr(worker, "add_work", None)
+        with lock:
+            if self._state[0] != _PREFILL:
+                return False
+            if add_work is not None and self.context_tokens:
+                add_work(0, self.context_tokens)
+                held[2] = self.context_tokens
+            self._state[0] = _DECODE
+            pending = held[1]
+            if add_work is not None and pending:
+                held[1] = 0
+                try:
+                    add_work(-pending, 0)
+                except Exception:
+                    held[1] = pending
+                    raise
+            return True
+
+    def _custom_give_back(self) -> bool:
+        worker, held, lock = self.worker, self._held, self._lock
+        assert held is not None and lock is not None
+        add_work = getattr(worker, "add_work", None)
+        with lock:
+            if self._state[0] not in (_PREFILL, _DECODE):
+                return False
+            prefill, decode = held[1], held[2]
+            if add_work is not None and (prefill or decode):
+                held[1] = held[2] = 0
+                try:
+                    add_work(-prefill, -decode)
+                except Exception:
+                    held[1], held[2] = prefill, decode
+                    raise
+            if held[0]:
+                held[0] = 0
+                try:
+                    worker.decrement_load()
+                except Exception:  # refused (e.g. load given back by hand): hold it all
+                    held[0] = 1
+                    if add_work is not None and (prefill or decode):
+                        add_work(prefill, decode)
+                        held[1], held[2] = prefill, decode
+                    raise
+            self._state[0] = _RELEASED  # last: until here a later release finishes the job
             return True
 
     def _take(self) -> None:
-        self._step(_NEW, _PREFILL, 1, self.prefill_tokens, 0)
+        if self._basic:
+            self._step(_NEW, _PREFILL, 1, self.prefill_tokens, 0)
+        else:
+            self._custom_take()
 
     @property
     def released(self) -> bool:
@@ -221,6 +279,8 @@ class Lease:
         the first byte streamed from the engine. Idempotent: ``True`` the first time,
         ``False`` after (or once released).
         """
+        if not self._basic:
+            return self._custom_first_token()
         return self._step(_PREFILL, _DECODE, 0, -self.prefill_tokens, self.context_tokens)
 
     def release(self, success: bool = True) -> bool:
@@ -240,6 +300,8 @@ class Lease:
         return True
 
     def _give_back(self) -> bool:
+        if not self._basic:
+            return self._custom_give_back()
         return self._step(_PREFILL, _RELEASED, -1, -self.prefill_tokens, 0) or self._step(
             _DECODE, _RELEASED, -1, 0, -self.context_tokens
         )
@@ -453,8 +515,8 @@ def acquire_pair(
     Arguments and errors as :func:`acquire`.
     """
     _check_policy(policy)
-    check_workers(prefill_workers)
-    check_workers(decode_workers)
+    check_workers(prefill_workers, "prefill_workers")
+    check_workers(decode_workers, "decode_workers")
     check_int("prompt_tokens", prompt_tokens, minimum=0, none_ok=True)
     pair = policy.decide_pair(prefill_workers, decode_workers, request_text)
     if pair is None:

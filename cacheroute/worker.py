@@ -27,7 +27,14 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from cacheroute._validation import check_bool, check_int, check_str, describe, fail
+from cacheroute._validation import (
+    check_bool,
+    check_int,
+    check_sequence,
+    check_str,
+    describe,
+    fail,
+)
 
 __all__ = [
     "BasicWorker",
@@ -316,20 +323,30 @@ class BasicWorker:
         )
 
 
+def _check_list(workers: object, param: str = "workers") -> None:
+    """O(1): ``workers`` must be a list, tuple or other non-text Sequence."""
+    if type(workers) is not list and type(workers) is not tuple:
+        check_sequence(param, workers)
+
+
 def all_basic(workers: Sequence[Worker]) -> bool:
     """Whether every worker is exactly a :class:`BasicWorker` (the fast read paths apply).
 
     Policies compute it once per distinct worker list. O(n).
+
+    Raises:
+        TypeError: ``workers`` is not a list or tuple.
     """
+    _check_list(workers)
     return all(type(w) is BasicWorker for w in workers)
 
 
-def _not_a_worker(workers: Sequence[object]) -> TypeError:
+def _not_a_worker(workers: Sequence[object], param: str = "workers") -> TypeError:
     """The error for a worker list holding something that is not a Worker (slow path)."""
     for i, w in enumerate(workers):
         if not isinstance(w, Worker):
-            return TypeError(f"workers[{i}] must be a Worker, got {describe(w)}")
-    return TypeError(f"workers must hold Worker objects, got {describe(workers)}")
+            return TypeError(f"{param}[{i}] must be a Worker, got {describe(w)}")
+    return TypeError(f"{param} must hold Worker objects, got {describe(workers)}")
 
 
 def read_loads(workers: Sequence[Worker], basic: bool = False) -> list[int]:
@@ -342,11 +359,15 @@ def read_loads(workers: Sequence[Worker], basic: bool = False) -> list[int]:
             about 3x cheaper than the method calls.
 
     Raises:
-        TypeError: an element is not a :class:`Worker` (the message names its index).
+        TypeError: ``workers`` is not a list or tuple, an element is not a :class:`Worker`
+            (the message names its index), or ``basic`` is not a bool.
 
     >>> read_loads([BasicWorker("http://a"), BasicWorker("http://b", healthy=False)])
     [0, -1]
     """
+    _check_list(workers)
+    if basic is not True and basic is not False:
+        raise fail("basic", "a bool", basic, TypeError)
     try:
         if basic:
             return [w._load if w._healthy else -1 for w in workers]  # type: ignore[attr-defined]

@@ -69,3 +69,21 @@ def test_pair_policy_rejects_non_policies() -> None:
     with pytest.raises(TypeError, match="decode"):
         PairPolicy(make_policy("random"), "shortest_queue")  # type: ignore[arg-type]
     assert isinstance(PairPolicy(make_policy("random"), make_policy("random")), LoadBalancingPolicy)
+
+
+def test_acquire_pair_asks_the_decode_policy_and_keeps_the_prefill_decision() -> None:
+    from cacheroute import CacheAwarePolicy, acquire_pair
+
+    dec = Recording()
+    pair = PairPolicy(CacheAwarePolicy(), dec)
+    prefill, decode = build_workers([0, 0]), build_workers([0, 0, 0])
+    text = [5] * 64
+    first = acquire_pair(pair, prefill, decode, text)
+    first.release()
+    lease = acquire_pair(pair, prefill, decode, text)
+    assert dec.calls == 2  # the decode leg is the decode policy's choice...
+    assert [lease.decode_index, first.decode_index] == [1, 0]  # ...round robin's
+    decision = lease.prefill_lease.decision
+    assert decision is not None and decision.cached_tokens == 64  # cache_aware's own decision
+    assert lease.prefill_lease.prefill_tokens == 0
+    lease.release()

@@ -1,6 +1,8 @@
 from collections import Counter
 
 from conftest import build_workers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cacheroute.policies import PowerOfTwoPolicy, make_policy
 
@@ -33,3 +35,23 @@ def test_reproducible_with_seed() -> None:
     assert [a.select_worker(workers) for _ in range(30)] == [
         b.select_worker(workers) for _ in range(30)
     ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spec=st.lists(st.tuples(st.integers(0, 30), st.booleans()), max_size=9),
+    seed=st.integers(0, 2**32),
+    calls=st.integers(1, 20),
+)
+def test_never_the_unique_most_loaded_of_two_or_more_healthy(
+    spec: list[tuple[int, bool]], seed: int, calls: int
+) -> None:
+    workers = build_workers([load for load, _ in spec], healthy=[h for _, h in spec])
+    healthy = [i for i, (_, h) in enumerate(spec) if h]
+    policy = make_policy("power_of_two", seed=seed)
+    top = max((spec[i][0] for i in healthy), default=None)
+    unique_max = [i for i in healthy if spec[i][0] == top]
+    for _ in range(calls):
+        i = policy.select_worker(workers)
+        if len(healthy) >= 2 and len(unique_max) == 1:
+            assert i != unique_max[0]

@@ -22,10 +22,6 @@ def test_only_healthy_and_roughly_uniform() -> None:
     assert all(800 < c < 1_200 for c in counts.values())
 
 
-def test_none_when_no_healthy() -> None:
-    assert RandomPolicy().select_worker(build_workers([1], healthy=[False])) is None
-
-
 def test_bad_seed() -> None:
     with pytest.raises(TypeError, match="seed"):
         make_policy("random", seed="x")

@@ -1,6 +1,8 @@
 from collections import Counter
 
 from conftest import build_workers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cacheroute import acquire
 from cacheroute.policies import ShortestQueuePolicy
@@ -39,5 +41,15 @@ def test_open_leases_balance_load() -> None:
     assert [w.load() for w in workers] == [0, 0, 0]
 
 
-def test_none_when_no_healthy() -> None:
-    assert ShortestQueuePolicy().select_worker([]) is None
+@settings(max_examples=60, deadline=None)
+@given(spec=st.lists(st.tuples(st.integers(0, 30), st.booleans()), max_size=9))
+def test_is_the_least_loaded_healthy_lowest_index_first(spec: list[tuple[int, bool]]) -> None:
+    workers = build_workers([load for load, _ in spec], healthy=[h for _, h in spec])
+    i = ShortestQueuePolicy().select_worker(workers)
+    healthy_loads = [load for load, h in spec if h]
+    if i is None:
+        assert not healthy_loads
+    else:
+        assert workers[i].load() == min(healthy_loads)
+        # lowest index among the tied (processed counts are all 0 here)
+        assert i == min(j for j, (load, h) in enumerate(spec) if h and load == min(healthy_loads))

@@ -43,7 +43,7 @@ def test_builtins_registered_with_descriptions() -> None:
 def test_unknown_name_lists_known() -> None:
     with pytest.raises(ValueError, match=r"unknown policy 'nope'.*round_robin"):
         make_policy("nope")
-    with pytest.raises(ValueError, match="unknown policy 3"):
+    with pytest.raises(TypeError, match=r"^name must be a str, got 3 \(int\)"):
         make_policy(3)  # type: ignore[arg-type]
 
 
@@ -82,3 +82,15 @@ def test_policy_class() -> None:
     assert policy_class("round_robin") is RoundRobinPolicy
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
         policy_class("nope")
+
+
+@pytest.mark.usefixtures("clean_registry")
+@pytest.mark.parametrize("bad", ["no", 1, None])
+def test_register_policy_refuses_a_non_bool_replace_and_registers_nothing(bad: object) -> None:
+    register_policy("first_healthy_test", FirstHealthy)
+    with pytest.raises(TypeError, match=rf"^replace must be a bool, got {bad!r}"):
+        register_policy("first_healthy_test", RoundRobinPolicy, replace=bad)  # type: ignore[arg-type]
+    assert registry._registry["first_healthy_test"] is FirstHealthy
+    with pytest.raises(TypeError, match=r"^replace must be a bool"):
+        register_policy("brand_new_name", RoundRobinPolicy, replace=bad)  # type: ignore[arg-type]
+    assert "brand_new_name" not in available_policies()

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
-from cacheroute._validation import check_sequence
-from cacheroute.worker import Worker, _not_a_worker
+from cacheroute._validation import check_bool, check_sequence, check_str, fail
+from cacheroute.worker import BasicWorker, Worker, _not_a_worker
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -108,26 +108,57 @@ def estimate_tokens(request_text: RequestText) -> int:
     """Tokens in a prompt: its length for token ids, ``ceil(chars / CHARS_PER_TOKEN)`` for
     text, 0 for ``None``. O(1).
 
+    Raises:
+        TypeError: ``request_text`` is not a ``str``, a token-id sequence or ``None``.
+
     >>> estimate_tokens([1, 2, 3]), estimate_tokens("x" * 10), estimate_tokens(None)
     (3, 3, 0)
     """
     if request_text is None:
         return 0
+    if type(request_text) is str:
+        return -(-len(request_text) // CHARS_PER_TOKEN)
+    check_request_text(request_text)
     if isinstance(request_text, str):
         return -(-len(request_text) // CHARS_PER_TOKEN)
     return len(request_text)
 
 
-def check_workers(workers: object) -> Sequence[Worker]:
+def check_workers(workers: object, param: str = "workers") -> Sequence[Worker]:
     """``workers`` if it is a ``list``/``tuple`` (or other non-text ``Sequence``).
 
     O(1): elements are checked where they are read (a non-Worker element raises
     ``TypeError`` naming its index then). ``str``, ``bytes``, dicts, sets and
-    generators raise ``TypeError`` naming ``workers``.
+    generators raise ``TypeError`` naming ``workers`` (or ``param``).
     """
     if type(workers) is list or type(workers) is tuple:
         return workers
-    return check_sequence("workers", workers)
+    return check_sequence(param, workers)
+
+
+def _check_all_workers(workers: object, param: str = "workers") -> Sequence[Worker]:
+    """``check_workers`` and every element a Worker (O(n): for rare calls, not per request)."""
+    seq = check_workers(workers, param)
+    if all(type(w) is BasicWorker for w in seq):  # the common case, without protocol checks
+        return seq
+    for i, w in enumerate(seq):
+        if not isinstance(w, Worker):
+            raise fail(f"{param}[{i}]", "a Worker", w, TypeError)
+    return seq
+
+
+def _check_worker(worker: object, param: str = "worker") -> Worker:
+    if not isinstance(worker, Worker):
+        raise fail(param, "a Worker", worker, TypeError)
+    return worker
+
+
+def _renamed(exc: TypeError, param: str) -> TypeError:
+    """A ``workers...`` error raised for the list the caller passed as ``param``."""
+    text = str(exc)
+    if text.startswith("workers"):
+        return TypeError(param + text[len("workers") :])
+    return exc
 
 
 def check_request_text(request_text: object) -> None:
@@ -162,7 +193,7 @@ def healthy_indices(workers: Sequence[Worker]) -> list[int]:
         raise _not_a_worker(workers) from None
 
 
-def least_loaded_index(workers: Sequence[Worker]) -> int | None:
+def least_loaded_index(workers: Sequence[Worker], *, _param: str = "workers") -> int | None:
     """The healthy worker with the least load; ties by fewest processed, then lowest index.
 
     Breaking ties by processed count keeps equal (or stale) loads from all landing on
@@ -176,7 +207,7 @@ def least_loaded_index(workers: Sequence[Worker]) -> int | None:
     best = -1
     best_load = best_processed = 0
     try:
-        for i, w in enumerate(check_workers(workers)):
+        for i, w in enumerate(check_workers(workers, _param)):
             if not w.is_healthy():
                 continue
             load = w.load()
@@ -187,7 +218,7 @@ def least_loaded_index(workers: Sequence[Worker]) -> int | None:
                 if processed < best_processed:
                     best, best_processed = i, processed
     except AttributeError:
-        raise _not_a_worker(workers) from None
+        raise _not_a_worker(workers, _param) from None
     return None if best < 0 else best
 
 
@@ -290,10 +321,14 @@ class LoadBalancingPolicy(ABC):
         :func:`cacheroute.acquire_pair` calls). The default: least load on the decode list
         first, then :meth:`decide` on the prefill list."""
         check_request_text(request_text)
-        decode = least_loaded_index(decode_workers)
+        check_workers(prefill_workers, "prefill_workers")
+        decode = least_loaded_index(decode_workers, _param="decode_workers")
         if decode is None:
             return None
-        prefill = self.decide(prefill_workers, request_text)
+        try:
+            prefill = self.decide(prefill_workers, request_text)
+        except TypeError as exc:
+            raise _renamed(exc, "prefill_workers") from None
         if prefill is None:
             return None
         worker = decode_workers[decode]
@@ -302,26 +337,38 @@ class LoadBalancingPolicy(ABC):
         tokens = estimate_tokens(request_text)
         return prefill, Decision(decode, worker.url, DecisionReason.POLICY, n, 0, tokens)
 
-    def on_request_complete(self, worker_url: str, success: bool) -> None:  # noqa: B027
+    def on_request_complete(self, worker_url: str, success: bool) -> None:
         """Called once per request when its lease is released, with the outcome.
 
-        The default does nothing. Policies may use it, for example, to track failures.
+        The default only checks its arguments (``TypeError`` naming a wrong one).
+        Policies may use it, for example, to track failures.
         """
+        check_str("worker_url", worker_url)
+        check_bool("success", success)
 
-    def on_worker_added(self, worker: Worker) -> None:  # noqa: B027
-        """Hook for policies with per-worker state: a worker joined the pool."""
+    def on_worker_added(self, worker: Worker) -> None:
+        """Hook for policies with per-worker state: a worker joined the pool.
 
-    def on_worker_removed(self, worker: Worker) -> None:  # noqa: B027
+        The default only checks that ``worker`` is a Worker (``TypeError`` otherwise).
+        """
+        _check_worker(worker)
+
+    def on_worker_removed(self, worker: Worker) -> None:
         """Hook for policies with per-worker state: a worker left the pool for good.
 
         It must never be chosen again; its state (e.g. its tree tenant) is dropped.
+        The default only checks that ``worker`` is a Worker (``TypeError`` otherwise).
         """
+        _check_worker(worker)
 
-    def sync_workers(self, workers: Sequence[Worker]) -> None:  # noqa: B027
+    def sync_workers(self, workers: Sequence[Worker]) -> None:
         """Hook for policies with per-worker state: make the known pool exactly ``workers``.
 
-        The default does nothing (stateless policies need nothing).
+        The default only checks that ``workers`` is a list of Workers (``TypeError``
+        naming it, or the index of the first bad element); stateless policies need
+        nothing else.
         """
+        _check_all_workers(workers)
 
     def close(self) -> None:  # noqa: B027
         """Release any background resources. The default does nothing."""

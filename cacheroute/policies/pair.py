@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cacheroute.policies.base import LoadBalancingPolicy, RequestText, check_request_text
+from cacheroute.policies.base import (
+    Decision,
+    LoadBalancingPolicy,
+    RequestText,
+    _check_all_workers,
+    _renamed,
+    check_request_text,
+)
 from cacheroute.worker import Worker, WorkerType
 
 __all__ = ["PairPolicy"]
@@ -43,20 +50,55 @@ class PairPolicy(LoadBalancingPolicy):
     ) -> int | None:
         return self.prefill.select_worker(workers, request_text)
 
+    def decide(
+        self, workers: Sequence[Worker], request_text: RequestText = None
+    ) -> Decision | None:
+        """The prefill policy's decision (its expected cached tokens included)."""
+        return self.prefill.decide(workers, request_text)
+
+    def decide_pair(
+        self,
+        prefill_workers: Sequence[Worker],
+        decode_workers: Sequence[Worker],
+        request_text: RequestText = None,
+    ) -> tuple[Decision, Decision] | None:
+        """The decode policy's decision, then the prefill policy's (what
+        :func:`cacheroute.acquire_pair` calls); ``None`` if either finds no healthy worker."""
+        check_request_text(request_text)
+        # Whole check before the decode leg is decided (and counted as processed).
+        _check_all_workers(prefill_workers, "prefill_workers")
+        try:
+            decode = self.decode.decide(decode_workers, request_text)
+        except TypeError as exc:
+            raise _renamed(exc, "decode_workers") from None
+        if decode is None:
+            return None
+        try:
+            prefill = self.prefill.decide(prefill_workers, request_text)
+        except TypeError as exc:
+            raise _renamed(exc, "prefill_workers") from None
+        if prefill is None:
+            return None
+        return prefill, Decision(
+            decode.index,
+            decode.url,
+            decode.reason,
+            decode.request_units,
+            0,
+            decode.prompt_tokens,
+            0,
+            decode.cost,
+        )
+
     def select_worker_pair(
         self,
         prefill_workers: Sequence[Worker],
         decode_workers: Sequence[Worker],
         request_text: RequestText = None,
     ) -> tuple[int, int] | None:
-        check_request_text(request_text)
-        decode = self.decode.select_worker(decode_workers, request_text)
-        if decode is None:
-            return None
-        prefill = self.prefill.select_worker(prefill_workers, request_text)
-        if prefill is None:
-            return None
-        return prefill, decode
+        """:meth:`decide_pair`'s two indices."""
+        pair = self.decide_pair(prefill_workers, decode_workers, request_text)
+        return None if pair is None else (pair[0].index, pair[1].index)
 
     def on_request_complete(self, worker_url: str, success: bool) -> None:
         self.prefill.on_request_complete(worker_url, success)
@@ -72,6 +114,7 @@ class PairPolicy(LoadBalancingPolicy):
 
     def sync_workers(self, workers: Sequence[Worker]) -> None:
         # Each leg only ever sees its own kind of worker.
+        _check_all_workers(workers)
         self.prefill.sync_workers([w for w in workers if w.worker_type is not WorkerType.DECODE])
         self.decode.sync_workers([w for w in workers if w.worker_type is not WorkerType.PREFILL])
 

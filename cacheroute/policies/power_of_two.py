@@ -6,7 +6,12 @@ import random as _random
 import threading
 from collections.abc import Sequence
 
-from cacheroute.policies.base import LoadBalancingPolicy, RequestText, check_request_text
+from cacheroute.policies.base import (
+    LoadBalancingPolicy,
+    RequestText,
+    check_request_text,
+    healthy_indices,
+)
 from cacheroute.policies.random import _checked_seed
 from cacheroute.worker import Worker
 
@@ -39,7 +44,7 @@ class PowerOfTwoPolicy(LoadBalancingPolicy):
         self, workers: Sequence[Worker], request_text: RequestText = None
     ) -> int | None:
         check_request_text(request_text)
-        healthy = [i for i, w in enumerate(workers) if w.is_healthy()]
+        healthy = healthy_indices(workers)
         if len(healthy) <= 1:
             if not healthy:
                 return None

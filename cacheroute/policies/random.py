@@ -6,7 +6,12 @@ import random as _random
 import threading
 from collections.abc import Sequence
 
-from cacheroute.policies.base import LoadBalancingPolicy, RequestText, check_request_text
+from cacheroute.policies.base import (
+    LoadBalancingPolicy,
+    RequestText,
+    check_request_text,
+    healthy_indices,
+)
 from cacheroute.worker import Worker
 
 __all__ = ["RandomPolicy"]
@@ -38,7 +43,7 @@ class RandomPolicy(LoadBalancingPolicy):
         self, workers: Sequence[Worker], request_text: RequestText = None
     ) -> int | None:
         check_request_text(request_text)
-        healthy = [i for i, w in enumerate(workers) if w.is_healthy()]
+        healthy = healthy_indices(workers)
         if not healthy:
             return None
         with self._lock:  # one shared generator: keep seeded runs reproducible per thread order

@@ -6,6 +6,7 @@ import inspect
 import threading
 from typing import Any
 
+from cacheroute._validation import check_bool, check_str
 from cacheroute.policies.base import LoadBalancingPolicy
 
 __all__ = [
@@ -28,7 +29,8 @@ def register_policy(
     Args:
         name: the registry name (non-empty, no whitespace).
         cls: a subclass of :class:`LoadBalancingPolicy`.
-        replace: allow replacing an existing registration (otherwise ``ValueError``).
+        replace: a ``bool``: allow replacing an existing registration (otherwise
+            ``ValueError``).
 
     Returns ``cls``, so it can be used as ``register_policy("x", X)`` after the class.
     """
@@ -36,6 +38,7 @@ def register_policy(
         raise ValueError(f"policy name must be a non-empty str without whitespace, got {name!r}")
     if not (isinstance(cls, type) and issubclass(cls, LoadBalancingPolicy)):
         raise TypeError(f"cls must be a subclass of LoadBalancingPolicy, got {cls!r}")
+    check_bool("replace", replace)
     with _lock:
         if name in _registry and _registry[name] is not cls and not replace:
             raise ValueError(
@@ -56,13 +59,18 @@ def policy_class(name: str) -> type[LoadBalancingPolicy]:
     """The class registered as ``name`` (e.g. to inspect its parameters). O(1).
 
     Raises:
+        TypeError: ``name`` is not a ``str``.
         ValueError: ``name`` is not registered (the message lists the known names).
     """
+    check_str("name", name)
     with _lock:
-        cls = _registry.get(name) if isinstance(name, str) else None
+        cls = _registry.get(name)
         known = sorted(_registry)
     if cls is None:
-        raise ValueError(f"unknown policy {name!r}; available policies: {', '.join(known)}")
+        raise ValueError(
+            f"unknown policy {name!r}: name must be one of the available policies: "
+            f"{', '.join(known)}"
+        )
     return cls
 
 

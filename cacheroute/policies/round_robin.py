@@ -5,7 +5,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from cacheroute.policies.base import LoadBalancingPolicy, RequestText, check_request_text
+from cacheroute.policies.base import (
+    LoadBalancingPolicy,
+    RequestText,
+    check_request_text,
+    healthy_indices,
+)
 from cacheroute.worker import Worker
 
 __all__ = ["RoundRobinPolicy"]
@@ -32,7 +37,7 @@ class RoundRobinPolicy(LoadBalancingPolicy):
         self, workers: Sequence[Worker], request_text: RequestText = None
     ) -> int | None:
         check_request_text(request_text)
-        healthy = [i for i, w in enumerate(workers) if w.is_healthy()]
+        healthy = healthy_indices(workers)
         if not healthy:
             return None
         chosen = healthy[next(self._counter) % len(healthy)]
