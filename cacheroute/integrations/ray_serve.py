@@ -211,7 +211,9 @@ def request_router_config(
         policy: a registered policy name; ``None`` (default) for
             :func:`~cacheroute.integrations.ray_serve_state.default_policy`.
         model_id: the replicas' model.
-        prompt_kwarg, prompt_arg: where the prompt is in the handle call.
+        prompt_kwarg: the handle call's keyword holding the prompt.
+        prompt_arg: its positional argument used when the keyword is absent (``None``:
+            keyword only).
         metrics: report to the handle process's
             :func:`~cacheroute.integrations.ray_serve_state.process_metrics`.
         **policy_config: the policy's settings (JSON values), e.g. ``cache_threshold=0.5``.
