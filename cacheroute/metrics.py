@@ -42,7 +42,7 @@ import re
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from cacheroute._validation import check_str
 from cacheroute.policies.base import Decision, LoadBalancingPolicy
@@ -76,7 +76,7 @@ that moment) or a callable returning the current workers."""
 StatsSource = Any
 """Any object with a ``stats() -> Mapping`` method (see :meth:`RouterMetrics.track_index`)."""
 
-_Family = GaugeMetricFamily | CounterMetricFamily
+_Family: TypeAlias = "GaugeMetricFamily | CounterMetricFamily"
 
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
 
