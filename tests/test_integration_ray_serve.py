@@ -193,7 +193,9 @@ def test_a_burst_decided_before_any_routed_report_is_spread_by_the_held_load() -
     core, _ = core_of(A, B, C)
     for i in range(30):  # Ray decides queued requests before any routed report arrives
         core.choose(f"r{i}", [A, B, C], SYSTEM + f"question {i}")
-    assert max(loads(core).values()) < 30  # all on the prefix holder without held load
+    # Without the load held from the decision all 30 would see an idle, balanced cluster and
+    # go to the prefix holder; with it, cache_aware's imbalance rule spreads them (11/9/10).
+    assert max(loads(core).values()) <= 12, loads(core)
     assert sum(loads(core).values()) == 30
     for i in range(30):
         core.completed(f"r{i}", core._requests[f"r{i}"].key)  # type: ignore[attr-defined]
