@@ -174,6 +174,8 @@ def test_replica_churn_syncs_the_policy_and_a_dead_replica_is_never_chosen() -> 
     core.sync([D])
     assert set(policy.removed_urls()) >= set(live)  # type: ignore[attr-defined]
     assert core.choose("last", [D], prompts["b"]) == [[D]]
+    core.completed("last", D)
+    assert loads(core) == {"d": 0}
 
 
 def test_the_chosen_replica_leaving_between_retries_means_a_new_decision() -> None:
@@ -212,6 +214,8 @@ def test_bad_prompts_are_routed_without_text_and_none_means_rank_only(
     assert core.choose(None, [A, B], "x") == [[B], [A]]  # rank only: nothing held
     assert loads(core) == {"a": 1, "b": 0}
     assert core.choose("r2", [], "x") == []  # no candidates: Ray backs off
+    core.completed("r1", A)
+    assert loads(core) == {"a": 0, "b": 0} and core.in_flight() == 0
 
 
 def test_stats_snapshot_and_routers() -> None:
@@ -223,6 +227,7 @@ def test_stats_snapshot_and_routers() -> None:
     assert [(w["url"], w["load"]) for w in stats["workers"]] == [(A, 1), (B, 0)]
     assert json.loads(json.dumps(stats)) == stats
     assert core in routers() and routers("nobody") == []
+    core.completed("r1", A)
 
 
 def test_from_config_and_the_default_policy() -> None:
@@ -238,6 +243,7 @@ def test_from_config_and_the_default_policy() -> None:
     shortest = RouterCore.from_config(policy="shortest_queue")
     shortest.sync([A, B])
     assert shortest.choose("r", [A, B], "x")[0] == [A]  # any policy, prompt or not
+    shortest.completed("r", A)
 
 
 def test_metrics_wiring() -> None:
