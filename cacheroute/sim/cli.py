@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import replace
@@ -18,10 +17,16 @@ from cacheroute.sim.report import (
     to_json,
     write_json,
 )
-from cacheroute.sim.request import Workload, ideal_hit_tokens
-from cacheroute.sim.simulator import compare
+from cacheroute.sim.request import MAX_BLOCKS, MAX_TOKENS, Workload, ideal_hit_tokens
+from cacheroute.sim.simulator import MAX_WORKERS, compare
 from cacheroute.sim.specs import MODE_KEYS, default_specs, parse_policy_list
-from cacheroute.sim.traces import FORMATS, TraceFormatError, load_trace, open_trace
+from cacheroute.sim.traces import (
+    FORMATS,
+    MAX_CONCURRENCY,
+    TraceFormatError,
+    detect_format,
+    load_trace,
+)
 from cacheroute.sim.workloads import WORKLOADS
 
 __all__ = ["add_simulate_parser", "run_simulate"]
@@ -44,14 +49,16 @@ examples:
 """
 
 
-def _int_type(minimum: int) -> Any:
+def _int_type(minimum: int, maximum: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r:.60}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:,}, got {text:.60}")
         return value
 
     return parse
@@ -70,7 +77,7 @@ def _positive_float(text: str) -> float:
 def _cache_tokens(text: str) -> int | None:
     if text.lower() in ("none", "unbounded", "inf"):
         return None
-    value: int = _int_type(1)(text)
+    value: int = _int_type(1, MAX_TOKENS)(text)
     return value
 
 
@@ -103,13 +110,13 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     )
     src.add_argument(
         "--concurrency",
-        type=_int_type(1),
+        type=_int_type(1, MAX_CONCURRENCY),
         default=None,
         help="claude_code traces: sessions running at once (default 32)",
     )
     src.add_argument(
         "--coarsen",
-        type=_int_type(1),
+        type=_int_type(1, MAX_BLOCKS),
         default=None,
         help="claude_code traces: merge this many 64-token blocks into one (default 8)",
     )
@@ -128,7 +135,9 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="SPECS",
         help="comma-separated policy specs (see below; default: all)",
     )
-    cl.add_argument("--workers", type=_int_type(1), default=8, help="engines (default 8)")
+    cl.add_argument(
+        "--workers", type=_int_type(1, MAX_WORKERS), default=8, help="engines (default 8)"
+    )
     cl.add_argument(
         "--cache-tokens",
         type=_cache_tokens,
@@ -138,7 +147,7 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     )
     cl.add_argument(
         "--max-batch",
-        type=_int_type(1),
+        type=_int_type(1, MAX_TOKENS),
         default=EngineConfig.max_batch,
         metavar="N",
         help=f"running requests per engine (default {EngineConfig.max_batch})",
@@ -158,22 +167,6 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run_simulate, _parser=p)
     return p
-
-
-def _detect_format(path: str) -> str:
-    with open_trace(path) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if isinstance(rec, dict) and "hash_ids" in rec:
-                    return "mooncake"
-                if isinstance(rec, dict) and "hash_id_ranges" in rec:
-                    return "claude_code"
-                break
-    raise ValueError(f"cannot detect the format of {path}; pass --format {{{','.join(FORMATS)}}}")
 
 
 class _OptionError(ValueError):
@@ -204,7 +197,7 @@ def _load(args: argparse.Namespace) -> Workload:
         workload = WORKLOADS[args.workload or "default"](args.seed)
         workload = workload.limited(args.limit)
     else:
-        fmt = args.format or _detect_format(args.trace)
+        fmt = args.format or detect_format(args.trace)
         options: dict[str, Any] = {}
         if fmt == "claude_code":
             for key in ("concurrency", "coarsen"):
@@ -213,7 +206,7 @@ def _load(args: argparse.Namespace) -> Workload:
         else:
             _claude_code_only(args, f"the trace format is {fmt}")
         workload = load_trace(args.trace, fmt, limit=args.limit, **options)
-    return workload.scaled(args.speed)
+    return workload
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -224,7 +217,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.format is not None and args.trace is None:
         parser.error("--format needs --trace")
     try:
-        specs = parse_policy_list(args.policies) if args.policies else default_specs()
+        specs = default_specs() if args.policies is None else parse_policy_list(args.policies)
         for spec in specs:  # validate config keys and values before any long run
             spec.build(seed=args.seed).close()
     except (ValueError, TypeError) as exc:
@@ -251,6 +244,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         parser.error(f"argument --trace: cannot read {exc.filename}: {exc.strerror}")
     if not workload.requests:
         parser.error("the workload has no requests")
+    try:
+        workload = workload.scaled(args.speed)
+    except ValueError as exc:
+        parser.error(f"argument --speed: {exc}")
 
     show = {"auto": None, "on": True, "off": False}[args.progress]
     results = compare(

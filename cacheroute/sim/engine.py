@@ -33,7 +33,8 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cacheroute.sim.request import Request, matched_blocks
+from cacheroute._validation import check_int, check_real
+from cacheroute.sim.request import MAX_TOKENS, Request, matched_blocks
 
 __all__ = ["EngineConfig", "Engine"]
 
@@ -84,8 +85,9 @@ class EngineConfig:
     Raises:
         TypeError: a count that is not an ``int`` (``cache_tokens`` may be ``None``) or a
             time constant that is not a real number (``bool`` is neither).
-        ValueError: a count below 1, a time constant negative, infinite or NaN, or both
-            ``decode_weights_s`` and ``decode_per_seq_s`` zero. Nothing is clamped.
+        ValueError: a count below 1 or above :data:`~cacheroute.sim.request.MAX_TOKENS`,
+            a time constant negative, infinite or NaN, or both ``decode_weights_s`` and
+            ``decode_per_seq_s`` zero. Nothing is clamped.
     """
 
     cache_tokens: int | None = 450_000
@@ -99,23 +101,11 @@ class EngineConfig:
     decode_per_context_token_s: float = 4.89e-8
 
     def __post_init__(self) -> None:
-        for name in ("cache_tokens", "max_batch", "max_prefill_tokens"):
-            value = getattr(self, name)
-            if value is None and name == "cache_tokens":
-                continue
-            if type(value) is not int:  # bool is not an int here
-                kind = "an int or None" if name == "cache_tokens" else "an int"
-                raise TypeError(f"{name} must be {kind}, got {type(value).__name__}: {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        check_int("cache_tokens", self.cache_tokens, minimum=1, maximum=MAX_TOKENS, none_ok=True)
+        for name in ("max_batch", "max_prefill_tokens"):
+            check_int(name, getattr(self, name), minimum=1, maximum=MAX_TOKENS)
         for name in _TIME_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    f"{name} must be a real number, got {type(value).__name__}: {value!r}"
-                )
-            if not 0.0 <= value < math.inf:  # also rejects NaN
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_real(name, getattr(self, name), minimum=0.0)
         if self.decode_weights_s <= 0 and self.decode_per_seq_s <= 0:
             raise ValueError(
                 "decode_weights_s or decode_per_seq_s must be > 0 (a decode step must take "

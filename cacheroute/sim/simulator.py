@@ -26,13 +26,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cacheroute._validation import check_callable, check_int, fail
 from cacheroute.lease import Lease, acquire
 from cacheroute.sim.engine import Engine, EngineConfig
 from cacheroute.sim.request import Workload
 from cacheroute.sim.specs import PolicySpec
 from cacheroute.worker import BasicWorker
 
-__all__ = ["RunResult", "compare", "simulate"]
+__all__ = ["MAX_WORKERS", "RunResult", "compare", "simulate"]
+
+MAX_WORKERS = 65_536
+"""The most engines one simulation may have (each is built before the first request, and
+every routing decision reads every worker)."""
 
 
 @dataclass
@@ -88,20 +93,14 @@ def _check_args(
 ) -> None:
     """Shared argument checks of :func:`simulate` and :func:`compare`."""
     if not isinstance(workload, Workload):
-        raise TypeError(f"workload must be a Workload, got {type(workload).__name__}")
+        raise fail("workload", "a Workload", workload, TypeError)
     if not isinstance(policy, (PolicySpec, str)):
-        raise TypeError(
-            f"policy must be a PolicySpec or a spec str, got {type(policy).__name__}: {policy!r}"
-        )
-    for name, value, minimum in (("workers", workers, 1), ("timeline_points", timeline_points, 0)):
-        if type(value) is not int:
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise fail("policy", "a PolicySpec or a spec str", policy, TypeError)
+    check_int("workers", workers, minimum=1, maximum=MAX_WORKERS)
+    check_int("timeline_points", timeline_points, minimum=0)
     if engine is not None and not isinstance(engine, EngineConfig):
-        raise TypeError(f"engine must be an EngineConfig or None, got {engine!r}")
-    if type(seed) is not int:
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
+        raise fail("engine", "an EngineConfig or None", engine, TypeError)
+    check_int("seed", seed)
 
 
 def simulate(
@@ -131,8 +130,7 @@ def simulate(
         RuntimeError: a request completed twice or never (a simulator bug).
     """
     _check_args(workload, policy, workers, engine, seed, timeline_points)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be callable or None, got {progress!r}")
+    check_callable("progress", progress, none_ok=True)
     spec = PolicySpec.parse(policy) if isinstance(policy, str) else policy
     cfg = engine if engine is not None else EngineConfig()
     reqs = workload.requests
@@ -255,11 +253,11 @@ def compare(
     from cacheroute.sim.progress import ProgressBar
 
     if not isinstance(policies, (list, tuple)):
-        raise TypeError(f"policies must be a list of PolicySpec, got {type(policies).__name__}")
+        raise fail("policies", "a list of PolicySpec", policies, TypeError)
     for spec in policies:
         _check_args(workload, spec, workers, engine, seed, timeline_points)
     if show_progress is not None and not isinstance(show_progress, bool):
-        raise TypeError(f"show_progress must be a bool or None, got {show_progress!r}")
+        raise fail("show_progress", "a bool or None", show_progress, TypeError)
     results = []
     for k, spec in enumerate(policies, 1):
         bar = ProgressBar(len(workload), f"[{k}/{len(policies)}] {spec}", enabled=show_progress)
