@@ -343,3 +343,43 @@ def test_generators_refuse_sizes_they_cannot_build(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         make(**kwargs)
+
+
+def test_write_json_refuses_a_file_descriptor(tmp_path: Path) -> None:
+    from cacheroute.sim.report import write_json
+
+    r, w = os.pipe()
+    try:
+        with pytest.raises(TypeError, match=r"^path must be a str or os\.PathLike, got \d+"):
+            write_json(w, {"a": 1})  # type: ignore[arg-type]
+        os.fstat(w)  # still open
+    finally:
+        os.close(r)
+        os.close(w)
+    write_json(tmp_path / "ok.json", {"a": 1})
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"enabled": "no"}, r"^enabled must be a bool or None, got 'no' \(str\)"),
+        ({"enabled": 0}, r"^enabled must be a bool or None, got 0 \(int\)"),
+        ({"fancy": None}, r"^fancy must be a bool, got None"),
+        ({"label": 3}, r"^label must be a str, got 3 \(int\)"),
+    ],
+)
+def test_progress_bar_refuses_truthy_stand_ins_for_bools(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    from cacheroute.sim.progress import ProgressBar
+
+    with pytest.raises(TypeError, match=message):
+        ProgressBar(1, **kwargs)
+
+
+def test_summarize_refuses_what_is_not_a_run_result() -> None:
+    from cacheroute.sim import summarize
+
+    with pytest.raises(TypeError, match=r"^result must be a RunResult, got 5 \(int\)"):
+        summarize(5)  # type: ignore[arg-type]

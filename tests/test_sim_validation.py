@@ -313,32 +313,34 @@ def test_compare_checks_every_argument_before_any_run() -> None:
 
 @pytest.mark.parametrize("q", [-1, 100.5, math.nan])
 def test_percentile_rejects_q_out_of_range(q: float) -> None:
-    with pytest.raises(ValueError, match=r"q must be in \[0, 100\], got"):
+    with pytest.raises(
+        ValueError, match=r"^q must be a (finite )?real number( >= 0 and <= 100)?, got"
+    ):
         percentile([1.0, 2.0], q)
 
 
 def test_percentile_rejects_wrong_type_q() -> None:
-    with pytest.raises(TypeError, match="q must be a real number, got str"):
+    with pytest.raises(TypeError, match=r"^q must be a real number, got '50' \(str\)"):
         percentile([1.0], "50")  # type: ignore[arg-type]
     assert percentile([1.0, 3.0], 0) == 1.0 and percentile([1.0, 3.0], 100) == 3.0
 
 
 def test_summarize_rejects_bad_ideal_hits() -> None:
     res = simulate(_small(), "round_robin", workers=2)
-    with pytest.raises(ValueError, match="ideal_hits must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"^ideal_hits must be an int >= 0 or None, got -1"):
         summarize(res, -1)
-    with pytest.raises(TypeError, match="ideal_hits must be an int or None, got float"):
+    with pytest.raises(TypeError, match=r"^ideal_hits must be an int or None, got 1.0 \(float\)"):
         summarize(res, 1.0)  # type: ignore[arg-type]
 
 
 def test_progress_bar_validates_total_and_delay() -> None:
-    with pytest.raises(ValueError, match="total must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"^total must be an int >= 0, got -1 \(int\)"):
         ProgressBar(-1)
-    with pytest.raises(TypeError, match="total must be an int, got float"):
+    with pytest.raises(TypeError, match=r"^total must be an int, got 1.5 \(float\)"):
         ProgressBar(1.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="delay must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"^delay must be a real number >= 0, got -1 \(int\)"):
         ProgressBar(1, delay=-1)
-    with pytest.raises(TypeError, match="delay must be a real number, got bool"):
+    with pytest.raises(TypeError, match=r"^delay must be a real number, got True \(bool\)"):
         ProgressBar(1, delay=True)
     assert ProgressBar(0).total == 0  # an empty run: no clamping to 1
 
@@ -422,9 +424,9 @@ def test_build_passes_only_the_optional_keys_a_policy_accepts() -> None:
 
 
 def test_parse_rejects_non_str_spec() -> None:
-    with pytest.raises(TypeError, match="text must be a str, got int: 3"):
+    with pytest.raises(TypeError, match=r"^text must be a str, got 3 \(int\)"):
         PolicySpec.parse(3)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="text must be a str, got list"):
+    with pytest.raises(TypeError, match=r"^text must be a str, got \['random'\] \(list\)"):
         parse_policy_list(["random"])  # type: ignore[arg-type]
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cacheroute._validation import check_int, check_real, fail
 from cacheroute.sim.request import ideal_hit_tokens
 from cacheroute.sim.simulator import RunResult
 
@@ -22,10 +23,7 @@ def percentile(values: Sequence[float], q: float) -> float:
         TypeError: ``q`` is not a real number.
         ValueError: ``q`` is outside [0, 100] (or NaN).
     """
-    if isinstance(q, bool) or not isinstance(q, (int, float)):
-        raise TypeError(f"q must be a real number, got {type(q).__name__}: {q!r}")
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be in [0, 100], got {q!r}")
+    check_real("q", q, minimum=0.0, maximum=100.0)
     n = len(values)
     if n == 0:
         return math.nan
@@ -93,17 +91,13 @@ def summarize(result: RunResult, ideal_hits: int | None = None) -> Summary:
     to avoid recomputing it for every policy of one workload.
 
     Raises:
-        TypeError: ``ideal_hits`` is not an int (or ``None``).
+        TypeError: ``result`` is not a :class:`RunResult`, ``ideal_hits`` not an int (or
+            ``None``).
         ValueError: ``ideal_hits`` is negative.
     """
-    if ideal_hits is not None:
-        if type(ideal_hits) is not int:
-            raise TypeError(
-                f"ideal_hits must be an int or None, got {type(ideal_hits).__name__}: "
-                f"{ideal_hits!r}"
-            )
-        if ideal_hits < 0:
-            raise ValueError(f"ideal_hits must be >= 0, got {ideal_hits!r}")
+    if not isinstance(result, RunResult):
+        raise fail("result", "a RunResult", result, TypeError)
+    check_int("ideal_hits", ideal_hits, minimum=0, none_ok=True)
     reqs = result.workload.requests
     n = len(reqs)
     if ideal_hits is None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from cacheroute.sim.metrics import Summary
 from cacheroute.sim.simulator import RunResult
+from cacheroute.sim.traces import _check_path
 
 __all__ = ["format_table", "plot_results", "require_matplotlib", "to_json", "write_json"]
 
@@ -65,7 +66,13 @@ def to_json(summaries: Sequence[Summary], config: dict[str, Any]) -> dict[str, A
 
 
 def write_json(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
-    """Write ``doc`` to ``path`` (NaN written as ``null``)."""
+    """Write ``doc`` to ``path`` (NaN written as ``null``).
+
+    Raises:
+        TypeError: ``path`` is not a ``str`` or ``os.PathLike`` (an ``int`` would be
+            written to, and closed, as a file descriptor).
+    """
+    _check_path(path)
 
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not math.isfinite(x):
@@ -102,8 +109,10 @@ def plot_results(path: str | os.PathLike[str], results: Sequence[RunResult], tit
     """Draw TTFT distributions per policy and per-worker load over time; save to ``path``.
 
     Raises:
+        TypeError: ``path`` is not a ``str`` or ``os.PathLike``.
         RuntimeError: matplotlib is not installed.
     """
+    _check_path(path)
     require_matplotlib()
     plt: Any = importlib.import_module("matplotlib.pyplot")
 

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from cacheroute._validation import check_str
 from cacheroute.policies import (
     LoadBalancingPolicy,
     available_policies,
@@ -95,8 +96,7 @@ class PolicySpec:
                 mode shorthand / an unknown mode. The message names the spec.
             TypeError: ``text`` is not a str.
         """
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r}")
+        check_str("text", text, empty_ok=True)
         text = text.strip()
         m = _SPEC.match(text)
         if not m:
@@ -170,8 +170,7 @@ def parse_policy_list(text: str) -> list[PolicySpec]:
         ValueError: a bad spec (see :meth:`PolicySpec.parse`), no spec, or one twice.
         TypeError: ``text`` is not a str.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r}")
+    check_str("text", text, empty_ok=True)
     parts: list[str] = []
     depth = 0
     current: list[str] = []
