@@ -19,7 +19,13 @@ from cacheroute.sim.report import (
 )
 from cacheroute.sim.request import MAX_BLOCKS, MAX_TOKENS, Workload, ideal_hit_tokens
 from cacheroute.sim.simulator import MAX_WORKERS, compare
-from cacheroute.sim.specs import MODE_KEYS, default_specs, parse_policy_list
+from cacheroute.sim.specs import (
+    MODE_KEYS,
+    PluginError,
+    default_specs,
+    load_plugin,
+    parse_policy_list,
+)
 from cacheroute.sim.traces import (
     FORMATS,
     MAX_CONCURRENCY,
@@ -41,11 +47,16 @@ policy specs (--policies, comma-separated):
                             cache_aware[imbalance_mode=least_load,cache_threshold=0.3]
 default: every registered policy, once per mode.
 
+plugins (--plugin, repeatable): a module that registers policies with
+  cacheroute.register_policy(NAME, CLASS), imported before --policies is read:
+  a dotted module name on sys.path (my_company.routing) or a .py file (./my_policy.py).
+
 examples:
   cacheroute simulate
   cacheroute simulate --workload shared_prefix --policies round_robin,cache_aware:locality
   cacheroute simulate --trace conversation_trace.jsonl.gz --format mooncake --json out.json
   cacheroute simulate --trace claude_code_traces.jsonl.gz --format claude_code --limit 5000
+  cacheroute simulate --plugin ./my_policy.py --policies my_policy,cache_aware
 """
 
 
@@ -129,6 +140,14 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     )
     src.add_argument("--seed", type=_int_type(0), default=0, help="seed (default 0)")
     cl = p.add_argument_group("cluster")
+    cl.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (a dotted name or a .py path) to register policies before "
+        "--policies is read; repeatable",
+    )
     cl.add_argument(
         "--policies",
         default=None,
@@ -216,6 +235,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         parser.error("--workload and --trace are exclusive: give one")
     if args.format is not None and args.trace is None:
         parser.error("--format needs --trace")
+    for plugin in args.plugin:
+        try:
+            load_plugin(plugin)
+        except PluginError as exc:
+            parser.error(f"argument --plugin: {exc}")
     try:
         specs = default_specs() if args.policies is None else parse_policy_list(args.policies)
         for spec in specs:  # validate config keys and values before any long run
@@ -277,6 +301,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "speed": args.speed,
             "limit": args.limit,
+            "plugins": list(args.plugin),
             "policies": [
                 {"label": s.label, "name": s.name, "config": dict(s.config)} for s in specs
             ],
