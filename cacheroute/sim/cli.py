@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from cacheroute.sim.engine import EngineConfig
-from cacheroute.sim.metrics import summarize
+from cacheroute.sim.metrics import DEFAULT_SLO_TTFT_S, summarize
 from cacheroute.sim.report import (
     format_table,
     plot_results,
@@ -172,6 +172,14 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
         help=f"running requests per engine (default {EngineConfig.max_batch})",
     )
     out = p.add_argument_group("output")
+    out.add_argument(
+        "--slo-ttft",
+        type=_positive_float,
+        default=DEFAULT_SLO_TTFT_S,
+        metavar="SECONDS",
+        help=f"TTFT objective of the SLO and goodput rows (default {DEFAULT_SLO_TTFT_S:g}: "
+        "about a cold 38k-token prefill on the default engine)",
+    )
     out.add_argument("--json", metavar="PATH", help="write all results and the config as JSON")
     out.add_argument(
         "--plot",
@@ -284,7 +292,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         show_progress=show,
     )
     ideal = ideal_hit_tokens(workload.requests)
-    summaries = [summarize(r, ideal) for r in results]
+    summaries = [summarize(r, ideal, slo_ttft_s=args.slo_ttft) for r in results]
     cache = "unbounded" if engine.cache_tokens is None else f"{engine.cache_tokens:,}"
     title = (
         f"workload {workload.name}: {len(workload):,} requests, {args.workers} workers, "
@@ -300,6 +308,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             "workers": args.workers,
             "seed": args.seed,
             "speed": args.speed,
+            "slo_ttft_s": args.slo_ttft,
             "limit": args.limit,
             "plugins": list(args.plugin),
             "policies": [

@@ -144,8 +144,9 @@ class Engine:
     whose version is not :attr:`version` is stale and must be skipped.
 
     Per-request results are written into the lists passed at construction, indexed by
-    request id: ``first_token[rid]`` (time of the first token) and ``hit[rid]`` (hit
-    tokens).
+    request id: ``first_token[rid]`` (time of the first token), ``hit[rid]`` (hit
+    tokens) and, when given, ``admitted[rid]`` (when the request left the queue for a
+    prefill batch: its queueing delay is that minus its arrival).
     """
 
     __slots__ = (
@@ -164,6 +165,7 @@ class Engine:
         "_steps",
         "_tok",
         "_waiting",
+        "admitted",
         "capacity",
         "config",
         "first_token",
@@ -185,8 +187,10 @@ class Engine:
         requests: list[Request],
         first_token: list[float],
         hit: list[int],
+        admitted: list[float] | None = None,
     ) -> None:
         self.index = index
+        self.admitted = admitted if admitted is not None else [0.0] * len(requests)
         self.config = config
         self.requests = requests
         self.first_token = first_token
@@ -391,6 +395,7 @@ class Engine:
             if used > self.peak_used:
                 self.peak_used = used
             self.hit[rid] = hit
+            self.admitted[rid] = now
             admitted.append(rid)
             slots -= 1
             new_total += new

@@ -56,11 +56,14 @@ class RunResult:
         hit: hit tokens of each request.
         first_token: time of each request's first token.
         done: time each request finished.
+        admitted: time each request left its engine's queue for a prefill batch
+            (``admitted - arrival`` is its queueing delay at dispatch).
         decisions: routing decisions reported by the policy's observer, ``0`` when the
             policy has no observer.
         imbalanced: decisions taken in the policy's load-balancing branch.
         final_loads: every worker's load at the end (all 0 when every lease was released).
-        oversized: requests admitted alone although larger than the free cache.
+        oversized: requests larger than a whole engine cache (prompt plus output above
+            ``engine.cache_tokens``); each ran alone on an otherwise empty engine.
         timeline: ``(time, loads per worker)`` samples at arrivals and completions, in
             time order, when recorded.
         wall_s: wall-clock seconds the run took (not part of the results proper).
@@ -81,6 +84,7 @@ class RunResult:
     oversized: int = 0
     timeline: list[tuple[float, tuple[int, ...]]] = field(default_factory=list)
     wall_s: float = 0.0
+    admitted: list[float] = field(default_factory=list)
 
 
 def _check_args(
@@ -158,7 +162,8 @@ def simulate(
     hit = [0] * n
     done = [-1.0] * n
     routed = [-1] * n
-    engines = [Engine(i, cfg, reqs, first_token, hit) for i in range(workers)]
+    admitted = [0.0] * n
+    engines = [Engine(i, cfg, reqs, first_token, hit, admitted) for i in range(workers)]
     leases: list[Lease | None] = [None] * n
     timeline: list[tuple[float, tuple[int, ...]]] = []
     every = max(1, 2 * n // timeline_points) if timeline_points > 0 else 0
@@ -229,6 +234,7 @@ def simulate(
         oversized=sum(e.oversized for e in engines),
         timeline=timeline,
         wall_s=time.perf_counter() - started,
+        admitted=admitted,
     )
 
 
