@@ -136,7 +136,8 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
         "--speed",
         type=_positive_float,
         default=1.0,
-        help="scale the arrival rate (2 = twice as fast; default 1)",
+        help="scale the arrival rate (2 = twice as fast; default 1); a note says so when "
+        "every request arrives at once (shared_prefix), where it changes nothing",
     )
     src.add_argument("--seed", type=_int_type(0), default=0, help="seed (default 0)")
     cl = p.add_argument_group("cluster")
@@ -276,6 +277,14 @@ def run_simulate(args: argparse.Namespace) -> int:
         parser.error(f"argument --trace: cannot read {exc.filename}: {exc.strerror}")
     if not workload.requests:
         parser.error("the workload has no requests")
+    reqs = workload.requests
+    if args.speed != 1.0 and reqs[0].arrival == reqs[-1].arrival:
+        # Scaling arrivals that are all equal changes no time the metrics look at.
+        print(
+            f"note: --speed {args.speed:g} changes nothing: all {len(reqs):,} requests of "
+            f"{workload.name} arrive at t={reqs[0].arrival:g} s",
+            file=sys.stderr,
+        )
     try:
         workload = workload.scaled(args.speed)
     except ValueError as exc:
