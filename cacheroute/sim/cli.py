@@ -18,7 +18,7 @@ from cacheroute.sim.report import (
     write_json,
 )
 from cacheroute.sim.request import MAX_BLOCKS, MAX_TOKENS, Workload, ideal_hit_tokens
-from cacheroute.sim.simulator import MAX_WORKERS, compare
+from cacheroute.sim.simulator import MAX_ROUTERS, MAX_WORKERS, compare
 from cacheroute.sim.specs import (
     MODE_KEYS,
     PluginError,
@@ -157,6 +157,14 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     )
     cl.add_argument(
         "--workers", type=_int_type(1, MAX_WORKERS), default=8, help="engines (default 8)"
+    )
+    cl.add_argument(
+        "--routers",
+        type=_int_type(1, MAX_ROUTERS),
+        default=1,
+        metavar="R",
+        help="gateway replicas, each its own policy object, requests spread round robin "
+        "(as behind a load balancer); all share the engines (default 1)",
     )
     cl.add_argument(
         "--cache-tokens",
@@ -299,13 +307,15 @@ def run_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         timeline_points=2000 if args.plot else 0,
         show_progress=show,
+        routers=args.routers,
     )
     ideal = ideal_hit_tokens(workload.requests)
     summaries = [summarize(r, ideal, slo_ttft_s=args.slo_ttft) for r in results]
     cache = "unbounded" if engine.cache_tokens is None else f"{engine.cache_tokens:,}"
     title = (
         f"workload {workload.name}: {len(workload):,} requests, {args.workers} workers, "
-        f"KV cache {cache} tokens/worker, seed {args.seed}"
+        + (f"{args.routers} routers, " if args.routers > 1 else "")
+        + f"KV cache {cache} tokens/worker, seed {args.seed}"
         + (f", speed x{args.speed:g}" if args.speed != 1.0 else "")
     )
     print(format_table(summaries, title))
@@ -315,6 +325,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             "workload_params": workload.params,
             "requests": len(workload),
             "workers": args.workers,
+            "routers": args.routers,
             "seed": args.seed,
             "speed": args.speed,
             "slo_ttft_s": args.slo_ttft,

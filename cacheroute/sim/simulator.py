@@ -33,11 +33,14 @@ from cacheroute.sim.request import Workload
 from cacheroute.sim.specs import PolicySpec
 from cacheroute.worker import BasicWorker
 
-__all__ = ["MAX_WORKERS", "RunResult", "compare", "simulate"]
+__all__ = ["MAX_ROUTERS", "MAX_WORKERS", "RunResult", "compare", "simulate"]
 
 MAX_WORKERS = 65_536
 """The most engines one simulation may have (each is built before the first request, and
 every routing decision reads every worker)."""
+
+MAX_ROUTERS = 4_096
+"""The most gateway replicas one simulation may have (each is a policy object)."""
 
 
 @dataclass
@@ -67,6 +70,7 @@ class RunResult:
         timeline: ``(time, loads per worker)`` samples at arrivals and completions, in
             time order, when recorded.
         wall_s: wall-clock seconds the run took (not part of the results proper).
+        routers: gateway replicas that routed the workload (see :func:`simulate`).
     """
 
     policy: str
@@ -85,26 +89,31 @@ class RunResult:
     timeline: list[tuple[float, tuple[int, ...]]] = field(default_factory=list)
     wall_s: float = 0.0
     admitted: list[float] = field(default_factory=list)
+    routers: int = 1
 
 
 def _check_args(
     workload: object,
-    policy: object,
     workers: object,
     engine: object,
     seed: object,
     timeline_points: object,
+    routers: object,
 ) -> None:
     """Shared argument checks of :func:`simulate` and :func:`compare`."""
     if not isinstance(workload, Workload):
         raise fail("workload", "a Workload", workload, TypeError)
-    if not isinstance(policy, (PolicySpec, str)):
-        raise fail("policy", "a PolicySpec or a spec str", policy, TypeError)
     check_int("workers", workers, minimum=1, maximum=MAX_WORKERS)
     check_int("timeline_points", timeline_points, minimum=0)
     if engine is not None and not isinstance(engine, EngineConfig):
         raise fail("engine", "an EngineConfig or None", engine, TypeError)
     check_int("seed", seed)
+    check_int("routers", routers, minimum=1, maximum=MAX_ROUTERS)
+
+
+def _check_policy(policy: object) -> None:
+    if not isinstance(policy, (PolicySpec, str)):
+        raise fail("policy", "a PolicySpec or a spec str", policy, TypeError)
 
 
 def simulate(
@@ -116,6 +125,7 @@ def simulate(
     seed: int = 0,
     timeline_points: int = 0,
     progress: Callable[[int], None] | None = None,
+    routers: int = 1,
 ) -> RunResult:
     """Run ``workload`` through a fresh ``policy`` over ``workers`` modelled engines.
 
@@ -127,13 +137,22 @@ def simulate(
         seed: passed to the policy when it takes one (``random``, ``power_of_two``).
         timeline_points: about how many per-worker load samples to record (0: none).
         progress: called now and then with the number of requests dispatched so far.
+        routers: gateway replicas in front of the engines, as behind a load balancer:
+            each is its own policy object (replica ``k`` gets ``seed + k``), requests go
+            to them round robin in arrival order, and a request's lease is released to
+            the replica that routed it. A replica learns only its own requests' routing
+            (a prefix tree of a quarter of the traffic with 4 replicas), but every
+            replica reads the same workers, so all see every request's load and work.
+            ``routers=1`` is a single gateway (exactly the results without it).
 
     Raises:
         TypeError: an argument of the wrong type (the message names it).
-        ValueError: ``workers < 1``, ``timeline_points < 0`` or a bad policy spec.
+        ValueError: ``workers`` outside [1, ``MAX_WORKERS``], ``routers`` outside
+            [1, ``MAX_ROUTERS``], ``timeline_points < 0`` or a bad policy spec.
         RuntimeError: a request completed twice or never (a simulator bug).
     """
-    _check_args(workload, policy, workers, engine, seed, timeline_points)
+    _check_args(workload, workers, engine, seed, timeline_points, routers)
+    _check_policy(policy)
     check_callable("progress", progress, none_ok=True)
     spec = PolicySpec.parse(policy) if isinstance(policy, str) else policy
     cfg = engine if engine is not None else EngineConfig()
@@ -151,12 +170,15 @@ def simulate(
 
     # Prefix policies see one unit per block: tell them what a unit and an engine hold.
     block = reqs[0].block_size if reqs else 1
-    pol = spec.build(
-        seed=seed,
-        on_decision=observe,
-        tokens_per_unit=float(block),
-        kv_capacity_tokens=cfg.cache_tokens,
-    )
+    replicas = [
+        spec.build(
+            seed=seed + k,
+            on_decision=observe,
+            tokens_per_unit=float(block),
+            kv_capacity_tokens=cfg.cache_tokens,
+        )
+        for k in range(routers)
+    ]
     pool = [BasicWorker(f"http://sim-worker-{i}:8000") for i in range(workers)]
     first_token = [0.0] * n
     hit = [0] * n
@@ -201,7 +223,7 @@ def simulate(
                 push(heap, (eng.next_time, seq, e, eng.version))
         else:
             r = reqs[i]
-            lease = acquire(pol, pool, r.blocks, prompt_tokens=r.input_tokens)
+            lease = acquire(replicas[i % routers], pool, r.blocks, prompt_tokens=r.input_tokens)
             leases[i] = lease
             routed[i] = lease.index
             eng = engines[lease.index]
@@ -217,7 +239,8 @@ def simulate(
         raise RuntimeError(f"{n - finished} of {n} requests never completed")
     if progress is not None:
         progress(n)
-    pol.close()
+    for pol in replicas:
+        pol.close()
     return RunResult(
         policy=str(spec),
         workload=workload,
@@ -235,6 +258,7 @@ def simulate(
         timeline=timeline,
         wall_s=time.perf_counter() - started,
         admitted=admitted,
+        routers=routers,
     )
 
 
@@ -247,6 +271,7 @@ def compare(
     seed: int = 0,
     timeline_points: int = 0,
     show_progress: bool | None = None,
+    routers: int = 1,
 ) -> list[RunResult]:
     """:func:`simulate` ``workload`` once per policy (each with a fresh policy object).
 
@@ -260,8 +285,9 @@ def compare(
 
     if not isinstance(policies, (list, tuple)):
         raise fail("policies", "a list of PolicySpec", policies, TypeError)
+    _check_args(workload, workers, engine, seed, timeline_points, routers)
     for spec in policies:
-        _check_args(workload, spec, workers, engine, seed, timeline_points)
+        _check_policy(spec)
     if show_progress is not None and not isinstance(show_progress, bool):
         raise fail("show_progress", "a bool or None", show_progress, TypeError)
     results = []
@@ -277,6 +303,7 @@ def compare(
                     seed=seed,
                     timeline_points=timeline_points,
                     progress=bar.update,
+                    routers=routers,
                 )
             )
         finally:
