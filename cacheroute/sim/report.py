@@ -27,7 +27,9 @@ def _secs(x: float | None) -> str:
 
 
 def _rate(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:,.2f}" if x < 100 else f"{x:,.0f}"
+    if math.isnan(x):
+        return "-"
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:,.0f}"
 
 
 # (label, format); "{slo}" in a label becomes the summaries' TTFT objective.
