@@ -13,7 +13,7 @@ Modules: :mod:`~cacheroute.sim.engine` (the engine model and its constants),
 See ``docs/simulator.md``.
 """
 
-from cacheroute.sim.engine import Engine, EngineConfig
+from cacheroute.sim.engine import Engine, EngineConfig, KVEvent
 from cacheroute.sim.metrics import DEFAULT_SLO_TTFT_S, Summary, summarize
 from cacheroute.sim.request import Request, Workload, ideal_hit_tokens
 from cacheroute.sim.simulator import RunResult, compare, simulate
@@ -26,6 +26,7 @@ __all__ = [
     "WORKLOADS",
     "Engine",
     "EngineConfig",
+    "KVEvent",
     "PolicySpec",
     "Request",
     "RunResult",

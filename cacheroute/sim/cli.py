@@ -85,6 +85,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r:.60}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text:.60}")
+    return value
+
+
 def _cache_tokens(text: str) -> int | None:
     if text.lower() in ("none", "unbounded", "inf"):
         return None
@@ -165,6 +175,14 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="R",
         help="gateway replicas, each its own policy object, requests spread round robin "
         "(as behind a load balancer); all share the engines (default 1)",
+    )
+    cl.add_argument(
+        "--kv-event-delay",
+        type=_nonnegative_float,
+        default=None,
+        metavar="SECONDS",
+        help="engines emit KV events (blocks stored/removed), delivered to every router "
+        "replica this long after (to policies with an on_kv_event method); default: none",
     )
     cl.add_argument(
         "--cache-tokens",
@@ -308,6 +326,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         timeline_points=2000 if args.plot else 0,
         show_progress=show,
         routers=args.routers,
+        kv_event_delay_s=args.kv_event_delay,
     )
     ideal = ideal_hit_tokens(workload.requests)
     summaries = [summarize(r, ideal, slo_ttft_s=args.slo_ttft) for r in results]
@@ -326,6 +345,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             "requests": len(workload),
             "workers": args.workers,
             "routers": args.routers,
+            "kv_event_delay_s": args.kv_event_delay,
             "seed": args.seed,
             "speed": args.speed,
             "slo_ttft_s": args.slo_ttft,

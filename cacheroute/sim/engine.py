@@ -36,7 +36,31 @@ from typing import Any
 from cacheroute._validation import check_int, check_real
 from cacheroute.sim.request import MAX_TOKENS, Request, matched_blocks
 
-__all__ = ["EngineConfig", "Engine"]
+__all__ = ["EngineConfig", "Engine", "KVEvent"]
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    """A change to one engine's prefix cache, as engines publish it to routers.
+
+    vLLM and SGLang publish such events (``BlockStored`` / ``BlockRemoved``) so that a
+    router can track every engine's cache exactly instead of predicting it; the
+    simulator delivers them to router replicas after a delay (see
+    :func:`cacheroute.sim.simulate`'s ``kv_event_delay_s``).
+
+    Attributes:
+        time: when the engine emitted it: ``"stored"`` when the prefill that computed
+            the blocks finished, ``"removed"`` when they were evicted.
+        worker: the engine's index.
+        kind: ``"stored"`` or ``"removed"``.
+        blocks: the chained block ids (the workload's ids, which are also what the
+            router sees as the request's units).
+    """
+
+    time: float
+    worker: int
+    kind: str
+    blocks: tuple[int, ...]
 
 
 _TIME_FIELDS = (
@@ -163,11 +187,13 @@ class Engine:
         "_running",
         "_seq",
         "_steps",
+        "_storing",
         "_tok",
         "_waiting",
         "admitted",
         "capacity",
         "config",
+        "events",
         "first_token",
         "hit",
         "index",
@@ -188,8 +214,11 @@ class Engine:
         first_token: list[float],
         hit: list[int],
         admitted: list[float] | None = None,
+        events: list[KVEvent] | None = None,
     ) -> None:
         self.index = index
+        self.events = events  # None: no KV events (no cost)
+        self._storing: list[int] = []  # blocks inserted by the prefill in progress
         self.admitted = admitted if admitted is not None else [0.0] * len(requests)
         self.config = config
         self.requests = requests
@@ -266,6 +295,9 @@ class Engine:
         finished: list[int] = []
         self.prefilled = []
         if self._phase == _PREFILL:
+            if self._storing and self.events is not None:
+                self.events.append(KVEvent(now, self.index, "stored", tuple(self._storing)))
+                self._storing = []
             self.prefilled = self._admitted
             first_token = self.first_token
             reqs = self.requests
@@ -275,7 +307,7 @@ class Engine:
                 first_token[rid] = now
                 r = reqs[rid]
                 if r.output_tokens <= 1:
-                    self._release(r)
+                    self._release(r, now)
                     finished.append(rid)
                 else:
                     heapq.heappush(running, (steps + r.output_tokens - 1, rid))
@@ -291,7 +323,7 @@ class Engine:
                 r = reqs[rid]
                 self._ctx_input -= r.input_tokens
                 self._ctx_start -= finish - r.output_tokens + 1
-                self._release(r)
+                self._release(r, now)
                 finished.append(rid)
         self._schedule(now)
         return finished
@@ -331,6 +363,7 @@ class Engine:
         slots = cfg.max_batch - len(self._running)
         budget = cfg.max_prefill_tokens
         admitted = self._admitted
+        storing = self._storing if self.events is not None else None
         new_total = 0
         attention = 0.0
         while waiting and slots > 0:
@@ -366,11 +399,15 @@ class Engine:
             self._lru_tokens -= lru_matched
             # Evict least recently used unpinned blocks until the request fits.
             used = self.used
+            removed: list[int] = []
             while used + need > capacity and lru:
                 b, _ = lru.popitem(last=False)
                 t = tok.pop(b)
                 used -= t
                 self._lru_tokens -= t
+                removed.append(b)
+            if removed and self.events is not None:
+                self.events.append(KVEvent(now, self.index, "removed", tuple(removed)))
             # Insert the new blocks, pinned. (A new block can only be resident already
             # when ids are not chained; the books stay exact anyway.)
             bs = r.block_size
@@ -390,6 +427,8 @@ class Engine:
                 t = tok[b] = min(bs, span - i * bs)
                 ref[b] = 1
                 added += t
+                if storing is not None:
+                    storing.append(b)
             used += added
             self.used = used
             if used > self.peak_used:
@@ -406,7 +445,7 @@ class Engine:
         self.next_time = now + cfg.prefill_time(new_total, attention)
         return True
 
-    def _release(self, r: Request) -> None:
+    def _release(self, r: Request, now: float) -> None:
         """Unpin a finished request's blocks (leaf first) and free its reservations."""
         ref = self._ref
         lru = self._lru
@@ -424,8 +463,12 @@ class Engine:
         self.used -= r.input_tokens - r.span_tokens + r.output_tokens
         if self.used > self.capacity:
             # An oversized request left: shrink back to capacity.
+            removed: list[int] = []
             while self.used > self.capacity and lru:
                 b, _ = lru.popitem(last=False)
                 t = tok.pop(b)
                 self.used -= t
                 self._lru_tokens -= t
+                removed.append(b)
+            if removed and self.events is not None:
+                self.events.append(KVEvent(now, self.index, "removed", tuple(removed)))

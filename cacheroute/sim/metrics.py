@@ -78,6 +78,8 @@ class Summary:
             ``cache_tokens``), each run alone on an otherwise empty engine while
             whatever is queued behind it waits: they decide the tails of traces with
             huge contexts.
+        kv_events_stored, kv_events_removed: KV events the engines emitted (0 unless
+            the run had ``kv_event_delay_s``).
         wall_s: wall-clock seconds of the simulation.
     """
 
@@ -106,6 +108,8 @@ class Summary:
     share_max_over_mean: float
     lb_fraction: float | None
     oversized: int
+    kv_events_stored: int
+    kv_events_removed: int
     wall_s: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,5 +181,7 @@ def summarize(
         share_max_over_mean=max(per_worker) / mean if n else 0.0,
         lb_fraction=result.imbalanced / result.decisions if result.decisions else None,
         oversized=result.oversized,
+        kv_events_stored=result.kv_events.get("stored", 0),
+        kv_events_removed=result.kv_events.get("removed", 0),
         wall_s=result.wall_s,
     )

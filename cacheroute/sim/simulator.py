@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cacheroute._validation import check_callable, check_int, fail
+from cacheroute._validation import check_callable, check_int, check_real, fail
 from cacheroute.lease import Lease, acquire
-from cacheroute.sim.engine import Engine, EngineConfig
+from cacheroute.sim.engine import Engine, EngineConfig, KVEvent
 from cacheroute.sim.request import Workload
 from cacheroute.sim.specs import PolicySpec
 from cacheroute.worker import BasicWorker
@@ -71,6 +71,8 @@ class RunResult:
             time order, when recorded.
         wall_s: wall-clock seconds the run took (not part of the results proper).
         routers: gateway replicas that routed the workload (see :func:`simulate`).
+        kv_events: ``{"stored": n, "removed": m}`` KV events the engines emitted, when
+            ``kv_event_delay_s`` was given (empty otherwise).
     """
 
     policy: str
@@ -90,6 +92,7 @@ class RunResult:
     wall_s: float = 0.0
     admitted: list[float] = field(default_factory=list)
     routers: int = 1
+    kv_events: dict[str, int] = field(default_factory=dict)
 
 
 def _check_args(
@@ -111,6 +114,15 @@ def _check_args(
     check_int("routers", routers, minimum=1, maximum=MAX_ROUTERS)
 
 
+def _check_delay(delay: object) -> float | None:
+    if delay is None:
+        return None
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise fail("kv_event_delay_s", "a real number or None", delay, TypeError)
+    value: float = check_real("kv_event_delay_s", delay, minimum=0.0)
+    return value
+
+
 def _check_policy(policy: object) -> None:
     if not isinstance(policy, (PolicySpec, str)):
         raise fail("policy", "a PolicySpec or a spec str", policy, TypeError)
@@ -126,6 +138,7 @@ def simulate(
     timeline_points: int = 0,
     progress: Callable[[int], None] | None = None,
     routers: int = 1,
+    kv_event_delay_s: float | None = None,
 ) -> RunResult:
     """Run ``workload`` through a fresh ``policy`` over ``workers`` modelled engines.
 
@@ -144,6 +157,13 @@ def simulate(
             (a prefix tree of a quarter of the traffic with 4 replicas), but every
             replica reads the same workers, so all see every request's load and work.
             ``routers=1`` is a single gateway (exactly the results without it).
+        kv_event_delay_s: when not ``None``, engines emit :class:`KVEvent` records
+            (blocks stored when their prefill finishes, blocks evicted) and every
+            replica with an ``on_kv_event(event)`` method receives every event
+            ``kv_event_delay_s`` seconds after it was emitted (before it decides on a
+            request arriving then), as gateway replicas subscribed to the engines' event
+            streams would. Policies without that method are unaffected; the counts are
+            in ``RunResult.kv_events``. ``None`` (the default): no events, no cost.
 
     Raises:
         TypeError: an argument of the wrong type (the message names it).
@@ -154,6 +174,7 @@ def simulate(
     _check_args(workload, workers, engine, seed, timeline_points, routers)
     _check_policy(policy)
     check_callable("progress", progress, none_ok=True)
+    delay = _check_delay(kv_event_delay_s)
     spec = PolicySpec.parse(policy) if isinstance(policy, str) else policy
     cfg = engine if engine is not None else EngineConfig()
     reqs = workload.requests
@@ -185,7 +206,15 @@ def simulate(
     done = [-1.0] * n
     routed = [-1] * n
     admitted = [0.0] * n
-    engines = [Engine(i, cfg, reqs, first_token, hit, admitted) for i in range(workers)]
+    events: list[KVEvent] | None = None if delay is None else []
+    engines = [
+        Engine(i, cfg, reqs, first_token, hit, admitted, events=events) for i in range(workers)
+    ]
+    hook = "on_kv_event"  # a replica that has it receives every KV event
+    listeners: list[Callable[[KVEvent], None]] = [
+        getattr(p, hook) for p in replicas if callable(getattr(p, hook, None))
+    ]
+    sent = 0  # events delivered to the listeners so far
     leases: list[Lease | None] = [None] * n
     timeline: list[tuple[float, tuple[int, ...]]] = []
     every = max(1, 2 * n // timeline_points) if timeline_points > 0 else 0
@@ -223,6 +252,13 @@ def simulate(
                 push(heap, (eng.next_time, seq, e, eng.version))
         else:
             r = reqs[i]
+            if listeners and events is not None and delay is not None:
+                arrival = r.arrival
+                while sent < len(events) and events[sent].time + delay <= arrival:
+                    event = events[sent]
+                    for deliver in listeners:
+                        deliver(event)
+                    sent += 1
             lease = acquire(replicas[i % routers], pool, r.blocks, prompt_tokens=r.input_tokens)
             leases[i] = lease
             routed[i] = lease.index
@@ -237,6 +273,13 @@ def simulate(
                 progress(i)
     if finished != n:
         raise RuntimeError(f"{n - finished} of {n} requests never completed")
+    kv_events: dict[str, int] = {}
+    if events is not None:
+        for deliver in listeners:  # what is still in flight at the end
+            for event in events[sent:]:
+                deliver(event)
+        stored = sum(1 for e in events if e.kind == "stored")
+        kv_events = {"stored": stored, "removed": len(events) - stored}
     if progress is not None:
         progress(n)
     for pol in replicas:
@@ -259,6 +302,7 @@ def simulate(
         wall_s=time.perf_counter() - started,
         admitted=admitted,
         routers=routers,
+        kv_events=kv_events,
     )
 
 
@@ -272,6 +316,7 @@ def compare(
     timeline_points: int = 0,
     show_progress: bool | None = None,
     routers: int = 1,
+    kv_event_delay_s: float | None = None,
 ) -> list[RunResult]:
     """:func:`simulate` ``workload`` once per policy (each with a fresh policy object).
 
@@ -286,6 +331,7 @@ def compare(
     if not isinstance(policies, (list, tuple)):
         raise fail("policies", "a list of PolicySpec", policies, TypeError)
     _check_args(workload, workers, engine, seed, timeline_points, routers)
+    _check_delay(kv_event_delay_s)
     for spec in policies:
         _check_policy(spec)
     if show_progress is not None and not isinstance(show_progress, bool):
@@ -304,6 +350,7 @@ def compare(
                     timeline_points=timeline_points,
                     progress=bar.update,
                     routers=routers,
+                    kv_event_delay_s=kv_event_delay_s,
                 )
             )
         finally:
