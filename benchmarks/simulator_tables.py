@@ -20,8 +20,9 @@ The marker's command is run from the repository root (so trace paths such as
 ``../shared/traces/...`` resolve as the doc says) with ``python -m cacheroute`` and
 ``--progress off``, and the block between the markers is rewritten: the command, then its
 output. Arguments after `` ; also: `` in the marker are passed too but not shown (the
-default run also rewrites the plot and JSON in docs/img/). ``--check`` compares without the
-``sim wall time`` row, the one number that depends on the machine.
+default run also rewrites the plot and JSON in docs/img/; the plot is re-saved with 256
+colours). ``--check`` writes nothing and compares without the ``sim wall time`` row, the
+one number that depends on the machine.
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def run_command(argv: list[str]) -> str:
     return proc.stdout
 
 
+def shrink_png(path: Path) -> None:
+    """Re-save a plot as a 256-colour PNG (a quarter of the size; a plot has a dozen
+    colours) when Pillow, which matplotlib requires, is importable."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - matplotlib brings Pillow
+        return
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
 def render(command: str, output: str) -> str:
     """The body of one block: the command as a bash block, then its output."""
     return f"```bash\n{command}\n```\n\n```text\n{output.rstrip()}\n```\n"
@@ -90,8 +103,10 @@ def update(
         if words[:2] != ["cacheroute", "simulate"]:
             raise ValueError(f"not a cacheroute simulate command: {command!r}")
         log(f"running: {command}")
-        argv = words[1:] + (shlex.split(m.group("also") or "") if hidden else [])
-        body = render(command, run(argv))
+        also = shlex.split(m.group("also") or "") if hidden else []
+        body = render(command, run(words[1:] + also))
+        if "--plot" in also:
+            shrink_png(ROOT / also[also.index("--plot") + 1])
         if _comparable(body) != _comparable(m.group("body")):
             stale.append(command)
         head = m.group(0).split("\n", 1)[0]
@@ -113,7 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not BLOCK.search(text):
         print(f"{args.doc}: no <!-- table: ... --> block", file=sys.stderr)
         return 1
-    new, stale = update(text, only=args.only, log=lambda s: print(s, file=sys.stderr))
+    new, stale = update(
+        text,
+        only=args.only,
+        log=lambda s: print(s, file=sys.stderr),
+        hidden=not args.check,  # a check writes nothing, not even the plot
+    )
     if args.check:
         for command in stale:
             print(f"stale: {command}", file=sys.stderr)
