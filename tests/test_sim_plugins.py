@@ -154,3 +154,16 @@ def test_a_plugin_that_cannot_be_found_is_one_error_line_naming_it(
     plugin = plugin.format(tmp=tmp_path)
     line = _error(["--plugin", plugin], capsys)
     assert f"argument --plugin: {plugin}" in line and message in line
+
+
+def test_a_plugin_policy_whose_constructor_raises_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "fragile.py"
+    path.write_text(
+        textwrap.dedent(PLUGIN.format(name="fragile_first")).replace(
+            "self.seed = seed", "raise RuntimeError('needs a GPU')"
+        )
+    )
+    line = _error(["--plugin", str(path), "--policies", "fragile_first"], capsys)
+    assert "argument --policies: fragile_first: RuntimeError: needs a GPU" in line

@@ -277,10 +277,15 @@ def run_simulate(args: argparse.Namespace) -> int:
             parser.error(f"argument --plugin: {exc}")
     try:
         specs = default_specs() if args.policies is None else parse_policy_list(args.policies)
-        for spec in specs:  # validate config keys and values before any long run
-            spec.build(seed=args.seed).close()
     except (ValueError, TypeError) as exc:
         parser.error(f"argument --policies: {exc}")
+    for spec in specs:  # validate config keys and values before any long run
+        try:
+            spec.build(seed=args.seed).close()
+        except (ValueError, TypeError) as exc:
+            parser.error(f"argument --policies: {exc}")
+        except Exception as exc:  # a plugin's constructor may raise anything
+            parser.error(f"argument --policies: {spec}: {type(exc).__name__}: {exc}")
     if args.plot:
         try:
             require_matplotlib()
