@@ -383,3 +383,62 @@ def test_summarize_refuses_what_is_not_a_run_result() -> None:
 
     with pytest.raises(TypeError, match=r"^result must be a RunResult, got 5 \(int\)"):
         summarize(5)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------ traces that are not regular files
+
+
+def _simulate_subprocess(argv: list[str], stdin: bytes | None = None) -> Any:
+    def limit_memory() -> None:  # a runaway read fails fast instead of swapping
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "cacheroute", "simulate", "--progress", "off", *argv],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        check=False,
+        preexec_fn=limit_memory,
+    )
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_cli_reads_a_trace_from_a_pipe(gz: bool) -> None:
+    data = MOONCAKE.read_bytes()
+    out = _simulate_subprocess(
+        ["--trace", "/dev/stdin", "--format", "mooncake", "--policies", "round_robin"],
+        gzip.compress(data) if gz else data,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"workload mooncake: 20 requests" in out.stdout
+
+
+def test_cli_needs_format_for_a_trace_that_can_be_read_only_once() -> None:
+    out = _simulate_subprocess(["--trace", "/dev/stdin"], MOONCAKE.read_bytes())
+    assert out.returncode == 2
+    err = out.stderr.decode()
+    assert "Traceback" not in err
+    assert "argument --trace: /dev/stdin is not a regular file" in err and "--format" in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_cli_a_line_without_end_is_an_error_not_a_memory_error() -> None:
+    out = _simulate_subprocess(["--trace", "/dev/zero", "--format", "mooncake"])
+    assert out.returncode == 2, out.stderr.decode()[-500:]
+    err = out.stderr.decode()
+    assert "Traceback" not in err and "/dev/zero:1: line longer than" in err
+
+
+def test_a_line_longer_than_the_limit_names_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cacheroute.sim import traces
+
+    monkeypatch.setattr(traces, "MAX_LINE_CHARS", 200)
+    short = json.dumps(GOOD_MOONCAKE)
+    long = json.dumps({**GOOD_MOONCAKE, "pad": "x" * 300})
+    path = _write(tmp_path / "m.jsonl", [short, short.ljust(200)[:200], long])
+    with pytest.raises(TraceFormatError, match=rf"^{path}:3: line longer than 200 characters"):
+        load_mooncake(path)

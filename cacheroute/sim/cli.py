@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from dataclasses import replace
 from typing import Any
@@ -245,12 +246,27 @@ def _check_output_path(option: str, path: str) -> str | None:
     return None
 
 
+def _read_once(path: str) -> bool:
+    """Whether ``path`` exists and is not a regular file (a pipe, a terminal, a socket)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # the loader reports it
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
 def _load(args: argparse.Namespace) -> Workload:
     if args.trace is None:
         _claude_code_only(args, "no --trace is given")
         workload = WORKLOADS[args.workload or "default"](args.seed)
         workload = workload.limited(args.limit)
     else:
+        if args.format is None and _read_once(args.trace):
+            raise _OptionError(
+                f"argument --trace: {args.trace} is not a regular file (a pipe can be read "
+                f"only once, and detecting the format reads it): give --format "
+                f"{{{','.join(FORMATS)}}}"
+            )
         fmt = args.format or detect_format(args.trace)
         options: dict[str, Any] = {}
         if fmt == "claude_code":

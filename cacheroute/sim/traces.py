@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gzip
 import heapq
+import io
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from cacheroute.sim.request import MAX_BLOCKS, MAX_TOKENS, Request, Workload
 __all__ = [
     "FORMATS",
     "MAX_CONCURRENCY",
+    "MAX_LINE_CHARS",
     "TraceFormatError",
     "detect_format",
     "load_claude_code",
@@ -54,6 +56,11 @@ __all__ = [
 
 FORMATS = ("mooncake", "claude_code")
 """The trace formats :func:`load_trace` reads."""
+
+MAX_LINE_CHARS = 2**26
+"""The longest trace line read (64M characters; a real line is at most a few hundred
+thousand): a longer one, or a file with no line ends (``/dev/zero``), is a
+:class:`TraceFormatError`, not a ``MemoryError``."""
 
 MAX_CONCURRENCY = 2**20
 """The largest ``concurrency`` of :func:`load_claude_code` (far more sessions at once
@@ -77,19 +84,39 @@ def _check_path(path: object) -> str | os.PathLike[str]:
     raise fail("path", "a str or os.PathLike", path, TypeError)
 
 
+class _OwnedGzipFile(gzip.GzipFile):
+    """A ``GzipFile`` over a file object it also closes."""
+
+    def __init__(self, raw: io.BufferedReader) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
 def open_trace(path: str | os.PathLike[str]) -> TextIO:
     """Open a trace file for reading text, gunzipping it when its content is gzip.
+
+    The file is opened once and its first bytes are peeked, so a pipe (``/dev/stdin``)
+    works, plain or gzipped.
 
     Raises:
         TypeError: ``path`` is not a ``str`` or ``os.PathLike`` (a file descriptor, bytes).
         OSError: the file cannot be opened.
     """
     _check_path(path)
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    raw = open(path, "rb")  # noqa: SIM115 (returned, wrapped)
+    try:
+        if raw.peek(2)[:2] == b"\x1f\x8b":
+            return io.TextIOWrapper(_OwnedGzipFile(raw), encoding="utf-8")
+        return io.TextIOWrapper(raw, encoding="utf-8")
+    except BaseException:
+        raw.close()
+        raise
 
 
 def _records(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -97,7 +124,14 @@ def _records(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]
     text = open_trace(path)  # OSError (no such file, a directory, ...) as it is
     try:
         with text:
-            for lineno, line in enumerate(text, 1):
+            limit = MAX_LINE_CHARS
+            read = text.readline
+            while line := read(limit + 1):
+                lineno += 1
+                if len(line) > limit and line[-1] != "\n":
+                    raise TraceFormatError(
+                        f"{path}:{lineno}: line longer than {limit:,} characters"
+                    )
                 if not line.strip():
                     continue
                 try:
