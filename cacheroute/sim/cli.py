@@ -58,6 +58,8 @@ examples:
   cacheroute simulate --trace conversation_trace.jsonl.gz --format mooncake --json out.json
   cacheroute simulate --trace claude_code_traces.jsonl.gz --format claude_code --limit 5000
   cacheroute simulate --plugin ./my_policy.py --policies my_policy,cache_aware
+  cacheroute simulate --routers 4 --kv-event-delay 0.05
+  zcat trace.jsonl.gz | cacheroute simulate --trace /dev/stdin --format mooncake
 """
 
 
