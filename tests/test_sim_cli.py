@@ -175,3 +175,23 @@ def test_version_and_policies_still_work(capsys: pytest.CaptureFixture[str]) -> 
     assert info.value.code == 0
     assert main(["policies"]) == 0
     assert "cache_aware" in capsys.readouterr().out
+
+
+def test_speed_on_a_workload_all_at_one_instant_says_it_changes_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["simulate", *SMALL, "--policies", "round_robin"]
+    assert main([*argv, "--speed", "2"]) == 0
+    fast = capsys.readouterr()
+    assert "note: --speed 2 changes nothing: all 64 requests of shared_prefix arrive at" in (
+        fast.err
+    )
+    assert main(argv) == 0
+    plain = capsys.readouterr()
+    assert "note:" not in plain.err
+    # The results are indeed the same (but for the wall time and the title).
+    strip = [line for line in plain.out.splitlines()[1:] if "wall time" not in line]
+    assert [line for line in fast.out.splitlines()[1:] if "wall time" not in line] == strip
+    chat = ["simulate", "--workload", "chat", "--limit", "32", "--policies", "round_robin"]
+    assert main([*chat, "--speed", "2", "--progress", "off"]) == 0
+    assert "note:" not in capsys.readouterr().err

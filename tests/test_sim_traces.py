@@ -168,3 +168,24 @@ def test_claude_code_bad_options() -> None:
         load_claude_code(CLAUDE, concurrency=0)
     with pytest.raises(ValueError, match="coarsen"):
         load_claude_code(CLAUDE, coarsen=0)
+
+
+def test_coarse_keys_equal_the_expanded_slice() -> None:
+    """The per-run arithmetic picks exactly the ids the expanded list would."""
+    import random
+
+    from cacheroute.sim.traces import _coarse_keys
+
+    rng = random.Random(0)
+    for _ in range(500):
+        ranges = []
+        nxt = 0
+        for _ in range(rng.randint(1, 5)):
+            nxt += rng.randint(0, 50)
+            length = rng.randint(1, 40)
+            ranges.append([nxt, nxt + length - 1])
+            nxt += length
+        raw = [b for a, z in ranges for b in range(a, z + 1)]
+        for coarsen in (1, 2, 3, 7, 8, 64):
+            expected = raw[coarsen - 1 :: coarsen] + ([raw[-1]] if len(raw) % coarsen else [])
+            assert _coarse_keys(ranges, len(raw), coarsen) == expected

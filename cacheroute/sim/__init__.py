@@ -13,8 +13,8 @@ Modules: :mod:`~cacheroute.sim.engine` (the engine model and its constants),
 See ``docs/simulator.md``.
 """
 
-from cacheroute.sim.engine import Engine, EngineConfig
-from cacheroute.sim.metrics import Summary, summarize
+from cacheroute.sim.engine import Engine, EngineConfig, KVEvent
+from cacheroute.sim.metrics import DEFAULT_SLO_TTFT_S, Summary, summarize
 from cacheroute.sim.request import Request, Workload, ideal_hit_tokens
 from cacheroute.sim.simulator import RunResult, compare, simulate
 from cacheroute.sim.specs import PolicySpec, default_specs, parse_policy_list
@@ -22,9 +22,11 @@ from cacheroute.sim.traces import TraceFormatError, load_claude_code, load_moonc
 from cacheroute.sim.workloads import WORKLOADS, bursty, chat, default_workload, shared_prefix
 
 __all__ = [
+    "DEFAULT_SLO_TTFT_S",
     "WORKLOADS",
     "Engine",
     "EngineConfig",
+    "KVEvent",
     "PolicySpec",
     "Request",
     "RunResult",

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import stat
 import sys
 from dataclasses import replace
 from typing import Any
 
 from cacheroute.sim.engine import EngineConfig
-from cacheroute.sim.metrics import summarize
+from cacheroute.sim.metrics import DEFAULT_SLO_TTFT_S, summarize
 from cacheroute.sim.report import (
     format_table,
     plot_results,
@@ -18,10 +18,22 @@ from cacheroute.sim.report import (
     to_json,
     write_json,
 )
-from cacheroute.sim.request import Workload, ideal_hit_tokens
-from cacheroute.sim.simulator import compare
-from cacheroute.sim.specs import MODE_KEYS, default_specs, parse_policy_list
-from cacheroute.sim.traces import FORMATS, TraceFormatError, load_trace, open_trace
+from cacheroute.sim.request import MAX_BLOCKS, MAX_TOKENS, Workload, ideal_hit_tokens
+from cacheroute.sim.simulator import MAX_ROUTERS, MAX_WORKERS, compare
+from cacheroute.sim.specs import (
+    MODE_KEYS,
+    PluginError,
+    default_specs,
+    load_plugin,
+    parse_policy_list,
+)
+from cacheroute.sim.traces import (
+    FORMATS,
+    MAX_CONCURRENCY,
+    TraceFormatError,
+    detect_format,
+    load_trace,
+)
 from cacheroute.sim.workloads import WORKLOADS
 
 __all__ = ["add_simulate_parser", "run_simulate"]
@@ -36,22 +48,31 @@ policy specs (--policies, comma-separated):
                             cache_aware[imbalance_mode=least_load,cache_threshold=0.3]
 default: every registered policy, once per mode.
 
+plugins (--plugin, repeatable): a module that registers policies with
+  cacheroute.register_policy(NAME, CLASS), imported before --policies is read:
+  a dotted module name on sys.path (my_company.routing) or a .py file (./my_policy.py).
+
 examples:
   cacheroute simulate
   cacheroute simulate --workload shared_prefix --policies round_robin,cache_aware:locality
   cacheroute simulate --trace conversation_trace.jsonl.gz --format mooncake --json out.json
   cacheroute simulate --trace claude_code_traces.jsonl.gz --format claude_code --limit 5000
+  cacheroute simulate --plugin ./my_policy.py --policies my_policy,cache_aware
+  cacheroute simulate --routers 4 --kv-event-delay 0.05
+  zcat trace.jsonl.gz | cacheroute simulate --trace /dev/stdin --format mooncake
 """
 
 
-def _int_type(minimum: int) -> Any:
+def _int_type(minimum: int, maximum: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r:.60}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:,}, got {text:.60}")
         return value
 
     return parse
@@ -67,10 +88,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r:.60}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text:.60}")
+    return value
+
+
 def _cache_tokens(text: str) -> int | None:
     if text.lower() in ("none", "unbounded", "inf"):
         return None
-    value: int = _int_type(1)(text)
+    value: int = _int_type(1, MAX_TOKENS)(text)
     return value
 
 
@@ -103,13 +134,13 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     )
     src.add_argument(
         "--concurrency",
-        type=_int_type(1),
+        type=_int_type(1, MAX_CONCURRENCY),
         default=None,
         help="claude_code traces: sessions running at once (default 32)",
     )
     src.add_argument(
         "--coarsen",
-        type=_int_type(1),
+        type=_int_type(1, MAX_BLOCKS),
         default=None,
         help="claude_code traces: merge this many 64-token blocks into one (default 8)",
     )
@@ -118,17 +149,44 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
         "--speed",
         type=_positive_float,
         default=1.0,
-        help="scale the arrival rate (2 = twice as fast; default 1)",
+        help="scale the arrival rate (2 = twice as fast; default 1); a note says so when "
+        "every request arrives at once (shared_prefix), where it changes nothing",
     )
     src.add_argument("--seed", type=_int_type(0), default=0, help="seed (default 0)")
     cl = p.add_argument_group("cluster")
+    cl.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (a dotted name or a .py path) to register policies before "
+        "--policies is read; repeatable",
+    )
     cl.add_argument(
         "--policies",
         default=None,
         metavar="SPECS",
         help="comma-separated policy specs (see below; default: all)",
     )
-    cl.add_argument("--workers", type=_int_type(1), default=8, help="engines (default 8)")
+    cl.add_argument(
+        "--workers", type=_int_type(1, MAX_WORKERS), default=8, help="engines (default 8)"
+    )
+    cl.add_argument(
+        "--routers",
+        type=_int_type(1, MAX_ROUTERS),
+        default=1,
+        metavar="R",
+        help="gateway replicas, each its own policy object, requests spread round robin "
+        "(as behind a load balancer); all share the engines (default 1)",
+    )
+    cl.add_argument(
+        "--kv-event-delay",
+        type=_nonnegative_float,
+        default=None,
+        metavar="SECONDS",
+        help="engines emit KV events (blocks stored/removed), delivered to every router "
+        "replica this long after (to policies with an on_kv_event method); default: none",
+    )
     cl.add_argument(
         "--cache-tokens",
         type=_cache_tokens,
@@ -138,12 +196,20 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     )
     cl.add_argument(
         "--max-batch",
-        type=_int_type(1),
+        type=_int_type(1, MAX_TOKENS),
         default=EngineConfig.max_batch,
         metavar="N",
         help=f"running requests per engine (default {EngineConfig.max_batch})",
     )
     out = p.add_argument_group("output")
+    out.add_argument(
+        "--slo-ttft",
+        type=_positive_float,
+        default=DEFAULT_SLO_TTFT_S,
+        metavar="SECONDS",
+        help=f"TTFT objective of the SLO and goodput rows (default {DEFAULT_SLO_TTFT_S:g}: "
+        "about a cold 38k-token prefill on the default engine)",
+    )
     out.add_argument("--json", metavar="PATH", help="write all results and the config as JSON")
     out.add_argument(
         "--plot",
@@ -158,22 +224,6 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run_simulate, _parser=p)
     return p
-
-
-def _detect_format(path: str) -> str:
-    with open_trace(path) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if isinstance(rec, dict) and "hash_ids" in rec:
-                    return "mooncake"
-                if isinstance(rec, dict) and "hash_id_ranges" in rec:
-                    return "claude_code"
-                break
-    raise ValueError(f"cannot detect the format of {path}; pass --format {{{','.join(FORMATS)}}}")
 
 
 class _OptionError(ValueError):
@@ -198,13 +248,28 @@ def _check_output_path(option: str, path: str) -> str | None:
     return None
 
 
+def _read_once(path: str) -> bool:
+    """Whether ``path`` exists and is not a regular file (a pipe, a terminal, a socket)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # the loader reports it
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
 def _load(args: argparse.Namespace) -> Workload:
     if args.trace is None:
         _claude_code_only(args, "no --trace is given")
         workload = WORKLOADS[args.workload or "default"](args.seed)
         workload = workload.limited(args.limit)
     else:
-        fmt = args.format or _detect_format(args.trace)
+        if args.format is None and _read_once(args.trace):
+            raise _OptionError(
+                f"argument --trace: {args.trace} is not a regular file (a pipe can be read "
+                f"only once, and detecting the format reads it): give --format "
+                f"{{{','.join(FORMATS)}}}"
+            )
+        fmt = args.format or detect_format(args.trace)
         options: dict[str, Any] = {}
         if fmt == "claude_code":
             for key in ("concurrency", "coarsen"):
@@ -213,7 +278,7 @@ def _load(args: argparse.Namespace) -> Workload:
         else:
             _claude_code_only(args, f"the trace format is {fmt}")
         workload = load_trace(args.trace, fmt, limit=args.limit, **options)
-    return workload.scaled(args.speed)
+    return workload
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -223,12 +288,22 @@ def run_simulate(args: argparse.Namespace) -> int:
         parser.error("--workload and --trace are exclusive: give one")
     if args.format is not None and args.trace is None:
         parser.error("--format needs --trace")
+    for plugin in args.plugin:
+        try:
+            load_plugin(plugin)
+        except PluginError as exc:
+            parser.error(f"argument --plugin: {exc}")
     try:
-        specs = parse_policy_list(args.policies) if args.policies else default_specs()
-        for spec in specs:  # validate config keys and values before any long run
-            spec.build(seed=args.seed).close()
+        specs = default_specs() if args.policies is None else parse_policy_list(args.policies)
     except (ValueError, TypeError) as exc:
         parser.error(f"argument --policies: {exc}")
+    for spec in specs:  # validate config keys and values before any long run
+        try:
+            spec.build(seed=args.seed).close()
+        except (ValueError, TypeError) as exc:
+            parser.error(f"argument --policies: {exc}")
+        except Exception as exc:  # a plugin's constructor may raise anything
+            parser.error(f"argument --policies: {spec}: {type(exc).__name__}: {exc}")
     if args.plot:
         try:
             require_matplotlib()
@@ -251,6 +326,18 @@ def run_simulate(args: argparse.Namespace) -> int:
         parser.error(f"argument --trace: cannot read {exc.filename}: {exc.strerror}")
     if not workload.requests:
         parser.error("the workload has no requests")
+    reqs = workload.requests
+    if args.speed != 1.0 and reqs[0].arrival == reqs[-1].arrival:
+        # Scaling arrivals that are all equal changes no time the metrics look at.
+        print(
+            f"note: --speed {args.speed:g} changes nothing: all {len(reqs):,} requests of "
+            f"{workload.name} arrive at t={reqs[0].arrival:g} s",
+            file=sys.stderr,
+        )
+    try:
+        workload = workload.scaled(args.speed)
+    except ValueError as exc:
+        parser.error(f"argument --speed: {exc}")
 
     show = {"auto": None, "on": True, "off": False}[args.progress]
     results = compare(
@@ -261,13 +348,16 @@ def run_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         timeline_points=2000 if args.plot else 0,
         show_progress=show,
+        routers=args.routers,
+        kv_event_delay_s=args.kv_event_delay,
     )
     ideal = ideal_hit_tokens(workload.requests)
-    summaries = [summarize(r, ideal) for r in results]
+    summaries = [summarize(r, ideal, slo_ttft_s=args.slo_ttft) for r in results]
     cache = "unbounded" if engine.cache_tokens is None else f"{engine.cache_tokens:,}"
     title = (
         f"workload {workload.name}: {len(workload):,} requests, {args.workers} workers, "
-        f"KV cache {cache} tokens/worker, seed {args.seed}"
+        + (f"{args.routers} routers, " if args.routers > 1 else "")
+        + f"KV cache {cache} tokens/worker, seed {args.seed}"
         + (f", speed x{args.speed:g}" if args.speed != 1.0 else "")
     )
     print(format_table(summaries, title))
@@ -277,9 +367,13 @@ def run_simulate(args: argparse.Namespace) -> int:
             "workload_params": workload.params,
             "requests": len(workload),
             "workers": args.workers,
+            "routers": args.routers,
+            "kv_event_delay_s": args.kv_event_delay,
             "seed": args.seed,
             "speed": args.speed,
+            "slo_ttft_s": args.slo_ttft,
             "limit": args.limit,
+            "plugins": list(args.plugin),
             "policies": [
                 {"label": s.label, "name": s.name, "config": dict(s.config)} for s in specs
             ],

@@ -33,9 +33,34 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cacheroute.sim.request import Request, matched_blocks
+from cacheroute._validation import check_int, check_real
+from cacheroute.sim.request import MAX_TOKENS, Request, matched_blocks
 
-__all__ = ["EngineConfig", "Engine"]
+__all__ = ["EngineConfig", "Engine", "KVEvent"]
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    """A change to one engine's prefix cache, as engines publish it to routers.
+
+    vLLM and SGLang publish such events (``BlockStored`` / ``BlockRemoved``) so that a
+    router can track every engine's cache exactly instead of predicting it; the
+    simulator delivers them to router replicas after a delay (see
+    :func:`cacheroute.sim.simulate`'s ``kv_event_delay_s``).
+
+    Attributes:
+        time: when the engine emitted it: ``"stored"`` when the prefill that computed
+            the blocks finished, ``"removed"`` when they were evicted.
+        worker: the engine's index.
+        kind: ``"stored"`` or ``"removed"``.
+        blocks: the chained block ids (the workload's ids, which are also what the
+            router sees as the request's units).
+    """
+
+    time: float
+    worker: int
+    kind: str
+    blocks: tuple[int, ...]
 
 
 _TIME_FIELDS = (
@@ -84,8 +109,9 @@ class EngineConfig:
     Raises:
         TypeError: a count that is not an ``int`` (``cache_tokens`` may be ``None``) or a
             time constant that is not a real number (``bool`` is neither).
-        ValueError: a count below 1, a time constant negative, infinite or NaN, or both
-            ``decode_weights_s`` and ``decode_per_seq_s`` zero. Nothing is clamped.
+        ValueError: a count below 1 or above :data:`~cacheroute.sim.request.MAX_TOKENS`,
+            a time constant negative, infinite or NaN, or both ``decode_weights_s`` and
+            ``decode_per_seq_s`` zero. Nothing is clamped.
     """
 
     cache_tokens: int | None = 450_000
@@ -99,23 +125,11 @@ class EngineConfig:
     decode_per_context_token_s: float = 4.89e-8
 
     def __post_init__(self) -> None:
-        for name in ("cache_tokens", "max_batch", "max_prefill_tokens"):
-            value = getattr(self, name)
-            if value is None and name == "cache_tokens":
-                continue
-            if type(value) is not int:  # bool is not an int here
-                kind = "an int or None" if name == "cache_tokens" else "an int"
-                raise TypeError(f"{name} must be {kind}, got {type(value).__name__}: {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        check_int("cache_tokens", self.cache_tokens, minimum=1, maximum=MAX_TOKENS, none_ok=True)
+        for name in ("max_batch", "max_prefill_tokens"):
+            check_int(name, getattr(self, name), minimum=1, maximum=MAX_TOKENS)
         for name in _TIME_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    f"{name} must be a real number, got {type(value).__name__}: {value!r}"
-                )
-            if not 0.0 <= value < math.inf:  # also rejects NaN
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_real(name, getattr(self, name), minimum=0.0)
         if self.decode_weights_s <= 0 and self.decode_per_seq_s <= 0:
             raise ValueError(
                 "decode_weights_s or decode_per_seq_s must be > 0 (a decode step must take "
@@ -154,8 +168,9 @@ class Engine:
     whose version is not :attr:`version` is stale and must be skipped.
 
     Per-request results are written into the lists passed at construction, indexed by
-    request id: ``first_token[rid]`` (time of the first token) and ``hit[rid]`` (hit
-    tokens).
+    request id: ``first_token[rid]`` (time of the first token), ``hit[rid]`` (hit
+    tokens) and, when given, ``admitted[rid]`` (when the request left the queue for a
+    prefill batch: its queueing delay is that minus its arrival).
     """
 
     __slots__ = (
@@ -172,10 +187,13 @@ class Engine:
         "_running",
         "_seq",
         "_steps",
+        "_storing",
         "_tok",
         "_waiting",
+        "admitted",
         "capacity",
         "config",
+        "events",
         "first_token",
         "hit",
         "index",
@@ -195,8 +213,13 @@ class Engine:
         requests: list[Request],
         first_token: list[float],
         hit: list[int],
+        admitted: list[float] | None = None,
+        events: list[KVEvent] | None = None,
     ) -> None:
         self.index = index
+        self.events = events  # None: no KV events (no cost)
+        self._storing: list[int] = []  # blocks inserted by the prefill in progress
+        self.admitted = admitted if admitted is not None else [0.0] * len(requests)
         self.config = config
         self.requests = requests
         self.first_token = first_token
@@ -272,6 +295,9 @@ class Engine:
         finished: list[int] = []
         self.prefilled = []
         if self._phase == _PREFILL:
+            if self._storing and self.events is not None:
+                self.events.append(KVEvent(now, self.index, "stored", tuple(self._storing)))
+                self._storing = []
             self.prefilled = self._admitted
             first_token = self.first_token
             reqs = self.requests
@@ -281,7 +307,7 @@ class Engine:
                 first_token[rid] = now
                 r = reqs[rid]
                 if r.output_tokens <= 1:
-                    self._release(r)
+                    self._release(r, now)
                     finished.append(rid)
                 else:
                     heapq.heappush(running, (steps + r.output_tokens - 1, rid))
@@ -297,7 +323,7 @@ class Engine:
                 r = reqs[rid]
                 self._ctx_input -= r.input_tokens
                 self._ctx_start -= finish - r.output_tokens + 1
-                self._release(r)
+                self._release(r, now)
                 finished.append(rid)
         self._schedule(now)
         return finished
@@ -337,6 +363,7 @@ class Engine:
         slots = cfg.max_batch - len(self._running)
         budget = cfg.max_prefill_tokens
         admitted = self._admitted
+        storing = self._storing if self.events is not None else None
         new_total = 0
         attention = 0.0
         while waiting and slots > 0:
@@ -372,11 +399,15 @@ class Engine:
             self._lru_tokens -= lru_matched
             # Evict least recently used unpinned blocks until the request fits.
             used = self.used
+            removed: list[int] = []
             while used + need > capacity and lru:
                 b, _ = lru.popitem(last=False)
                 t = tok.pop(b)
                 used -= t
                 self._lru_tokens -= t
+                removed.append(b)
+            if removed and self.events is not None:
+                self.events.append(KVEvent(now, self.index, "removed", tuple(removed)))
             # Insert the new blocks, pinned. (A new block can only be resident already
             # when ids are not chained; the books stay exact anyway.)
             bs = r.block_size
@@ -396,11 +427,14 @@ class Engine:
                 t = tok[b] = min(bs, span - i * bs)
                 ref[b] = 1
                 added += t
+                if storing is not None:
+                    storing.append(b)
             used += added
             self.used = used
             if used > self.peak_used:
                 self.peak_used = used
             self.hit[rid] = hit
+            self.admitted[rid] = now
             admitted.append(rid)
             slots -= 1
             new_total += new
@@ -411,7 +445,7 @@ class Engine:
         self.next_time = now + cfg.prefill_time(new_total, attention)
         return True
 
-    def _release(self, r: Request) -> None:
+    def _release(self, r: Request, now: float) -> None:
         """Unpin a finished request's blocks (leaf first) and free its reservations."""
         ref = self._ref
         lru = self._lru
@@ -429,8 +463,12 @@ class Engine:
         self.used -= r.input_tokens - r.span_tokens + r.output_tokens
         if self.used > self.capacity:
             # An oversized request left: shrink back to capacity.
+            removed: list[int] = []
             while self.used > self.capacity and lru:
                 b, _ = lru.popitem(last=False)
                 t = tok.pop(b)
                 self.used -= t
                 self._lru_tokens -= t
+                removed.append(b)
+            if removed and self.events is not None:
+                self.events.append(KVEvent(now, self.index, "removed", tuple(removed)))

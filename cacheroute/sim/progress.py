@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from cacheroute._validation import check_bool, check_int, check_real, check_str, fail
+
 __all__ = ["ProgressBar"]
 
 
@@ -27,7 +29,8 @@ class ProgressBar:
         fancy: use tqdm when it is installed.
 
     Raises:
-        TypeError: ``total`` not an int or ``delay`` not a real number.
+        TypeError: ``total`` not an int, ``delay`` not a real number, ``label`` not a
+            str, ``enabled`` not a bool or ``None``, ``fancy`` not a bool.
         ValueError: ``total`` negative or ``delay`` negative or not finite.
     """
 
@@ -41,14 +44,12 @@ class ProgressBar:
         enabled: bool | None = None,
         fancy: bool = True,
     ) -> None:
-        if type(total) is not int:
-            raise TypeError(f"total must be an int, got {type(total).__name__}: {total!r}")
-        if total < 0:
-            raise ValueError(f"total must be >= 0, got {total!r}")
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)):
-            raise TypeError(f"delay must be a real number, got {type(delay).__name__}: {delay!r}")
-        if not 0 <= delay < float("inf"):
-            raise ValueError(f"delay must be a finite number >= 0, got {delay!r}")
+        check_int("total", total, minimum=0)
+        check_str("label", label, empty_ok=True)
+        check_real("delay", delay, minimum=0.0)
+        if enabled is not None and not isinstance(enabled, bool):
+            raise fail("enabled", "a bool or None", enabled, TypeError)
+        check_bool("fancy", fancy)
         self.total = total
         self.label = label
         self.stream = stream if stream is not None else sys.stderr

@@ -11,6 +11,7 @@ from typing import Any
 
 from cacheroute.sim.metrics import Summary
 from cacheroute.sim.simulator import RunResult
+from cacheroute.sim.traces import _check_path
 
 __all__ = ["format_table", "plot_results", "require_matplotlib", "to_json", "write_json"]
 
@@ -25,26 +26,51 @@ def _secs(x: float | None) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
+def _rate(x: float) -> str:
+    if math.isnan(x):
+        return "-"
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:,.0f}"
+
+
+# (label, format); "{slo}" in a label becomes the summaries' TTFT objective.
 _ROWS: list[tuple[str, Callable[[Summary], str]]] = [
     ("cache hit rate (tokens)", lambda s: _pct(s.hit_rate)),
     ("ideal hit rate (1 cache)", lambda s: _pct(s.ideal_hit_rate)),
     ("TTFT p50 (s)", lambda s: _secs(s.ttft_p50)),
     ("TTFT p90 (s)", lambda s: _secs(s.ttft_p90)),
     ("TTFT p99 (s)", lambda s: _secs(s.ttft_p99)),
+    ("queue wait p50 (s)", lambda s: _secs(s.queue_p50)),
+    ("queue wait p99 (s)", lambda s: _secs(s.queue_p99)),
+    ("queue wait mean (s)", lambda s: _secs(s.queue_mean)),
+    ("TTFT <= {slo} (SLO met)", lambda s: _pct(None if math.isnan(s.slo_met) else s.slo_met)),
     ("E2E p50 (s)", lambda s: _secs(s.e2e_p50)),
     ("E2E p99 (s)", lambda s: _secs(s.e2e_p99)),
+    ("goodput (req/s, TTFT <= {slo})", lambda s: _rate(s.goodput_rps)),
     ("throughput (out tok/s)", lambda s: f"{s.output_throughput:,.0f}"),
     ("throughput (all tok/s)", lambda s: f"{s.total_throughput:,.0f}"),
     ("request share max/mean", lambda s: f"{s.share_max_over_mean:.2f}"),
     ("load-balancing decisions", lambda s: _pct(s.lb_fraction)),
+    ("requests > engine cache", lambda s: f"{s.oversized:,}"),
     ("sim wall time (s)", lambda s: f"{s.wall_s:.1f}"),
 ]
+
+
+def _label(label: str, summaries: Sequence[Summary]) -> str:
+    """``label`` with its ``{slo}`` filled in: the one objective of every summary, or, when
+    they differ, a label listing them (each column then has its own)."""
+    if "{slo}" not in label:
+        return label
+    slos = sorted({s.slo_ttft_s for s in summaries})
+    if len(slos) == 1:
+        return label.format(slo=f"{slos[0]:g} s")
+    listed = "; ".join(f"{x:g} s" for x in slos)
+    return f"TTFT SLO met ({listed})" if "SLO met" in label else f"goodput (req/s; {listed})"
 
 
 def format_table(summaries: Sequence[Summary], title: str = "") -> str:
     """The policies side by side: one column per policy, one row per metric."""
     header = ["", *(s.policy for s in summaries)]
-    rows = [[label, *(fmt(s) for s in summaries)] for label, fmt in _ROWS]
+    rows = [[_label(label, summaries), *(fmt(s) for s in summaries)] for label, fmt in _ROWS]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -65,7 +91,13 @@ def to_json(summaries: Sequence[Summary], config: dict[str, Any]) -> dict[str, A
 
 
 def write_json(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
-    """Write ``doc`` to ``path`` (NaN written as ``null``)."""
+    """Write ``doc`` to ``path`` (NaN written as ``null``).
+
+    Raises:
+        TypeError: ``path`` is not a ``str`` or ``os.PathLike`` (an ``int`` would be
+            written to, and closed, as a file descriptor).
+    """
+    _check_path(path)
 
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not math.isfinite(x):
@@ -102,8 +134,10 @@ def plot_results(path: str | os.PathLike[str], results: Sequence[RunResult], tit
     """Draw TTFT distributions per policy and per-worker load over time; save to ``path``.
 
     Raises:
+        TypeError: ``path`` is not a ``str`` or ``os.PathLike``.
         RuntimeError: matplotlib is not installed.
     """
+    _check_path(path)
     require_matplotlib()
     plt: Any = importlib.import_module("matplotlib.pyplot")
 

@@ -7,7 +7,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Request", "Workload", "ideal_hit_tokens", "matched_blocks"]
+from cacheroute._validation import check_int, check_real, check_str, fail
+
+__all__ = [
+    "MAX_BLOCKS",
+    "MAX_TOKENS",
+    "Request",
+    "Workload",
+    "ideal_hit_tokens",
+    "matched_blocks",
+]
+
+MAX_TOKENS = 2**40
+"""The largest token count the simulator takes (a prompt, an output, a block, a cache):
+about 1.1e12, far beyond any model's context, and small enough that every simulated
+time (token counts times the engine's per-token costs) stays a finite float."""
+
+MAX_BLOCKS = 2**20
+"""The most blocks one request may have when a loader or generator has to *make* its
+block ids (a Claude-Code ``hash_id_ranges`` run, a generated prompt): 1,048,576, which
+at 64 tokens a block is 67M tokens; more would be an allocation, not a workload."""
+
+_MAX_ID = 2**64 - 1  # the router's token ids are unsigned 64-bit
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,24 +59,25 @@ class Request:
     output_tokens: int
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "span_tokens", "input_tokens", "output_tokens"):
-            value = getattr(self, name)
-            if type(value) is not int:
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-        if not isinstance(self.blocks, tuple):
-            raise TypeError(
-                f"blocks must be a tuple of ints, got {type(self.blocks).__name__}: "
-                f"{self.blocks!r:.60}"
-            )
-        arrival = self.arrival
-        if isinstance(arrival, bool) or not isinstance(arrival, (int, float)):
-            raise TypeError(
-                f"arrival must be a real number, got {type(arrival).__name__}: {arrival!r}"
-            )
-        n = len(self.blocks)
+        check_int("block_size", self.block_size, minimum=1, maximum=MAX_TOKENS)
+        for name in ("span_tokens", "input_tokens"):
+            check_int(name, getattr(self, name), minimum=0, maximum=MAX_TOKENS)
+        check_int("output_tokens", self.output_tokens, minimum=1, maximum=MAX_TOKENS)
+        blocks = self.blocks
+        if not isinstance(blocks, tuple):
+            raise fail("blocks", "a tuple of ints", blocks, TypeError)
+        if blocks:
+            if any(t is not int for t in set(map(type, blocks))):  # C speed; bool is refused
+                bad = next(b for b in blocks if type(b) is not int)
+                raise fail("blocks", "a tuple of ints", bad, TypeError)
+            if min(blocks) < 0 or max(blocks) > _MAX_ID:
+                bad = next(b for b in blocks if not 0 <= b <= _MAX_ID)
+                raise fail("blocks", "a tuple of ints in [0, 2**64 - 1]", bad)
+        arrival = check_real("arrival", self.arrival, minimum=0.0)
+        if type(self.arrival) is not float:
+            object.__setattr__(self, "arrival", arrival)  # an int arrival, as a float
+        n = len(blocks)
         bs = self.block_size
-        if bs < 1:
-            raise ValueError(f"block_size must be >= 1, got {bs}")
         if not (n - 1) * bs < self.span_tokens <= n * bs and not (n == 0 == self.span_tokens):
             raise ValueError(
                 f"span_tokens={self.span_tokens} does not fit {n} blocks of {bs} tokens"
@@ -64,10 +86,6 @@ class Request:
             raise ValueError(
                 f"input_tokens={self.input_tokens} is less than span_tokens={self.span_tokens}"
             )
-        if self.output_tokens < 1:
-            raise ValueError(f"output_tokens must be >= 1, got {self.output_tokens}")
-        if not 0.0 <= arrival < math.inf:  # also rejects NaN
-            raise ValueError(f"arrival must be a finite number >= 0, got {arrival!r}")
 
     def hit_tokens(self, matched: int) -> int:
         """Tokens covered by the first ``matched`` blocks."""
@@ -89,7 +107,16 @@ class Workload:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.requests = sorted(self.requests, key=lambda r: r.arrival)
+        check_str("name", self.name)
+        requests = self.requests
+        if isinstance(requests, (str, bytes, dict)) or not isinstance(requests, (list, tuple)):
+            raise fail("requests", "a list of Request", requests, TypeError)
+        for i, r in enumerate(requests):
+            if not isinstance(r, Request):
+                raise fail(f"requests[{i}]", "a Request", r, TypeError)
+        if not isinstance(self.params, dict):
+            raise fail("params", "a dict", self.params, TypeError)
+        self.requests = sorted(requests, key=lambda r: r.arrival)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -101,13 +128,8 @@ class Workload:
             TypeError: ``limit`` is not an int (or ``None``).
             ValueError: ``limit`` is negative.
         """
-        if limit is None:
-            return self
-        if type(limit) is not int:
-            raise TypeError(f"limit must be an int or None, got {type(limit).__name__}: {limit!r}")
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit!r}")
-        if limit >= len(self.requests):
+        check_int("limit", limit, minimum=0, none_ok=True)
+        if limit is None or limit >= len(self.requests):
             return self
         return Workload(self.name, self.requests[:limit], {**self.params, "limit": limit})
 
@@ -116,14 +138,15 @@ class Workload:
 
         Raises:
             TypeError: ``speed`` is not a real number (``bool`` included).
-            ValueError: ``speed`` is not finite and > 0.
+            ValueError: ``speed`` is not finite and > 0, or so small that the last
+                arrival would be beyond the float range.
         """
-        if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-            raise TypeError(f"speed must be a real number, got {type(speed).__name__}: {speed!r}")
-        if not 0 < speed < math.inf:  # also rejects NaN
-            raise ValueError(f"speed must be a finite number > 0, got {speed!r}")
+        speed = check_real("speed", speed, minimum=0.0, min_open=True)
         if speed == 1.0:
             return self
+        last = self.requests[-1].arrival if self.requests else 0.0
+        if not last / speed < math.inf:
+            raise fail("speed", f"large enough to keep the last arrival ({last:g} s) finite", speed)
         reqs = [
             Request(
                 r.arrival / speed,

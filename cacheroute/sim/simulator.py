@@ -26,13 +26,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cacheroute._validation import check_callable, check_int, check_real, fail
 from cacheroute.lease import Lease, acquire
-from cacheroute.sim.engine import Engine, EngineConfig
+from cacheroute.sim.engine import Engine, EngineConfig, KVEvent
 from cacheroute.sim.request import Workload
 from cacheroute.sim.specs import PolicySpec
 from cacheroute.worker import BasicWorker
 
-__all__ = ["RunResult", "compare", "simulate"]
+__all__ = ["MAX_ROUTERS", "MAX_WORKERS", "RunResult", "compare", "simulate"]
+
+MAX_WORKERS = 65_536
+"""The most engines one simulation may have (each is built before the first request, and
+every routing decision reads every worker)."""
+
+MAX_ROUTERS = 4_096
+"""The most gateway replicas one simulation may have (each is a policy object)."""
 
 
 @dataclass
@@ -51,14 +59,20 @@ class RunResult:
         hit: hit tokens of each request.
         first_token: time of each request's first token.
         done: time each request finished.
+        admitted: time each request left its engine's queue for a prefill batch
+            (``admitted - arrival`` is its queueing delay at dispatch).
         decisions: routing decisions reported by the policy's observer, ``0`` when the
             policy has no observer.
         imbalanced: decisions taken in the policy's load-balancing branch.
         final_loads: every worker's load at the end (all 0 when every lease was released).
-        oversized: requests admitted alone although larger than the free cache.
+        oversized: requests larger than a whole engine cache (prompt plus output above
+            ``engine.cache_tokens``); each ran alone on an otherwise empty engine.
         timeline: ``(time, loads per worker)`` samples at arrivals and completions, in
             time order, when recorded.
         wall_s: wall-clock seconds the run took (not part of the results proper).
+        routers: gateway replicas that routed the workload (see :func:`simulate`).
+        kv_events: ``{"stored": n, "removed": m}`` KV events the engines emitted, when
+            ``kv_event_delay_s`` was given (empty otherwise).
     """
 
     policy: str
@@ -76,32 +90,42 @@ class RunResult:
     oversized: int = 0
     timeline: list[tuple[float, tuple[int, ...]]] = field(default_factory=list)
     wall_s: float = 0.0
+    admitted: list[float] = field(default_factory=list)
+    routers: int = 1
+    kv_events: dict[str, int] = field(default_factory=dict)
 
 
 def _check_args(
     workload: object,
-    policy: object,
     workers: object,
     engine: object,
     seed: object,
     timeline_points: object,
+    routers: object,
 ) -> None:
     """Shared argument checks of :func:`simulate` and :func:`compare`."""
     if not isinstance(workload, Workload):
-        raise TypeError(f"workload must be a Workload, got {type(workload).__name__}")
-    if not isinstance(policy, (PolicySpec, str)):
-        raise TypeError(
-            f"policy must be a PolicySpec or a spec str, got {type(policy).__name__}: {policy!r}"
-        )
-    for name, value, minimum in (("workers", workers, 1), ("timeline_points", timeline_points, 0)):
-        if type(value) is not int:
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise fail("workload", "a Workload", workload, TypeError)
+    check_int("workers", workers, minimum=1, maximum=MAX_WORKERS)
+    check_int("timeline_points", timeline_points, minimum=0)
     if engine is not None and not isinstance(engine, EngineConfig):
-        raise TypeError(f"engine must be an EngineConfig or None, got {engine!r}")
-    if type(seed) is not int:
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
+        raise fail("engine", "an EngineConfig or None", engine, TypeError)
+    check_int("seed", seed)
+    check_int("routers", routers, minimum=1, maximum=MAX_ROUTERS)
+
+
+def _check_delay(delay: object) -> float | None:
+    if delay is None:
+        return None
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise fail("kv_event_delay_s", "a real number or None", delay, TypeError)
+    value: float = check_real("kv_event_delay_s", delay, minimum=0.0)
+    return value
+
+
+def _check_policy(policy: object) -> None:
+    if not isinstance(policy, (PolicySpec, str)):
+        raise fail("policy", "a PolicySpec or a spec str", policy, TypeError)
 
 
 def simulate(
@@ -113,6 +137,8 @@ def simulate(
     seed: int = 0,
     timeline_points: int = 0,
     progress: Callable[[int], None] | None = None,
+    routers: int = 1,
+    kv_event_delay_s: float | None = None,
 ) -> RunResult:
     """Run ``workload`` through a fresh ``policy`` over ``workers`` modelled engines.
 
@@ -124,15 +150,31 @@ def simulate(
         seed: passed to the policy when it takes one (``random``, ``power_of_two``).
         timeline_points: about how many per-worker load samples to record (0: none).
         progress: called now and then with the number of requests dispatched so far.
+        routers: gateway replicas in front of the engines, as behind a load balancer:
+            each is its own policy object (replica ``k`` gets ``seed + k``), requests go
+            to them round robin in arrival order, and a request's lease is released to
+            the replica that routed it. A replica learns only its own requests' routing
+            (a prefix tree of a quarter of the traffic with 4 replicas), but every
+            replica reads the same workers, so all see every request's load and work.
+            ``routers=1`` is a single gateway (exactly the results without it).
+        kv_event_delay_s: when not ``None``, engines emit :class:`KVEvent` records
+            (blocks stored when their prefill finishes, blocks evicted) and every
+            replica with an ``on_kv_event(event)`` method receives every event
+            ``kv_event_delay_s`` seconds after it was emitted (before it decides on a
+            request arriving then), as gateway replicas subscribed to the engines' event
+            streams would. Policies without that method are unaffected; the counts are
+            in ``RunResult.kv_events``. ``None`` (the default): no events, no cost.
 
     Raises:
         TypeError: an argument of the wrong type (the message names it).
-        ValueError: ``workers < 1``, ``timeline_points < 0`` or a bad policy spec.
+        ValueError: ``workers`` outside [1, ``MAX_WORKERS``], ``routers`` outside
+            [1, ``MAX_ROUTERS``], ``timeline_points < 0`` or a bad policy spec.
         RuntimeError: a request completed twice or never (a simulator bug).
     """
-    _check_args(workload, policy, workers, engine, seed, timeline_points)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be callable or None, got {progress!r}")
+    _check_args(workload, workers, engine, seed, timeline_points, routers)
+    _check_policy(policy)
+    check_callable("progress", progress, none_ok=True)
+    delay = _check_delay(kv_event_delay_s)
     spec = PolicySpec.parse(policy) if isinstance(policy, str) else policy
     cfg = engine if engine is not None else EngineConfig()
     reqs = workload.requests
@@ -149,18 +191,30 @@ def simulate(
 
     # Prefix policies see one unit per block: tell them what a unit and an engine hold.
     block = reqs[0].block_size if reqs else 1
-    pol = spec.build(
-        seed=seed,
-        on_decision=observe,
-        tokens_per_unit=float(block),
-        kv_capacity_tokens=cfg.cache_tokens,
-    )
+    replicas = [
+        spec.build(
+            seed=seed + k,
+            on_decision=observe,
+            tokens_per_unit=float(block),
+            kv_capacity_tokens=cfg.cache_tokens,
+        )
+        for k in range(routers)
+    ]
     pool = [BasicWorker(f"http://sim-worker-{i}:8000") for i in range(workers)]
     first_token = [0.0] * n
     hit = [0] * n
     done = [-1.0] * n
     routed = [-1] * n
-    engines = [Engine(i, cfg, reqs, first_token, hit) for i in range(workers)]
+    admitted = [0.0] * n
+    events: list[KVEvent] | None = None if delay is None else []
+    engines = [
+        Engine(i, cfg, reqs, first_token, hit, admitted, events=events) for i in range(workers)
+    ]
+    hook = "on_kv_event"  # a replica that has it receives every KV event
+    listeners: list[Callable[[KVEvent], None]] = [
+        getattr(p, hook) for p in replicas if callable(getattr(p, hook, None))
+    ]
+    sent = 0  # events delivered to the listeners so far
     leases: list[Lease | None] = [None] * n
     timeline: list[tuple[float, tuple[int, ...]]] = []
     every = max(1, 2 * n // timeline_points) if timeline_points > 0 else 0
@@ -198,7 +252,14 @@ def simulate(
                 push(heap, (eng.next_time, seq, e, eng.version))
         else:
             r = reqs[i]
-            lease = acquire(pol, pool, r.blocks, prompt_tokens=r.input_tokens)
+            if listeners and events is not None and delay is not None:
+                arrival = r.arrival
+                while sent < len(events) and events[sent].time + delay <= arrival:
+                    event = events[sent]
+                    for deliver in listeners:
+                        deliver(event)
+                    sent += 1
+            lease = acquire(replicas[i % routers], pool, r.blocks, prompt_tokens=r.input_tokens)
             leases[i] = lease
             routed[i] = lease.index
             eng = engines[lease.index]
@@ -212,9 +273,17 @@ def simulate(
                 progress(i)
     if finished != n:
         raise RuntimeError(f"{n - finished} of {n} requests never completed")
+    kv_events: dict[str, int] = {}
+    if events is not None:
+        for deliver in listeners:  # what is still in flight at the end
+            for event in events[sent:]:
+                deliver(event)
+        stored = sum(1 for e in events if e.kind == "stored")
+        kv_events = {"stored": stored, "removed": len(events) - stored}
     if progress is not None:
         progress(n)
-    pol.close()
+    for pol in replicas:
+        pol.close()
     return RunResult(
         policy=str(spec),
         workload=workload,
@@ -231,6 +300,9 @@ def simulate(
         oversized=sum(e.oversized for e in engines),
         timeline=timeline,
         wall_s=time.perf_counter() - started,
+        admitted=admitted,
+        routers=routers,
+        kv_events=kv_events,
     )
 
 
@@ -243,6 +315,8 @@ def compare(
     seed: int = 0,
     timeline_points: int = 0,
     show_progress: bool | None = None,
+    routers: int = 1,
+    kv_event_delay_s: float | None = None,
 ) -> list[RunResult]:
     """:func:`simulate` ``workload`` once per policy (each with a fresh policy object).
 
@@ -255,11 +329,13 @@ def compare(
     from cacheroute.sim.progress import ProgressBar
 
     if not isinstance(policies, (list, tuple)):
-        raise TypeError(f"policies must be a list of PolicySpec, got {type(policies).__name__}")
+        raise fail("policies", "a list of PolicySpec", policies, TypeError)
+    _check_args(workload, workers, engine, seed, timeline_points, routers)
+    _check_delay(kv_event_delay_s)
     for spec in policies:
-        _check_args(workload, spec, workers, engine, seed, timeline_points)
+        _check_policy(spec)
     if show_progress is not None and not isinstance(show_progress, bool):
-        raise TypeError(f"show_progress must be a bool or None, got {show_progress!r}")
+        raise fail("show_progress", "a bool or None", show_progress, TypeError)
     results = []
     for k, spec in enumerate(policies, 1):
         bar = ProgressBar(len(workload), f"[{k}/{len(policies)}] {spec}", enabled=show_progress)
@@ -273,6 +349,8 @@ def compare(
                     seed=seed,
                     timeline_points=timeline_points,
                     progress=bar.update,
+                    routers=routers,
+                    kv_event_delay_s=kv_event_delay_s,
                 )
             )
         finally:

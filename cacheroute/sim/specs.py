@@ -15,11 +15,19 @@ Examples: ``round_robin``, ``cache_aware:least_load``,
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import inspect
+import os
 import re
+import sys
+import traceback
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
+from cacheroute._validation import check_str
 from cacheroute.policies import (
     LoadBalancingPolicy,
     available_policies,
@@ -27,7 +35,14 @@ from cacheroute.policies import (
     policy_class,
 )
 
-__all__ = ["MODE_KEYS", "PolicySpec", "default_specs", "parse_policy_list"]
+__all__ = [
+    "MODE_KEYS",
+    "PluginError",
+    "PolicySpec",
+    "default_specs",
+    "load_plugin",
+    "parse_policy_list",
+]
 
 MODE_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "cache_aware": ("imbalance_mode", ("locality", "least_load")),
@@ -95,8 +110,7 @@ class PolicySpec:
                 mode shorthand / an unknown mode. The message names the spec.
             TypeError: ``text`` is not a str.
         """
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r}")
+        check_str("text", text, empty_ok=True)
         text = text.strip()
         m = _SPEC.match(text)
         if not m:
@@ -170,8 +184,7 @@ def parse_policy_list(text: str) -> list[PolicySpec]:
         ValueError: a bad spec (see :meth:`PolicySpec.parse`), no spec, or one twice.
         TypeError: ``text`` is not a str.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r}")
+    check_str("text", text, empty_ok=True)
     parts: list[str] = []
     depth = 0
     current: list[str] = []
@@ -194,3 +207,87 @@ def parse_policy_list(text: str) -> list[PolicySpec]:
     if dupes:
         raise ValueError(f"policy spec(s) given twice: {', '.join(dupes)}")
     return specs
+
+
+class PluginError(Exception):
+    """A plugin could not be imported; the message starts with the plugin as given."""
+
+
+def _is_path(plugin: str) -> bool:
+    seps = [os.sep] + ([os.altsep] if os.altsep else [])
+    return plugin.endswith(".py") or any(sep in plugin for sep in seps)
+
+
+def _where(plugin: str, exc: BaseException, origin: str | None) -> str:
+    """``plugin[:line]: Type: message``, the line being the plugin's own line that raised."""
+    if (
+        isinstance(exc, SyntaxError)
+        and exc.filename
+        and origin
+        and os.path.abspath(exc.filename) == origin
+    ):
+        return f"{plugin}:{exc.lineno}: SyntaxError: {exc.msg}"
+    line = ""
+    if origin is not None:
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if os.path.abspath(frame.filename) == origin:
+                line = f":{frame.lineno}"  # the last (innermost) frame of the plugin
+    text = str(exc).strip().splitlines()
+    return f"{plugin}{line}: {type(exc).__name__}: {text[0] if text else ''}".rstrip()
+
+
+def load_plugin(plugin: str) -> ModuleType:
+    """Import a module that registers policies (with :func:`cacheroute.register_policy`).
+
+    ``plugin`` is a dotted module name (imported with :func:`importlib.import_module`,
+    from ``sys.path``) or the path of a ``.py`` file (anything ending in ``.py`` or
+    containing a path separator), imported by file under a module name unique to its
+    absolute path (``cacheroute_plugin_<stem>_<hash>``), so two ``policies.py`` in
+    different folders do not collide. Importing the same plugin again returns the module
+    already imported (it does not register its policies twice).
+
+    Raises:
+        TypeError: ``plugin`` is not a str.
+        PluginError: no such file or module, or importing it raised (a syntax error, an
+            exception, ``SystemExit``); the message starts with ``plugin`` and, when the
+            error is on a line of the plugin, that line: ``"my.py:3: ValueError: ..."``.
+    """
+    check_str("plugin", plugin, empty_ok=True)
+    if _is_path(plugin):
+        path = os.path.abspath(plugin)
+        if not os.path.exists(path):
+            raise PluginError(f"{plugin}: no such file")
+        if not os.path.isfile(path):
+            raise PluginError(f"{plugin}: is not a file")
+        stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+        digest = hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        name = f"cacheroute_plugin_{stem}_{digest}"
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise PluginError(f"{plugin}: cannot be imported as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except (Exception, SystemExit) as exc:
+            del sys.modules[name]
+            raise PluginError(_where(plugin, exc, path)) from exc
+        return module
+    if not plugin or not all(part.isidentifier() for part in plugin.split(".")):
+        raise PluginError(f"{plugin or repr(plugin)}: not a module name or a .py path")
+    try:
+        found = importlib.util.find_spec(plugin)
+    except ModuleNotFoundError as exc:  # a parent package is missing
+        raise PluginError(f"{plugin}: no module named {exc.name!r}") from None
+    except (Exception, SystemExit) as exc:  # a parent package failed to import
+        raise PluginError(_where(plugin, exc, None)) from exc
+    if found is None:
+        raise PluginError(f"{plugin}: no module named {plugin!r}")
+    origin = os.path.abspath(found.origin) if found.origin else None
+    try:
+        return importlib.import_module(plugin)
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(plugin, None)
+        raise PluginError(_where(plugin, exc, origin)) from exc

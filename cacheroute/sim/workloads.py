@@ -18,29 +18,49 @@ import math
 import random
 from collections.abc import Callable
 
-from cacheroute.sim.request import Request, Workload
+from cacheroute._validation import check_bool, check_int, check_real, fail
+from cacheroute.sim.request import MAX_BLOCKS, MAX_TOKENS, Request, Workload
 
-__all__ = ["WORKLOADS", "bursty", "chat", "default_workload", "shared_prefix"]
+__all__ = ["MAX_REQUESTS", "WORKLOADS", "bursty", "chat", "default_workload", "shared_prefix"]
+
+
+MAX_REQUESTS = 2**24
+"""The most requests a generator makes (16.8M; each is a Python object with its ids)."""
 
 
 def _check(name: str, value: object, minimum: float, *, integer: bool = True) -> None:
     """``TypeError`` for a wrong type (``bool`` is neither an int nor a number here),
-    ``ValueError`` for a value below ``minimum`` (or, for numbers, not finite)."""
+    ``ValueError`` for a value below ``minimum`` (token counts: above ``MAX_TOKENS``;
+    numbers: not finite)."""
     if integer:
-        if type(value) is not int:
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    if not minimum <= value < math.inf:  # also rejects NaN
-        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+        check_int(name, value, minimum=int(minimum), maximum=MAX_TOKENS)
+    else:
+        check_real(name, value, minimum=minimum)
+
+
+def _check_count(names: str, count: int) -> None:
+    if count > MAX_REQUESTS:
+        raise ValueError(f"{names} must be at most {MAX_REQUESTS:,} requests, got {count:,}")
+
+
+def _check_blocks(names: str, tokens: int, block_size: int) -> None:
+    blocks = -(-tokens // block_size)
+    if blocks > MAX_BLOCKS:
+        raise ValueError(
+            f"{names} make up to {blocks:,} blocks per prompt of block_size={block_size}, "
+            f"more than {MAX_BLOCKS:,}; raise block_size"
+        )
+
+
+def _check_end(name: str, value: float, end: float) -> None:
+    """The last arrival ``end`` must be finite (a rate too small, an interval too large)."""
+    if not end < math.inf:
+        what = "large enough" if name == "request_rate" else "small enough"
+        raise fail(name, f"{what} to keep every arrival time finite", value)
 
 
 def _check_seed(seed: object) -> None:
-    if type(seed) is not int:
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
+    check_int("seed", seed)
 
 
 def shared_prefix(
@@ -77,9 +97,10 @@ def shared_prefix(
     ):
         _check(name, value, 1 if name != "system_tokens" else 0)
     _check("request_rate", request_rate, 0, integer=False)
-    if not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}: {shuffle!r}")
+    check_bool("shuffle", shuffle)
     _check_seed(seed)
+    _check_count("groups x prompts_per_group", groups * prompts_per_group)
+    _check_blocks("system_tokens + question_tokens", system_tokens + question_tokens, block_size)
     rng = random.Random(seed)
     ids = itertools.count()
     total = system_tokens + question_tokens
@@ -98,6 +119,7 @@ def shared_prefix(
     for blocks, tokens in prompts:
         if request_rate > 0:
             t += rng.expovariate(request_rate)
+            _check_end("request_rate", request_rate, t)
         reqs.append(Request(t, blocks, block_size, tokens, tokens, output_tokens))
     params = {
         "groups": groups,
@@ -142,10 +164,11 @@ def chat(
     ):
         _check(name, value, 1)
     _check("system_tokens", system_tokens, 0)
-    _check("request_rate", request_rate, 0, integer=False)
-    if request_rate == 0:
-        raise ValueError(f"request_rate must be > 0, got {request_rate!r}")
+    check_real("request_rate", request_rate, minimum=0.0, min_open=True)
     _check_seed(seed)
+    _check_count("users x rounds", users * rounds)
+    longest = system_tokens + rounds * (question_tokens * 3 // 2 + answer_tokens * 3 // 2)
+    _check_blocks("system_tokens + rounds x (question_tokens + answer_tokens)", longest, block_size)
     rng = random.Random(seed)
     ids = itertools.count()
     sys_full = system_tokens // block_size
@@ -169,6 +192,7 @@ def chat(
             if prompt % block_size:
                 blocks += (next(ids),)  # the partial last block is this request's own
             t += rng.expovariate(request_rate)
+            _check_end("request_rate", request_rate, t)
             reqs.append(Request(t, blocks, block_size, prompt, prompt, a))
             length[u] = prompt + a
     params = {
@@ -209,6 +233,9 @@ def bursty(
         _check(name, value, 1)
     _check("interval_s", interval_s, 0, integer=False)
     _check_seed(seed)
+    _check_count("bursts x burst_size", bursts * burst_size)
+    _check_blocks("input_tokens", input_tokens * 3 // 2, block_size)
+    _check_end("interval_s", interval_s, (bursts - 1) * interval_s)
     rng = random.Random(seed)
     ids = itertools.count()
     reqs = []
