@@ -320,10 +320,12 @@ def test_max_nodes_counts_nodes_per_holder_and_evicts_lru_pairs() -> None:
 
 def test_max_nodes_for_a_memory_budget() -> None:
     n = Tree.max_nodes_for(256 * 2**20, max_size=2**24)
-    assert n * Tree.NODE_BYTES + 2**24 * Tree.UNIT_BYTES["text"] <= 256 * 2**20
-    assert Tree.max_nodes_for(256 * 2**20, max_size=10**6, kind="tokens") > n
-    with pytest.raises(ValueError, match="max_size must be"):
+    assert n * Tree.NODE_BYTES + 2**24 * 4 <= 256 * 2**20
+    assert Tree.max_nodes_for(256 * 2**20, max_size=10**6, unit_bytes=8) > n
+    with pytest.raises(ValueError, match=r"^max_size must be <= "):
         Tree.max_nodes_for(2**20, max_size=2**24)
+    with pytest.raises(TypeError, match=r"^memory_bytes must be an int"):
+        Tree.max_nodes_for(1.5, max_size=2)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ tokens
