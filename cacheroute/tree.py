@@ -267,7 +267,9 @@ class Tree:
         self._edge: list[str] = [""]
         self._up: list[int] = [0]
         self._kids: list[dict[str, int] | None] = [None]
-        self._hold: list[Holders | None] = [None]
+        # holders: a str or a dict[str, int] (see Holders); Any spares the hot paths the
+        # narrowing asserts mypy would need (measured: an assert per node is not free)
+        self._hold: list[Any] = [None]
         self._ent: list[int] = [-1]  # recency entry of a single holder (-1: implicit)
         self._free: list[int] = []
         self._nodes = 0
@@ -336,6 +338,7 @@ class Tree:
         return path, pos, -1, 0
 
     def _alloc(self) -> int:
+        """A free node id (its children ``None``), growing the lists by a chunk if need be."""
         free = self._free
         if not free:
             n = len(self._edge)
@@ -345,7 +348,6 @@ class Tree:
             self._hold.extend([None] * _CHUNK)
             self._ent.extend([-1] * _CHUNK)
             free.extend(range(n + _CHUNK - 1, n - 1, -1))
-        self._nodes += 1
         return free.pop()
 
     def _split(self, c: int, k: int) -> int:
@@ -361,6 +363,7 @@ class Tree:
         ent = self._ent
         up = self._up
         z = self._alloc()
+        self._nodes += 1
         e = edge[c]
         low = e[k:]
         edge[c] = e[:k]
@@ -382,7 +385,6 @@ class Tree:
                 self._orders[h][x] = z
             self._holdings += 1
         else:
-            assert isinstance(h, dict)
             ent[z] = -1
             hold[c] = dict.fromkeys(h, -1)
             orders = self._orders
@@ -420,10 +422,10 @@ class Tree:
             if top and kids[top] is None and hold[top] == t:
                 edge[top] += rest  # t's own leaf grows: no new node (one recency for all)
             else:
-                x = self._alloc()
+                x = self._free.pop() if self._free else self._alloc()  # no children
+                self._nodes += 1
                 edge[x] = rest
                 self._up[x] = top
-                kids[x] = None
                 hold[x] = t
                 ent[x] = ne
                 od[ne] = x
@@ -454,7 +456,6 @@ class Tree:
                     added += len(edge[y])
                     new += 1
             else:
-                assert isinstance(h, dict)
                 e = h.pop(t, -2)
                 h[t] = e  # most recent holder last (ties in prefix_match)
                 if e >= 0:
@@ -508,7 +509,6 @@ class Tree:
             h = hold[x]
         gone = type(h) is str
         if not gone:
-            assert isinstance(h, dict)
             del h[u]
             if len(h) == 1:
                 for v, ve in h.items():
@@ -527,7 +527,6 @@ class Tree:
             if type(hp) is str:
                 self._ent[p] = e
             else:
-                assert isinstance(hp, dict)
                 hp[u] = e
         else:
             del od[e]
@@ -538,8 +537,7 @@ class Tree:
         self._holdings -= 1
         if gone:  # no holder left, hence no child: unlink
             e0 = edge[x]
-            ch = self._kids[p]
-            assert ch is not None
+            ch: dict[str, int] = self._kids[p]  # type: ignore[assignment]  # p has x
             del ch[e0[0] if self._w == 1 else e0[: self._w]]
             if not ch:
                 self._kids[p] = None
@@ -621,8 +619,8 @@ class Tree:
         try:
             if kind != self._kind and s and self._kind is not None:
                 self._set_kind(kind, units, False)
-            walk = self._walk(s)
-            m.lengths = self._lengths(*walk)
+            walk = path, pos, part, k = self._walk(s)
+            m.lengths = self._lengths(path, pos, part, k)
             m._version = self._version
         finally:
             lock.release()
@@ -645,7 +643,6 @@ class Tree:
             if type(h) is str:
                 res[h] = pos + k  # the rest of the path (and the partial node) is h's alone
                 break
-            assert isinstance(h, dict)
             end += len(self._edge[y])
             if res:
                 for u in h:
@@ -658,7 +655,6 @@ class Tree:
                 if type(h) is str:
                     res[h] = pos + k
                 else:
-                    assert isinstance(h, dict)
                     for u in h:
                         res[u] = pos + k
         w = self._w
@@ -754,7 +750,6 @@ class Tree:
             h = self._hold[last]
             if type(h) is str:
                 return pos // w, h
-            assert isinstance(h, dict)
             return pos // w, next(reversed(h))
         finally:
             lock.release()

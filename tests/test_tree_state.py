@@ -145,6 +145,7 @@ def check_invariants(tree: Tree) -> None:
     assert sum(len(names(hold[x])) for x in nodes) == tree._holdings
     assert len(set(tree._free)) == len(tree._free) and not set(tree._free) & {0, *nodes}
     assert len(nodes) + len(tree._free) + 1 == len(edge)
+    assert all(kids[f] is None and hold[f] is None and not edge[f] for f in tree._free)
     owner: dict[int, str] = {}
     for u, od in tree._orders.items():
         pos = {e: i for i, e in enumerate(od)}
