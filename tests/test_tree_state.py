@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -291,7 +292,8 @@ class BoundedTokensModel(TokensModel):
     per = 7
 
 
-SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None)
+FAST = settings(max_examples=30, stateful_step_count=30, deadline=None)
+THOROUGH = settings(max_examples=300, stateful_step_count=60, deadline=None)
 
 TestText = TreeModel.TestCase
 TestTokens = TokensModel.TestCase
@@ -299,6 +301,20 @@ TestWideTokens = WideTokensModel.TestCase
 TestBoundedText = BoundedTextModel.TestCase
 TestBoundedPerTenant = BoundedPerTenantModel.TestCase
 TestBoundedTokens = BoundedTokensModel.TestCase
-for _case in (TestText, TestTokens, TestWideTokens, TestBoundedText, TestBoundedPerTenant):
-    _case.settings = SETTINGS
-TestBoundedTokens.settings = SETTINGS
+TestText.settings = TestTokens.settings = TestWideTokens.settings = FAST
+TestBoundedText.settings = TestBoundedPerTenant.settings = TestBoundedTokens.settings = FAST
+
+
+@pytest.mark.slow
+class TestThoroughText(TreeModel.TestCase):
+    settings = THOROUGH
+
+
+@pytest.mark.slow
+class TestThoroughBounded(BoundedPerTenantModel.TestCase):
+    settings = THOROUGH
+
+
+@pytest.mark.slow
+class TestThoroughBoundedTokens(BoundedTokensModel.TestCase):
+    settings = THOROUGH
