@@ -187,17 +187,20 @@ def run_w3(cls: Any, data: Any, max_size: int | None) -> dict[str, Any]:
     clock = GcClock()
     gc.collect()
     gc.callbacks.append(clock)
-    ts, evicted = [], []
+    ts, cpu, evicted = [], [], []
+    tt = time.thread_time  # CPU time: tells the tree's own spikes from the scheduler's
     try:
         for s, tenant in data[0]:
             before = t.total_size()
+            c0 = tt()
             t0 = PC()
             t.insert(s, tenant)
             ts.append(PC() - t0)
+            cpu.append(tt() - c0)
             evicted.append(max(0, before + len(s) - t.total_size()))
     finally:
         gc.callbacks.remove(clock)
-    out: dict[str, Any] = {"insert": ts, "gc": clock.pauses, "evicted": evicted}
+    out: dict[str, Any] = {"insert": ts, "gc": clock.pauses, "evicted": evicted, "cpu": cpu}
     out["match"] = timed(t.prefix_match, [(s,) for s in data[1]])
     return out
 
@@ -271,15 +274,18 @@ def main(argv: list[str] | None = None) -> int:
         g2 = [d * 1e3 for r in runs for g, d in r["gc"] if g == 2]
         allp = [d * 1e3 for r in runs for _, d in r["gc"]]
         worst = [max(r["insert"]) * 1e3 for r in runs]
+        worst_cpu = [max(r["cpu"]) * 1e3 for r in runs]
         print(
             f"  {key:22s} gen-2 collections {len(g2) / len(runs):4.1f}/build, worst "
             f"{max(g2, default=0):6.2f} ms; all collections worst {max(allp, default=0):5.2f} ms; "
-            f"worst insert {statistics.median(worst):6.2f} ms (max {max(worst):.2f})"
+            f"worst insert {statistics.median(worst):6.2f} ms (max {max(worst):.2f}), "
+            f"in CPU time {statistics.median(worst_cpu):5.2f} ms (max {max(worst_cpu):.2f})"
         )
         if key.startswith("W3 bounded"):
             ev = [e for r in runs for e in r["evicted"]]
             sizes = [len(s) for s, _ in d3[0]] * len(runs)
             bursts = sum(1 for e, n in zip(ev, sizes, strict=True) if e > 2 * n)
+            ev = [e if e > 16 else 0 for e in ev]  # a few units: the prompt's shared prefix
             ts = [x for r in runs for x in r["insert"]]
             over = sum(x for x in ts if x > 1e-3) / sum(ts)
             print(
