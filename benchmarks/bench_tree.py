@@ -1,229 +1,101 @@
-"""Benchmark for :class:`cacheroute.tree.Tree` (issue 3), with optional peers.
+"""Benchmark of :class:`cacheroute.tree.Tree`, against a baseline revision and peers.
 
 Run::
 
-    python benchmarks/bench_tree.py           # full run (a few minutes on 2 cores)
-    python benchmarks/bench_tree.py --quick   # smoke run (seconds)
+    python benchmarks/bench_tree.py --baseline-rev 719d2b2   # same-run ratios vs that tree
+    python benchmarks/bench_tree.py --quick                  # smoke run (seconds)
 
-Workloads (deterministic, seed 0):
+Workloads (deterministic, seed 0; alphabet letters, digits and space):
 
-* W1 shared-prefix: 64 random system prompts of 4,000 characters (letters,
-  digits, space); 2,000 inserts of system prompt (i % 64) + a random
-  400-character question, tenant = worker (group % 8) where group = i % 64;
-  then 2,000 ``prefix_match`` calls with new questions for the same groups.
-* W2 multi-turn: 200 conversations x 10 turns, turn k = turn k-1 + 300 random
-  user characters + 300 random reply characters; tenant = conversation % 8;
-  conversations interleaved in a seeded random order that keeps each one's
-  turn order; ``prefix_match`` then ``insert`` on each turn.
-* W3 scale: 100,000 distinct random 1,000-character prompts, tenant = i % 16;
-  insert cost per block of 10,000, structure memory at the end, then 10,000
-  matches of new prompts.  Once more with ``max_size`` = 10,000,000.
+* W1 shared prefix: 64 system prompts of 4,000 characters; 2,000 inserts of system prompt
+  (i % 64) + a random 400-character question, tenant = (i % 64) % 8; then 2,000
+  ``prefix_match`` of new questions on the same system prompts.
+* W2 multi-turn: 200 conversations x 10 turns, each turn 600 characters longer than the
+  last, interleaved (each keeps its order); tenant = conversation % 8; per turn
+  ``prefix_match`` then ``insert`` (timed apart), and, on a fresh tree, the pair the cache
+  aware policy makes: ``match`` + ``insert_match`` (the baseline: ``match_and_insert``).
+* W3 scale: 100,000 distinct random 1,000-character prompts over 16 tenants, then 10,000
+  ``prefix_match`` of new ones; once more with ``max_size=10,000,000`` (bounded).
 
-W1 and W2 also compare, on the same prompts (W1: its insert sequence), the
-fused ``match_and_insert`` with two calls (``prefix_match`` or
-``match_lengths``, then ``insert``) timed together, each on a fresh tree, runs
-interleaved, and print the ratio of the p50s.
+Every op is timed on its own (``perf_counter``); cells are the mean, p50 and p99 per op.
+Reps are interleaved (baseline, ours, ours, baseline, ...) and every ratio is
+``baseline / ours`` within one rep, then the median over reps (> 1: ours is faster): the
+machine is shared and noisy, so only same-run ratios mean something. The garbage collector
+is left on; ``gc.callbacks`` time every collection by generation while W3 is built. The
+bounded W3 also reports the worst single insert and how eviction is spread: units evicted
+per insert (a *burst* evicts more than twice what the insert adds).
 
-Per-op latency is measured with ``time.perf_counter_ns`` around each call (the
-timer's own cost, printed as ``timer``, is included).  W1/W2 print the median
-over ``--runs`` runs of each run's p50/p99/mean.  Memory: ``tracemalloc``
-(allocated bytes still live, measured in a separate build so timings are not
-slowed) and the process RSS growth.  The garbage collector is left enabled.
-
-Peers, when importable (``pip install cacheroute[bench]``): ``pygtrie``
-(``CharTrie``, one node per character) and Ray Serve's ``PrefixTree``
-(``ray[serve]``).  The ratio printed is peer / ours (higher = ours faster).
+``--baseline-rev REV`` loads ``git show REV:cacheroute/tree.py`` as a module. Peers, when
+importable: ``pygtrie`` (``pip install cacheroute[bench]``) and Ray Serve's ``PrefixTree``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
 import platform
 import random
 import statistics
 import string
+import subprocess
 import sys
+import tempfile
 import time
-import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from cacheroute.tree import Tree
 
 ALPHABET = string.ascii_letters + string.digits + " "
 _TABLE = bytes(ord(ALPHABET[b % len(ALPHABET)]) for b in range(256))
+PC = time.perf_counter
 
 
 def rand_text(rng: random.Random, n: int) -> str:
-    """n random characters from ALPHABET (byte % 63: near-uniform, fast)."""
     return rng.randbytes(n).translate(_TABLE).decode("ascii")
 
 
-def rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except OSError:  # not Linux
-        import resource
+def load_baseline(rev: str) -> Any:
+    """The ``Tree`` class of ``cacheroute/tree.py`` at git revision ``rev``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run(
+        ["git", "-C", root, "show", f"{rev}:cacheroute/tree.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = os.path.join(tempfile.mkdtemp(), "baseline_tree.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location("baseline_tree", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.Tree
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
-
-def timer_overhead_ns() -> float:
-    pc = time.perf_counter_ns
-    samples = []
-    for _ in range(20000):
-        t0 = pc()
-        samples.append(pc() - t0)
-    return statistics.median(samples)
-
-
-def stats(ns: list[int]) -> tuple[float, float, float]:
-    """(p50, p99, mean) in microseconds."""
-    s = sorted(ns)
+def stats(ts: list[float]) -> dict[str, float]:
+    s = sorted(ts)
     n = len(s)
-    return s[n // 2] / 1e3, s[min(n - 1, (n * 99) // 100)] / 1e3, sum(s) / n / 1e3
+    return {
+        "mean": sum(s) / n * 1e6,
+        "p50": s[n // 2] * 1e6,
+        "p99": s[min(n - 1, n * 99 // 100)] * 1e6,
+        "max": s[-1] * 1e6,
+    }
 
 
-def med(rows: list[tuple[float, float, float]]) -> tuple[float, float, float]:
-    return (
-        statistics.median(r[0] for r in rows),
-        statistics.median(r[1] for r in rows),
-        statistics.median(r[2] for r in rows),
-    )
-
-
-def fmt(st: tuple[float, float, float]) -> str:
-    return f"p50 {st[0]:8.2f}  p99 {st[1]:8.2f}  mean {st[2]:8.2f} us/op"
-
-
-# --------------------------------------------------------------- adapters
-
-
-class Adapter:
-    name = "?"
-
-    def new(self) -> None:
-        raise NotImplementedError
-
-    def insert(self, text: str, tenant: str) -> None:
-        raise NotImplementedError
-
-    def match(self, text: str) -> Any:
-        raise NotImplementedError
-
-
-class Ours(Adapter):
-    name = "cacheroute.Tree"
-
-    def __init__(self, max_size: int | None = None) -> None:
-        self.max_size = max_size
-        self.t = Tree(max_size=max_size)
-
-    def new(self) -> None:
-        self.t = Tree(max_size=self.max_size)
-
-    def insert(self, text: str, tenant: str) -> None:
-        self.t.insert(text, tenant)
-
-    def match(self, text: str) -> Any:
-        return self.t.prefix_match(text)
-
-
-class RayPeer(Adapter):
-    name = "ray PrefixTree"
-
-    def __init__(self, cls: Any) -> None:
-        self.cls = cls
-        self.new()
-
-    def new(self) -> None:
-        self.t = self.cls()
-        self.known: set[str] = set()
-
-    def insert(self, text: str, tenant: str) -> None:
-        if tenant not in self.known:  # Ray drops inserts for unknown tenants
-            self.t.add_tenants([tenant], 0.0)
-            self.known.add(tenant)
-        self.t.insert(text, tenant, time.time())
-
-    def match(self, text: str) -> Any:
-        return self.t.prefix_match(text)
-
-
-class PygtriePeer(Adapter):
-    name = "pygtrie CharTrie"
-
-    def __init__(self, mod: Any) -> None:
-        self.mod = mod
-        self.new()
-
-    def new(self) -> None:
-        self.t = self.mod.CharTrie()
-
-    def insert(self, text: str, tenant: str) -> None:
-        self.t[text] = tenant
-
-    def match(self, text: str) -> Any:
-        n = 0
-        try:
-            for _ in self.t.walk_towards(text):
-                n += 1
-        except KeyError:
-            pass
-        return n - 1
-
-
-def load_peers() -> list[Adapter]:
-    peers: list[Adapter] = []
-    try:
-        from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import (
-            PrefixTree,
-        )
-
-        peers.append(RayPeer(PrefixTree))
-    except Exception as exc:  # ImportError, or ray's own import-time errors
-        print(f"# peer ray PrefixTree: not importable ({type(exc).__name__}: {exc})"[:150])
-    try:
-        import pygtrie
-
-        peers.append(PygtriePeer(pygtrie))
-    except ImportError:
-        print("# peer pygtrie: not importable (pip install pygtrie)")
-    return peers
-
-
-# -------------------------------------------------------------- workloads
+# ------------------------------------------------------------------ workloads
 
 
 def w1_data(scale: float) -> tuple[list[tuple[str, str]], list[str]]:
     rng = random.Random(0)
     n = max(64, int(2000 * scale))
     systems = [rand_text(rng, 4000) for _ in range(64)]
-    inserts = []
-    for i in range(n):
-        g = i % 64
-        inserts.append((systems[g] + rand_text(rng, 400), f"worker-{g % 8}"))
-    matches = [systems[i % 64] + rand_text(rng, 400) for i in range(n)]
-    return inserts, matches
-
-
-def run_w1(a: Adapter, data: tuple[list[tuple[str, str]], list[str]]) -> tuple[Any, Any]:
-    a.new()
-    pc = time.perf_counter_ns
-    ins_ns = []
-    for text, tenant in data[0]:
-        t0 = pc()
-        a.insert(text, tenant)
-        ins_ns.append(pc() - t0)
-    m_ns = []
-    for text in data[1]:
-        t0 = pc()
-        a.match(text)
-        m_ns.append(pc() - t0)
-    return stats(ins_ns), stats(m_ns)
+    ins = [(systems[i % 64] + rand_text(rng, 400), f"worker-{(i % 64) % 8}") for i in range(n)]
+    return ins, [systems[i % 64] + rand_text(rng, 400) for i in range(n)]
 
 
 def w2_data(scale: float) -> list[tuple[str, str]]:
@@ -234,233 +106,258 @@ def w2_data(scale: float) -> list[tuple[str, str]]:
     state = [""] * convs
     turns = []
     for c in order:
-        state[c] = state[c] + rand_text(rng, 300) + rand_text(rng, 300)
+        state[c] += rand_text(rng, 300) + rand_text(rng, 300)
         turns.append((state[c], f"worker-{c % 8}"))
     return turns
 
 
-def run_w2(a: Adapter, turns: list[tuple[str, str]]) -> tuple[Any, Any]:
-    a.new()
-    pc = time.perf_counter_ns
-    m_ns = []
-    ins_ns = []
-    for text, tenant in turns:
-        t0 = pc()
-        a.match(text)
-        t1 = pc()
-        a.insert(text, tenant)
-        t2 = pc()
-        m_ns.append(t1 - t0)
-        ins_ns.append(t2 - t1)
-    return stats(ins_ns), stats(m_ns)
+def w3_data(n: int) -> tuple[list[tuple[str, str]], list[str]]:
+    rng = random.Random(1000)
+    ins = [(rand_text(rng, 1000), f"worker-{i % 16}") for i in range(n)]
+    return ins, [rand_text(rng, 1000) for _ in range(max(1, n // 10))]
 
 
-def run_fused(pairs: list[tuple[str, str]], mode: str) -> Any:
-    """Per prompt, on a fresh tree: ``match_and_insert`` ("fused"), or
-    ``prefix_match`` + ``insert`` ("pm+insert") or ``match_lengths`` + ``insert``
-    ("ml+insert") on the same prompt, timed together.  The ``choose`` callback
-    (returning the workload's tenant) is built before the clock starts."""
-    t = Tree()
-    pc = time.perf_counter_ns
-    ns = []
-    if mode == "fused":
-        mai = t.match_and_insert
-        for text, tenant in pairs:
-
-            def choose(lengths: dict[str, int], tenant: str = tenant) -> str:
-                return tenant
-
-            t0 = pc()
-            mai(text, choose)
-            ns.append(pc() - t0)
-    else:
-        match: Callable[[str], Any] = t.prefix_match if mode == "pm+insert" else t.match_lengths
-        ins = t.insert
-        for text, tenant in pairs:
-            t0 = pc()
-            match(text)
-            ins(text, tenant)
-            ns.append(pc() - t0)
-    return stats(ns)
+# ---------------------------------------------------------------------- cells
 
 
-def print_fused(label: str, pairs: list[tuple[str, str]], runs: int) -> None:
-    """Fused vs two calls on the same prompts, interleaved runs, medians."""
-    rows: dict[str, list[tuple[float, float, float]]] = {
-        "fused": [],
-        "pm+insert": [],
-        "ml+insert": [],
+def timed(op: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[float]:
+    ts = []
+    for a in args:
+        t0 = PC()
+        op(*a)
+        ts.append(PC() - t0)
+    return ts
+
+
+def run_w1(cls: Any, data: Any) -> dict[str, Any]:
+    t = cls()
+    return {
+        "insert": timed(t.insert, data[0]),
+        "match": timed(t.prefix_match, [(s,) for s in data[1]]),
     }
-    for _ in range(runs):
-        for mode in rows:
-            rows[mode].append(run_fused(pairs, mode))
-    fused = med(rows["fused"])
-    for mode, name in (
-        ("pm+insert", "prefix_match + insert"),
-        ("ml+insert", "match_lengths + insert"),
-    ):
-        two = med(rows[mode])
-        print(f"  {label} {name:24s} {fmt(two)}")
-    pm, ml = med(rows["pm+insert"]), med(rows["ml+insert"])
-    print(f"  {label} {'match_and_insert (fused)':24s} {fmt(fused)}")
-    print(
-        f"  {label} fused / two calls (p50): {fused[0] / pm[0]:.2f} vs prefix_match + insert, "
-        f"{fused[0] / ml[0]:.2f} vs match_lengths + insert"
-    )
 
 
-def w3_prompts(seed: int, n: int) -> Iterator[str]:
-    rng = random.Random(seed)
-    for _ in range(n):
-        yield rand_text(rng, 1000)
+def run_w2(cls: Any, turns: list[tuple[str, str]]) -> dict[str, Any]:
+    t = cls()
+    mt, it = [], []
+    for s, tenant in turns:
+        t0 = PC()
+        t.prefix_match(s)
+        t1 = PC()
+        t.insert(s, tenant)
+        t2 = PC()
+        mt.append(t1 - t0)
+        it.append(t2 - t1)
+    f = cls()
+    ft = []
+    if hasattr(f, "insert_match"):
+        match, insert_match = f.match, f.insert_match
+        for s, tenant in turns:
+            t0 = PC()
+            insert_match(match(s), tenant)
+            ft.append(PC() - t0)
+    elif hasattr(f, "match_and_insert"):  # the baseline's fused call, callbacks prebuilt
+        choosers = {x: (lambda d, x=x: x) for _, x in turns}
+        mai = f.match_and_insert
+        for s, tenant in turns:
+            ch = choosers[tenant]
+            t0 = PC()
+            mai(s, ch)
+            ft.append(PC() - t0)
+    out = {"insert": it, "match": mt}
+    if ft:
+        out["match+insert"] = ft
+    return out
 
 
-def run_w3_timed(a: Adapter, n: int, block: int, label: str) -> None:
-    """Insert n prompts in blocks, printing per-block latency and RSS."""
-    a.new()
+class GcClock:
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self.t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.t0 = PC()
+        else:
+            self.pauses.append((info["generation"], PC() - self.t0))
+
+
+def run_w3(cls: Any, data: Any, max_size: int | None) -> dict[str, Any]:
+    t = cls(max_size=max_size)
+    clock = GcClock()
     gc.collect()
-    rss0 = rss_mb()
-    pc = time.perf_counter_ns
-    first = last = 0.0
-    for b in range(n // block):
-        prompts = list(w3_prompts(1000 + b, block))  # generated before timing
-        tenants = [f"worker-{(b * block + i) % 16}" for i in range(block)]
-        ns = []
-        for text, tenant in zip(prompts, tenants, strict=True):
-            t0 = pc()
-            a.insert(text, tenant)
-            ns.append(pc() - t0)
-        del prompts
-        st = stats(ns)
-        if b == 0:
-            first = st[0]
-        last = st[0]
-        print(f"  {label} insert block {b + 1:2d}: {fmt(st)}   RSS +{rss_mb() - rss0:7.1f} MB")
-    print(f"  {label} insert last/first block p50 ratio: {last / first:.2f}")
-    m_ns = []
-    for text in list(w3_prompts(999, max(1, n // 10))):
-        t0 = pc()
-        a.match(text)
-        m_ns.append(pc() - t0)
-    print(f"  {label} match ({max(1, n // 10)} new prompts): {fmt(stats(m_ns))}")
-    a.new()
+    gc.callbacks.append(clock)
+    ts, cpu, evicted = [], [], []
+    tt = time.thread_time  # CPU time: tells the tree's own spikes from the scheduler's
+    try:
+        for s, tenant in data[0]:
+            before = t.total_size()
+            c0 = tt()
+            t0 = PC()
+            t.insert(s, tenant)
+            ts.append(PC() - t0)
+            cpu.append(tt() - c0)
+            evicted.append(max(0, before + len(s) - t.total_size()))
+    finally:
+        gc.callbacks.remove(clock)
+    out: dict[str, Any] = {"insert": ts, "gc": clock.pauses, "evicted": evicted, "cpu": cpu}
+    out["match"] = timed(t.prefix_match, [(s,) for s in data[1]])
+    return out
 
 
-def w3_memory(
-    make: Callable[[], Adapter], n: int, block: int, label: str, per_block: bool
-) -> float:
-    """Build under tracemalloc; return MB still allocated by the structure."""
-    gc.collect()
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    a = make()
-    for b in range(n // block):
-        for i, text in enumerate(w3_prompts(1000 + b, block)):
-            a.insert(text, f"worker-{(b * block + i) % 16}")
-        if per_block:
-            cur = (tracemalloc.get_traced_memory()[0] - base) / 1e6
-            print(f"  {label} tracemalloc after block {b + 1:2d}: {cur:7.1f} MB")
-    gc.collect()
-    cur = (tracemalloc.get_traced_memory()[0] - base) / 1e6
-    tracemalloc.stop()
-    del a
-    gc.collect()
-    return cur
+# ---------------------------------------------------------------------- report
 
 
-# ------------------------------------------------------------------- main
+def fmt(st: dict[str, float]) -> str:
+    return f"mean {st['mean']:7.2f}  p50 {st['p50']:7.2f}  p99 {st['p99']:7.2f} us"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--runs", type=int, default=None, help="W1/W2 repetitions (default 5)")
-    ap.add_argument("--no-peers", action="store_true", help="skip peers")
-    ap.add_argument(
-        "--peer-memory",
-        action="store_true",
-        help="also measure peers' W3 memory with tracemalloc (slow)",
-    )
+    ap.add_argument("--reps", type=int, default=None, help="interleaved reps (default 5)")
+    ap.add_argument("--baseline-rev", default=None, help="git revision of the baseline tree")
+    ap.add_argument("--no-peers", action="store_true", help="skip pygtrie / Ray")
     args = ap.parse_args(argv)
-    quick = args.quick
-    runs = args.runs or (1 if quick else 5)
-    scale = 0.1 if quick else 1.0
-    w3_n = 10_000 if quick else 100_000
-    w3_block = 1_000 if quick else 10_000
-
+    reps = args.reps or (1 if args.quick else 5)
+    scale = 0.1 if args.quick else 1.0
+    n3 = 10_000 if args.quick else 100_000
+    bound = 1_000_000 if args.quick else 10_000_000
     print(
         f"# bench_tree  python {platform.python_version()}  {platform.machine()}  "
-        f"cpus={os.cpu_count()}  runs={runs}  quick={quick}  gc={gc.get_threshold()}"
+        f"cpus={os.cpu_count()}  reps={reps}  quick={args.quick}  gc={gc.get_threshold()}"
     )
-    print(f"# timer overhead ~{timer_overhead_ns():.0f} ns/op (included in figures)")
-    peers = [] if args.no_peers else load_peers()
-    ours = Ours()
-    results: dict[str, dict[str, Any]] = {}
+    trees: dict[str, Any] = {"ours": Tree}
+    if args.baseline_rev:
+        trees = {"baseline": load_baseline(args.baseline_rev), "ours": Tree}
+        print(f"# baseline: cacheroute/tree.py at {args.baseline_rev}")
+    d1, d2, d3 = w1_data(scale), w2_data(scale), w3_data(n3)
+    cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    extra: dict[str, list[Any]] = {}
+    for rep in range(reps):
+        names = list(trees) if rep % 2 == 0 else list(reversed(trees))
+        for name in names:
+            cls = trees[name]
+            for wl, res in (
+                ("W1", run_w1(cls, d1)),
+                ("W2", run_w2(cls, d2)),
+                ("W3", run_w3(cls, d3, None)),
+                ("W3 bounded", run_w3(cls, d3, bound)),
+            ):
+                for op in ("insert", "match", "match+insert"):
+                    if op in res:
+                        cells.setdefault((wl, op, name), []).append(stats(res[op]))
+                if wl.startswith("W3"):
+                    extra.setdefault(f"{wl}|{name}", []).append(res)
+            gc.collect()
+        print(f"# rep {rep + 1}/{reps} done", flush=True)
 
-    d1 = w1_data(scale)
-    d2 = w2_data(scale)
-    print(f"\n## W1 shared-prefix ({len(d1[0])} inserts of 4,400 chars, {len(d1[1])} matches)")
-    for a in [ours, *peers]:
-        r = [run_w1(a, d1) for _ in range(runs if a is ours else max(1, runs // 5))]
-        ins, mat = med([x[0] for x in r]), med([x[1] for x in r])
-        results.setdefault(a.name, {})["w1"] = (ins, mat)
-        print(f"  {a.name:18s} insert {fmt(ins)}")
-        print(f"  {a.name:18s} match  {fmt(mat)}")
-    print_fused(f"{ours.name:18s}", d1[0], runs)
-
-    print(f"\n## W2 multi-turn ({len(d2)} turns, up to 6,000 chars)")
-    for a in [ours, *peers]:
-        r = [run_w2(a, d2) for _ in range(runs if a is ours else max(1, runs // 5))]
-        ins, mat = med([x[0] for x in r]), med([x[1] for x in r])
-        results.setdefault(a.name, {})["w2"] = (ins, mat)
-        print(f"  {a.name:18s} insert {fmt(ins)}")
-        print(f"  {a.name:18s} match  {fmt(mat)}")
-    print_fused(f"{ours.name:18s}", d2, runs)
-
-    print(f"\n## W3 scale ({w3_n:,} distinct 1,000-char prompts, 16 tenants)")
-    run_w3_timed(ours, w3_n, w3_block, "ours")
-    mem = w3_memory(Ours, w3_n, w3_block, "ours", per_block=False)
-    t = Tree()
-    for b in range(w3_n // w3_block):
-        for i, text in enumerate(w3_prompts(1000 + b, w3_block)):
-            t.insert(text, f"worker-{(b * w3_block + i) % 16}")
-    nodes = t._node_count()
-    units = t.total_size()
-    del t
-    gc.collect()
-    print(f"  ours structure: {mem:.1f} MB (tracemalloc), {nodes:,} nodes, {units:,} units")
-    bound = 10_000_000 if not quick else 1_000_000
-    print(f"\n## W3 with max_size = {bound:,}")
-    run_w3_timed(Ours(bound), w3_n, w3_block, "ours/bounded")
-    mem_b = w3_memory(lambda: Ours(bound), w3_n, w3_block, "ours/bounded", per_block=True)
-    print(f"  ours/bounded structure: {mem_b:.1f} MB (tracemalloc)")
-
-    for a in peers:
-        if isinstance(a, PygtriePeer):
-            print(
-                f"\n## W3 {a.name}: skipped (one Python node per character: "
-                f"~{w3_n // 1000}M nodes do not fit in a few minutes / GBs)"
-            )
-            continue
-        print(f"\n## W3 peer {a.name}")
-        run_w3_timed(a, w3_n, w3_block, a.name)
-        if args.peer_memory:
-            pm = w3_memory(lambda a=a: (a.new(), a)[1], w3_n, w3_block, a.name, per_block=False)
-            print(f"  {a.name} structure: {pm:.1f} MB (tracemalloc)")
-
-    if peers:
-        print("\n## ratios peer / ours (p50; higher = ours faster)")
-        ow = results[ours.name]
-        for a in peers:
-            pw = results[a.name]
+    print("\n## Per op (median over reps)")
+    for (wl, op, name), rows in sorted(cells.items()):
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        ratio = med["p99"] / med["p50"]
+        print(f"  {wl:10s} {op:12s} {name:8s} {fmt(med)}  p99/p50 {ratio:4.1f}")
+    if "baseline" in trees:
+        print("\n## Same-rep ratio baseline / ours (median over reps [min-max]; > 1 = ours faster)")
+        for wl, op in sorted({(w, o) for w, o, _ in cells}):
+            b, o = cells.get((wl, op, "baseline")), cells.get((wl, op, "ours"))
+            if not b or not o:
+                continue
             parts = []
-            for w in ("w1", "w2"):
-                parts.append(
-                    f"{w.upper()} insert {pw[w][0][0] / ow[w][0][0]:6.1f}x  "
-                    f"match {pw[w][1][0] / ow[w][1][0]:6.1f}x"
-                )
-            print(f"  {a.name:18s} " + "   ".join(parts))
+            for k in ("mean", "p50", "p99"):
+                rs = [x[k] / y[k] for x, y in zip(b, o, strict=True)]
+                parts.append(f"{k} {statistics.median(rs):5.2f} [{min(rs):.2f}-{max(rs):.2f}]")
+            print(f"  {wl:10s} {op:12s} " + "  ".join(parts))
+
+    print("\n## W3 build: garbage-collector pauses (all reps), eviction and worst inserts")
+    for key, runs in sorted(extra.items()):
+        g2 = [d * 1e3 for r in runs for g, d in r["gc"] if g == 2]
+        allp = [d * 1e3 for r in runs for _, d in r["gc"]]
+        worst = [max(r["insert"]) * 1e3 for r in runs]
+        worst_cpu = [max(r["cpu"]) * 1e3 for r in runs]
+        print(
+            f"  {key:22s} gen-2 collections {len(g2) / len(runs):4.1f}/build, worst "
+            f"{max(g2, default=0):6.2f} ms; all collections worst {max(allp, default=0):5.2f} ms; "
+            f"worst insert {statistics.median(worst):6.2f} ms (max {max(worst):.2f}), "
+            f"in CPU time {statistics.median(worst_cpu):5.2f} ms (max {max(worst_cpu):.2f})"
+        )
+        if key.startswith("W3 bounded"):
+            ev = [e for r in runs for e in r["evicted"]]
+            sizes = [len(s) for s, _ in d3[0]] * len(runs)
+            bursts = sum(1 for e, n in zip(ev, sizes, strict=True) if e > 2 * n)
+            ev = [e if e > 16 else 0 for e in ev]  # a few units: the prompt's shared prefix
+            ts = [x for r in runs for x in r["insert"]]
+            over = sum(x for x in ts if x > 1e-3) / sum(ts)
+            print(
+                f"  {'':22s} evicting inserts {sum(1 for e in ev if e) / len(ev):5.1%}, max units "
+                f"evicted by one insert {max(ev):,}, bursts (> 2x the insert) {bursts}, "
+                f"time in inserts > 1 ms {over:.1%}"
+            )
+
+    if not args.no_peers:
+        peers(d1, d2)
     return 0
+
+
+def peers(d1: Any, d2: Any) -> None:
+    """pygtrie and Ray's PrefixTree on W1/W2 when importable (one rep; p50 ratio)."""
+    found: dict[str, Any] = {}
+    try:
+        from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import (
+            PrefixTree,
+        )
+
+        class Ray:
+            def __init__(self, max_size: int | None = None) -> None:
+                self.t = PrefixTree()
+                self.known: set[str] = set()
+
+            def insert(self, s: str, tenant: str) -> None:
+                if tenant not in self.known:
+                    self.t.add_tenants([tenant], 0.0)
+                    self.known.add(tenant)
+                self.t.insert(s, tenant, time.time())
+
+            def prefix_match(self, s: str) -> Any:
+                return self.t.prefix_match(s)
+
+        found["ray PrefixTree"] = Ray
+    except Exception as exc:  # ImportError, or ray's own import-time errors
+        print(f"# peer ray PrefixTree: not importable ({type(exc).__name__})")
+    try:
+        import pygtrie
+
+        class Trie:
+            def __init__(self, max_size: int | None = None) -> None:
+                self.t = pygtrie.CharTrie()
+
+            def insert(self, s: str, tenant: str) -> None:
+                self.t[s] = tenant
+
+            def prefix_match(self, s: str) -> int:
+                n = 0
+                try:
+                    for _ in self.t.walk_towards(s):
+                        n += 1
+                except KeyError:
+                    pass
+                return n - 1
+
+        found["pygtrie CharTrie"] = Trie
+    except ImportError:
+        print("# peer pygtrie: not importable (pip install pygtrie)")
+    if not found:
+        return
+    ours = {"W1": run_w1(Tree, d1), "W2": run_w2(Tree, d2)}
+    print("\n## Peers / ours (p50, one rep; > 1 = ours faster)")
+    for name, cls in found.items():
+        r = {"W1": run_w1(cls, d1), "W2": run_w2(cls, d2)}
+        parts = [
+            f"{wl} {op} {stats(r[wl][op])['p50'] / stats(ours[wl][op])['p50']:6.1f}x"
+            for wl in ("W1", "W2")
+            for op in ("insert", "match")
+        ]
+        print(f"  {name:18s} " + "  ".join(parts))
 
 
 if __name__ == "__main__":
