@@ -12,7 +12,7 @@ Workloads (the Tree issue's, seed 0):
 For each workload, 8 and 64 idle workers (every load 0: the worst case for tie-breaks on a
 miss), ``select_worker`` is timed per call, in one thread and in two threads sharing the
 policy. The Tree baseline replays, on a fresh ``Tree`` with the same bound, the same
-prompts with ``match_and_insert`` choosing the tenant the policy chose: the tree's own share
+prompts with ``match`` + ``insert_match`` for the tenant the policy chose: the tree's own share
 of the work. ``ratio`` = policy p50 / tree p50 (target <= 2).
 
 Run: ``python benchmarks/bench_policy.py`` (``--quick`` for a smoke run).
@@ -105,19 +105,15 @@ def run_policy(
 
 
 def run_tree(prompts: list[str], chosen: list[str]) -> list[int]:
-    """The Tree's fused match + insert on the same prompts, for the same tenants."""
+    """The Tree's match + insert_match on the same prompts, for the same tenants."""
     tree = Tree(max_size=CacheAwarePolicy().config.max_tree_size)
-    mai = tree.match_and_insert
+    match, insert_match = tree.match, tree.insert_match
     clock = time.perf_counter_ns
     out: list[int] = []
     gc.collect()
     for p, url in zip(prompts, chosen, strict=True):
-
-        def choose(_lengths: dict[str, int], url: str = url) -> str:
-            return url
-
         t0 = clock()
-        mai(p, choose)
+        insert_match(match(p), url)
         out.append(clock() - t0)
     return out
 

@@ -905,14 +905,6 @@ class Tree:
             lock.release()
         return match.lengths.get(t, 0)
 
-    def match_and_insert(self, units: Units, choose: Any) -> tuple[str | None, int]:
-        # temporary: removed when the policy moves to match/insert_match
-        m = self.match(units)
-        chosen = choose(dict(m.lengths))
-        if chosen is None:
-            return None, 0
-        return chosen, self.insert_match(m, chosen)
-
     def remove(self, units: Units, tenant: str) -> int:
         """``tenant`` stops holding ``units`` and every sequence that starts with it.
 

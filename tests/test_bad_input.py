@@ -471,9 +471,6 @@ TABLE: dict[str, Entry] = {
     "cacheroute.tree.Tree.add_tenant": _tree_method("add_tenant", tenant="c"),
     "cacheroute.tree.Tree.evict_tenant_by_size": _tree_method("evict_tenant_by_size", max_units=99),
     "cacheroute.tree.Tree.insert": _tree_method("insert", units="hello there", tenant="a"),
-    "cacheroute.tree.Tree.match_and_insert": _tree_method(
-        "match_and_insert", units="hello you", choose=lambda lengths: "a"
-    ),
     "cacheroute.tree.Tree.match_lengths": _tree_method("match_lengths", units="hello"),
     "cacheroute.tree.Tree.prefix_match": _tree_method("prefix_match", units="hello"),
     "cacheroute.tree.Tree.prefix_match_tenant": _tree_method(
@@ -679,12 +676,6 @@ TABLE: dict[str, Entry] = {
 # Cases that still fail in files owned elsewhere: xfail(strict=True), owner first. Each
 # turns into a failure (XPASS) the moment it is fixed; then delete its line here.
 KNOWN: dict[str, dict[str, str]] = {
-    "cacheroute.tree.Tree.match_and_insert": {
-        "choose": (
-            "tree: choose=None (any non-callable) raises TypeError \"'NoneType' object is "
-            'not callable", not naming choose (the tree engineer removes choose)'
-        ),
-    },
     "cacheroute.cli.main": {
         "argv": (
             "cli.py (no owner in this split): accepts dict; SystemExit: 2; TypeError not "

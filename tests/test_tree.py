@@ -177,14 +177,6 @@ def test_insert_match_errors_leave_the_tree_unchanged() -> None:
     assert t.used_size_per_tenant() == {"a": 3} and u.tenants() == ["a"]
 
 
-def test_match_and_insert_shim_until_the_policy_moves() -> None:
-    t = Tree()
-    t.insert("abc", "a")
-    assert t.match_and_insert("abd", lambda d: "b") == ("b", 0)
-    assert t.match_and_insert("abz", lambda d: None) == (None, 0)
-    assert t.match_lengths("abd") == {"a": 2, "b": 3}
-
-
 # ------------------------------------------------------------------- remove
 
 

@@ -41,7 +41,7 @@ from cacheroute.policies.base import (
     check_request_text,
     check_workers,
 )
-from cacheroute.tree import Tree
+from cacheroute.tree import Tree, TreeMatch
 from cacheroute.worker import Worker, _not_a_worker, all_basic, read_loads, read_work
 
 __all__ = ["DecisionObserver", "PoolView", "PrefixPolicy", "TreeKind"]
@@ -177,6 +177,17 @@ class PoolView:
         return min(ties, key=lambda i: (sizes.get(urls[i], 0), ws[i].processed(), i))
 
 
+def _match(tree: Tree, units: str | Sequence[int]) -> TreeMatch:
+    """``tree.match(units)``, with errors naming the policy's argument, ``request_text``."""
+    try:
+        return tree.match(units)
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        if not text.startswith("units"):
+            raise
+        raise type(exc)("request_text" + text[len("units") :]) from None
+
+
 class PrefixPolicy(LoadBalancingPolicy):
     """Base class of policies that keep a prefix tree of what they routed where.
 
@@ -276,13 +287,17 @@ class PrefixPolicy(LoadBalancingPolicy):
                 return None
             if n and tree is None:
                 tree = self._tree(pool.model, kind)
-            lengths = tree.match_lengths(units) if tree is not None else {}
+            if tree is None:
+                match, lengths = None, {}
+            else:
+                match = _match(tree, units)
+                lengths = match.lengths
             index, reason, cost = self.choose(view, lengths, tree)
             if self._removed is pool.removed:
                 break  # membership unchanged since the view: commit
         url = pool.urls[index]
-        if tree is not None:
-            tree.insert(units, url)
+        if tree is not None and match is not None:
+            tree.insert_match(match, url)  # reuses the descent unless the tree changed since
             if url in self._removed:  # removed while we inserted: take it out again
                 tree.remove_tenant(url)
         key[index].increment_processed()
