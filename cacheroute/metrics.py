@@ -44,7 +44,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
-from cacheroute._validation import check_str
+from cacheroute._validation import check_int, check_sequence, check_str, fail
 from cacheroute.policies.base import Decision, LoadBalancingPolicy
 from cacheroute.worker import Worker
 
@@ -124,6 +124,8 @@ class _Observer:
         self._count = 0
 
     def __call__(self, decision: Decision) -> None:
+        if type(decision) is not Decision and not isinstance(decision, Decision):
+            raise fail("decision", "a Decision", decision, TypeError)
         units = decision.request_units
         with self._lock:
             by_url = self._rows.get(decision.reason)
@@ -174,7 +176,9 @@ class RouterMetrics:
     Thread-safe: observers, ``track_*`` and scrapes may run on any threads.
 
     Raises:
-        TypeError: ``namespace`` or ``policy`` is not a ``str``; ValueError: one is empty.
+        TypeError: ``namespace`` or ``policy`` is not a ``str``, or ``registry`` not a
+            ``CollectorRegistry`` or ``None``; ValueError: ``namespace`` or ``policy`` is
+            empty.
     """
 
     def __init__(
@@ -186,6 +190,10 @@ class RouterMetrics:
     ) -> None:
         check_str("namespace", namespace)
         check_str("policy", policy)
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise fail(
+                "registry", "a prometheus_client CollectorRegistry or None", registry, TypeError
+            )
         self.registry: CollectorRegistry = REGISTRY if registry is None else registry
         """The registry the metrics are registered with (pass it to ``generate_latest``)."""
         self.namespace = namespace
@@ -223,7 +231,14 @@ class RouterMetrics:
         Compare ``engine_cached_tokens_total / engine_prompt_tokens_total`` (what the engine
         served from cache) with ``predicted_cached_tokens_total / prompt_tokens_total`` (what
         the router predicted) per worker. O(1).
+
+        Raises:
+            TypeError: ``worker_url`` is not a ``str`` or a token count not an ``int``;
+                ValueError: ``worker_url`` is empty or a token count negative.
         """
+        check_str("worker_url", worker_url)
+        check_int("prompt_tokens", prompt_tokens, minimum=0)
+        check_int("cached_tokens", cached_tokens, minimum=0)
         with self._lock:
             row = self._engine.get(worker_url)
             if row is None:
@@ -234,6 +249,7 @@ class RouterMetrics:
     def forget_worker(self, worker_url: str) -> None:
         """Drop the per-decision series of a worker that left for good (bounds the label
         cardinality when workers churn, e.g. Ray Serve replicas). O(policies x reasons)."""
+        check_str("worker_url", worker_url)
         with self._lock:
             observers = list(self._observers.values())
             self._engine.pop(worker_url, None)
@@ -250,11 +266,21 @@ class RouterMetrics:
         ``workers`` is a list (read as it is at scrape time) or a callable returning the
         current workers. Call it once per source; a URL seen in several sources is exported
         once (the first). Costs nothing per request; O(workers) per scrape.
+
+        Raises:
+            TypeError: ``workers`` is neither a callable nor a list or tuple of workers
+                (a ``str``, a generator, a dict, an element that is not a Worker).
         """
-        if not callable(workers) and not isinstance(workers, Sequence):
-            raise TypeError(
-                f"workers must be a list of workers or a callable, got {type(workers).__name__}"
-            )
+        if not callable(workers):
+            try:
+                check_sequence("workers", workers)
+            except TypeError:
+                raise fail(
+                    "workers", "a list of workers or a callable", workers, TypeError
+                ) from None
+            for i, w in enumerate(workers):
+                if not isinstance(w, Worker):
+                    raise fail(f"workers[{i}]", "a Worker", w, TypeError)
         self._state.add_workers(workers)
 
     def track_policy(self, policy: LoadBalancingPolicy, name: str | None = None) -> str:

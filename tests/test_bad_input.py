@@ -84,7 +84,8 @@ KINDS: dict[str, list[str]] = {
     "str": ["None", "int", "bool", "bytes", "generator", "nested", "dict", "object"],
     "str|None": ["int", "bool", "bytes", "generator", "nested", "dict", "object"],
     "choice": ["None", "int", "bool", "str", "bytes", "nested", "dict"],
-    # not True: open(True) is open(1), the test process's own stdout (see KNOWN below)
+    # not True: open(True) is open(1), the test process's own stdout, which a path callable
+    # that lost its check would close (tests/test_sim_faults.py checks True without opening)
     "path": ["None", "fd_int", "nested", "dict", "object"],
     "workers": ["None", "int", "bool", "str", "empty_str", "bytes", "generator", "nested", "dict"],
     # a function that answers a question about the list ("all BasicWorkers?") answers
@@ -375,12 +376,6 @@ def _worker_case(method: str, **good: Any) -> Case:
     return Case(getattr(w, method), good, lambda: _snapshot([w]))
 
 
-def _fields(record: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
-
-
 _TMP: list[str] = []
 
 
@@ -400,6 +395,81 @@ def _kit() -> Any:
 
 def _case(call: Callable[..., Any], **good: Any) -> Entry:
     return Entry(lambda: Case(call(), dict(good)))
+
+
+def _ray_serve() -> Any:
+    return importlib.import_module("cacheroute.integrations.ray_serve")
+
+
+def _ray_state() -> Any:
+    return importlib.import_module("cacheroute.integrations.ray_serve_state")
+
+
+def _router_core() -> Case:
+    state = _ray_state()
+    return Case(
+        state.RouterCore,
+        {"policy": make_policy("round_robin"), "model_id": "m", "name": "n", "on_decision": None},
+        lambda: state._created[0],  # how many cores registered themselves
+    )
+
+
+class _StatsIndex:
+    def stats(self) -> dict[str, int]:
+        return {"events_applied_total": 1}
+
+
+def _metrics_state(metrics: Any) -> object:
+    import prometheus_client
+
+    s = metrics._state
+    return (
+        prometheus_client.generate_latest(metrics.registry),
+        sorted(metrics._observers),
+        (len(s._workers), s.policy_labels(), [name for name, _ in s._indexes]),
+    )
+
+
+def _router_metrics() -> Case:
+    import prometheus_client
+
+    registry = prometheus_client.CollectorRegistry()
+    return Case(
+        importlib.import_module("cacheroute.metrics").RouterMetrics,
+        {"registry": registry, "namespace": "t", "policy": "p"},
+        lambda: sorted(registry._names_to_collectors),
+    )
+
+
+def _metrics_method(method: str, **kinds: str | None) -> Entry:
+    def setup() -> Case:
+        import prometheus_client
+
+        from cacheroute.policies.base import Decision
+
+        metrics = importlib.import_module("cacheroute.metrics").RouterMetrics(
+            prometheus_client.CollectorRegistry(), namespace="t"
+        )
+        ws = _ws(2)
+        decision = Decision(0, "http://w0", "cache_hit", request_units=4, matched_units=2)
+        metrics.observe(decision)  # some state to keep intact
+        metrics.record_engine_usage("http://w0", 10, 5)
+        goods: dict[str, dict[str, Any]] = {
+            "forget_worker": {"worker_url": "http://w0"},
+            "observe": {"decision": decision},
+            "observer": {"policy": "prefill"},
+            "record_engine_usage": {
+                "worker_url": "http://w0",
+                "prompt_tokens": 8,
+                "cached_tokens": 4,
+            },
+            "track_index": {"index": _StatsIndex(), "name": "kv"},
+            "track_policy": {"policy": make_policy("round_robin"), "name": "rr"},
+            "track_workers": {"workers": ws},
+        }
+        return Case(getattr(metrics, method), goods[method], lambda: _metrics_state(metrics))
+
+    return Entry(setup, dict(kinds))
 
 
 TABLE: dict[str, Entry] = {
@@ -567,10 +637,6 @@ TABLE: dict[str, Entry] = {
         ),
         {"present": "instance"},
     ),
-    "cacheroute.sim.simulator.RunResult": Entry(
-        lambda: Case(_sim().RunResult, _fields(_run_result())),
-        {"workload": "instance", "engine": "instance"},
-    ),
     "cacheroute.sim.simulator.simulate": Entry(
         lambda: Case(
             _sim().simulate, {"workload": _tiny_workload(), "policy": "round_robin", "workers": 2}
@@ -587,7 +653,6 @@ TABLE: dict[str, Entry] = {
             },
         ),
     ),
-    "cacheroute.sim.metrics.Summary": Entry(lambda: Case(_sim().Summary, _fields(_summary()))),
     "cacheroute.sim.metrics.summarize": Entry(
         lambda: Case(_sim().summarize, {"result": _run_result(), "ideal_hits": None})
     ),
@@ -643,6 +708,17 @@ TABLE: dict[str, Entry] = {
     "cacheroute.sim.specs.parse_policy_list": _fn(
         lambda **kw: _sim().parse_policy_list(**kw), text="round_robin,random"
     ),
+    "cacheroute.sim.specs.load_plugin": Entry(
+        lambda: Case(
+            importlib.import_module("cacheroute.sim.specs").load_plugin,
+            {"plugin": "cacheroute.policies.round_robin"},  # imported already: registers nothing
+            lambda: sorted(registry._registry.items()),
+        )
+    ),
+    "cacheroute.sim.traces.detect_format": _fn(
+        lambda **kw: importlib.import_module("cacheroute.sim.traces").detect_format(**kw),
+        path=str(MOONCAKE),
+    ),
     "cacheroute.sim.traces.load_claude_code": _fn(
         lambda **kw: _sim().load_claude_code(**kw), path=str(CLAUDE), limit=3
     ),
@@ -667,6 +743,46 @@ TABLE: dict[str, Entry] = {
     ),
     "cacheroute.sim.workloads.shared_prefix": _fn(
         lambda **kw: _sim().shared_prefix(**kw), groups=1, prompts_per_group=2
+    ),
+    # ---- cacheroute.integrations (the ray extra)
+    "cacheroute.integrations.ray_serve.request_router_config": _fn(
+        lambda **kw: _ray_serve().request_router_config(**kw),
+        policy="round_robin",
+        model_id="m",
+        prompt_kwarg="prompt",
+        prompt_arg=0,
+        metrics=False,
+    ),
+    "cacheroute.integrations.ray_serve_state.RouterCore": Entry(
+        _router_core, {"on_decision": "callable|None"}
+    ),
+    "cacheroute.integrations.ray_serve_state.prompt_from_body": Entry(
+        lambda: Case(_ray_state().prompt_from_body, {"body": {"prompt": "hi"}}), {"body": "mapping"}
+    ),
+    "cacheroute.integrations.ray_serve_state.prompt_from_call": Entry(
+        lambda: Case(
+            _ray_state().prompt_from_call,
+            {"args": ["hi"], "kwargs": {}, "key": "prompt", "index": 0},
+        ),
+        {"kwargs": "mapping"},
+    ),
+    "cacheroute.integrations.ray_serve_state.routers": _fn(
+        lambda **kw: _ray_state().routers(**kw), name="n"
+    ),
+    "cacheroute.integrations.ray_serve_state.snapshot": _fn(
+        lambda **kw: _ray_state().snapshot(**kw), name="n"
+    ),
+    # ---- cacheroute.metrics (the metrics extra)
+    "cacheroute.metrics.RouterMetrics": Entry(_router_metrics),
+    "cacheroute.metrics.RouterMetrics.forget_worker": _metrics_method("forget_worker"),
+    "cacheroute.metrics.RouterMetrics.observe": _metrics_method("observe"),
+    "cacheroute.metrics.RouterMetrics.observer": _metrics_method("observer"),
+    "cacheroute.metrics.RouterMetrics.record_engine_usage": _metrics_method("record_engine_usage"),
+    "cacheroute.metrics.RouterMetrics.track_index": _metrics_method("track_index"),
+    "cacheroute.metrics.RouterMetrics.track_policy": _metrics_method("track_policy"),
+    # a list is read at scrape time, but its elements must be workers now already
+    "cacheroute.metrics.RouterMetrics.track_workers": _metrics_method(
+        "track_workers", workers="workers"
     ),
 }
 
@@ -836,65 +952,14 @@ KNOWN: dict[str, dict[str, str]] = {
             "sequenc; TypeError not naming attention_units: unsupported operand ty"
         ),
     },
-    "cacheroute.sim.metrics.Summary": {
-        "policy": ("sim: accepts None, int, bool, bytes, generator, nested, dict, object"),
-        "requests": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "input_tokens": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "output_tokens": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "hit_tokens": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "hit_rate": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-        "ideal_hit_rate": (
-            "sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "ttft_p50": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-        "ttft_p90": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-        "ttft_p99": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-        "e2e_p50": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-        "e2e_p99": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-        "makespan_s": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-        "output_throughput": (
-            "sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "total_throughput": (
-            "sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "requests_per_worker": (
-            "sim: accepts None, int, bool, str, bytes, generator, dict, object"
-        ),
-        "share_max_over_mean": (
-            "sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "lb_fraction": ("sim: accepts nan, bool, str, bytes, generator, nested, dict, object"),
-        "oversized": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "wall_s": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-    },
     "cacheroute.sim.metrics.percentile": {
         "values": (
             "sim: accepts bytes, dict; TypeError not naming values: object of type "
             "'NoneType' has n; TypeError not naming values: object of type 'bool' has no le"
         ),
     },
-    "cacheroute.sim.metrics.summarize": {
-        "result": (
-            "sim: AttributeError: 'NoneType' object has no attribute 'workload; "
-            "AttributeError: 'bytes' object has no attribute 'workload'"
-        ),
-    },
     "cacheroute.sim.progress.ProgressBar": {
-        "label": ("sim: accepts None, int, bool, bytes, generator, nested, dict, object"),
         "stream": ("sim: accepts int, str, bytes, nested, dict, object"),
-        "enabled": ("sim: accepts int, float, str, bytes, nested, dict"),
-        "fancy": ("sim: accepts None, int, float, str, bytes, nested, dict"),
     },
     "cacheroute.sim.progress.ProgressBar.update": {
         "done": (
@@ -918,11 +983,6 @@ KNOWN: dict[str, dict[str, str]] = {
         "config": ("sim: accepts None, int, str, bytes, nested, object"),
     },
     "cacheroute.sim.report.write_json": {
-        "path": (
-            "sim: OSError: [Errno 9] Bad file descriptor; TypeError not naming path: "
-            "expected str, bytes or os.PathLik; also path=True opens fd 1 (stdout) and "
-            "closes it (not run here)"
-        ),
         "doc": (
             "sim: accepts None, int, str, nested; TypeError not naming doc: Object of type "
             "bytes is not JSON s; TypeError not naming doc: Object of type object is not "
@@ -934,14 +994,6 @@ KNOWN: dict[str, dict[str, str]] = {
             "sim: accepts float, nan, bool; TypeError not naming matched: '<' not supported"
             " between inst; TypeError not naming matched: unsupported operand type(s) fo"
         ),
-    },
-    "cacheroute.sim.request.Workload": {
-        "name": ("sim: accepts None, int, bool, bytes, generator, nested, dict, object"),
-        "requests": (
-            "sim: accepts dict; AttributeError: 'int' object has no attribute 'arrival'; "
-            "AttributeError: 'str' object has no attribute 'arrival'"
-        ),
-        "params": ("sim: accepts None, int, str, bytes, nested, object"),
     },
     "cacheroute.sim.request.ideal_hit_tokens": {
         "requests": (
@@ -959,69 +1011,10 @@ KNOWN: dict[str, dict[str, str]] = {
             "requires string ; TypeError not naming present: argument of type 'NoneType' is"
         ),
     },
-    "cacheroute.sim.simulator.RunResult": {
-        "policy": ("sim: accepts None, int, bool, bytes, generator, nested, dict, object"),
-        "workload": ("sim: accepts None, int, str, bytes, nested, dict, object"),
-        "workers": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "engine": ("sim: accepts None, int, str, bytes, nested, dict, object"),
-        "seed": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "worker": ("sim: accepts None, int, bool, str, bytes, generator, dict, object"),
-        "hit": ("sim: accepts None, int, bool, str, bytes, generator, dict, object"),
-        "first_token": ("sim: accepts None, int, bool, str, bytes, generator, dict, object"),
-        "done": ("sim: accepts None, int, bool, str, bytes, generator, dict, object"),
-        "decisions": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "imbalanced": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "final_loads": ("sim: accepts None, int, bool, str, bytes, generator, dict, object"),
-        "oversized": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-        "timeline": ("sim: accepts None, int, bool, str, bytes, generator, dict, object"),
-        "wall_s": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-    },
     "cacheroute.sim.specs.PolicySpec": {
         "name": ("sim: accepts None, int, bool, bytes, generator, nested, dict, object"),
         "config": ("sim: accepts None, int, bool, str, bytes, generator, dict, object"),
         "label": ("sim: accepts None, int, bool, bytes, generator, nested, dict, object"),
-    },
-    "cacheroute.sim.traces.load_claude_code": {
-        "path": (
-            "sim: TraceFormatError not naming path: 1000000000: cannot read th; TypeError "
-            "not naming path: expected str, bytes or os.PathLik; also path=True opens fd 1 "
-            "(stdout) and closes it (not run here)"
-        ),
-    },
-    "cacheroute.sim.traces.load_mooncake": {
-        "path": (
-            "sim: TraceFormatError not naming path: 1000000000: cannot read th; TypeError "
-            "not naming path: expected str, bytes or os.PathLik; also path=True opens fd 1 "
-            "(stdout) and closes it (not run here)"
-        ),
-    },
-    "cacheroute.sim.traces.load_trace": {
-        "path": (
-            "sim: TraceFormatError not naming path: 1000000000: cannot read th; TypeError "
-            "not naming path: expected str, bytes or os.PathLik; also path=True opens fd 1 "
-            "(stdout) and closes it (not run here)"
-        ),
-        "fmt": (
-            "sim: ValueError not naming fmt: unknown trace format 3; formats: ; ValueError "
-            "not naming fmt: unknown trace format <object obje"
-        ),
-    },
-    "cacheroute.sim.traces.open_trace": {
-        "path": (
-            "sim: OSError: [Errno 9] Bad file descriptor; TypeError not naming path: "
-            "expected str, bytes or os.PathLik; also path=True opens fd 1 (stdout) and "
-            "closes it (not run here)"
-        ),
     },
 }
 
@@ -1034,6 +1027,11 @@ _ENUM = "an Enum: the value lookup is Python's own (ValueError naming the value)
 _EXC = "an exception class: takes any message"
 _RULE = "a state-machine rule: hypothesis calls it with drawn arguments"
 _BUILT = "built by cacheroute itself (acquire, the policy, the simulator), not by users"
+_RAY_HOOK = "a Ray Serve RequestRouter hook: Ray calls it with its own request/replica objects"
+_CORE_HOOK = (
+    "called by CacheRouteRequestRouter's Ray hooks with Ray's request ids and replica keys, "
+    "not by users"
+)
 
 EXEMPT: dict[str, str] = {
     "cacheroute.policies.base.Decision": _RECORD,
@@ -1057,6 +1055,33 @@ EXEMPT: dict[str, str] = {
     "cacheroute.sim.cli.add_simulate_parser": "argparse plumbing of `cacheroute simulate`",
     "cacheroute.sim.cli.run_simulate": "argparse plumbing: takes the parsed Namespace",
     "cacheroute.sim.report.plot_results": "needs matplotlib (the plot extra), not installed in CI",
+    "cacheroute.sim.engine.KVEvent": _BUILT + " (the engines emit it, simulate() delivers it)",
+    "cacheroute.sim.simulator.RunResult": _BUILT + " (simulate() returns it)",
+    "cacheroute.sim.metrics.Summary": _BUILT + " (summarize() returns it)",
+    # ---- the Ray Serve router: Ray builds it and calls its hooks; users configure it with
+    # request_router_config (in TABLE), which checks what the router is then given
+    "cacheroute.integrations.ray_serve.CacheRouteRequestRouter": _BUILT
+    + " (Ray Serve builds it from request_router_config's RequestRouterConfig)",
+    "cacheroute.integrations.ray_serve.CacheRouteRequestRouter.choose_replicas": _RAY_HOOK,
+    "cacheroute.integrations.ray_serve.CacheRouteRequestRouter.on_replica_actor_died": _RAY_HOOK,
+    "cacheroute.integrations.ray_serve.CacheRouteRequestRouter.on_request_completed": _RAY_HOOK,
+    "cacheroute.integrations.ray_serve.CacheRouteRequestRouter.on_request_routed": _RAY_HOOK,
+    "cacheroute.integrations.ray_serve.CacheRouteRequestRouter.update_replicas": _RAY_HOOK,
+    "cacheroute.integrations.ray_serve_state.RouterCore.cancelled": _CORE_HOOK,
+    "cacheroute.integrations.ray_serve_state.RouterCore.choose": _CORE_HOOK,
+    "cacheroute.integrations.ray_serve_state.RouterCore.completed": _CORE_HOOK,
+    "cacheroute.integrations.ray_serve_state.RouterCore.has": _CORE_HOOK,
+    "cacheroute.integrations.ray_serve_state.RouterCore.remove": _CORE_HOOK,
+    "cacheroute.integrations.ray_serve_state.RouterCore.routed": _CORE_HOOK,
+    "cacheroute.integrations.ray_serve_state.RouterCore.sync": _CORE_HOOK,
+    "cacheroute.integrations.ray_serve_state.RouterCore.worker": _CORE_HOOK,
+    "cacheroute.integrations.ray_serve_state.RouterCore.from_config": (
+        "called by the router's initialize_state with its request_router_kwargs, checked by "
+        "request_router_config and again by the router"
+    ),
+    "cacheroute.integrations.ray_serve_state.RouterCore.enable_metrics": (
+        "called by from_config(metrics=True) with process_metrics()"
+    ),
 }
 for _name in dir(_kit().PolicyStateMachine):
     _member = getattr(_kit().PolicyStateMachine, _name)
@@ -1138,6 +1163,15 @@ def test_every_public_callable_has_an_entry() -> None:
     )
     stale = sorted(k for k in set(TABLE) | set(EXEMPT) if k.split("[")[0] not in PUBLIC)
     assert not stale, f"entries for callables that no longer exist: {stale}"
+    # a KNOWN line whose case is no longer generated would never XPASS: it must go too
+    dead = sorted(
+        f"{key}({param})"
+        for key, params in KNOWN.items()
+        for param in params
+        if key not in TABLE
+        or param not in {p.name for p in _params(CALLABLES.get(key.split("[")[0]))}
+    )
+    assert not dead, f"KNOWN lines for cases the TABLE no longer generates: {dead}"
 
 
 def _cases() -> Iterator[Any]:

@@ -48,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "cacheroute.integrations.ray_serve needs Ray Serve: pip install 'cacheroute[ray]'"
     ) from exc
 
+from cacheroute._validation import check_bool, check_int, check_str
 from cacheroute.integrations.ray_serve_state import (
     RouterCore,
     default_policy,
@@ -100,6 +101,7 @@ class CacheRouteRequestRouter(RequestRouter):
         prompt_arg: int | None = 0,
         metrics: bool = False,
     ) -> None:
+        _check_settings(policy, model_id, prompt_kwarg, prompt_arg, metrics)
         dep = self._deployment_id
         name = f"{dep.app_name}#{dep.name}" if dep.app_name else dep.name
         self._core = RouterCore.from_config(
@@ -196,6 +198,19 @@ class CacheRouteRequestRouter(RequestRouter):
             self._watched.pop(internal_request_id, None)
 
 
+def _check_settings(
+    policy: object, model_id: object, prompt_kwarg: object, prompt_arg: object, metrics: object
+) -> None:
+    """The router's settings are JSON values of the right types (``request_router_config``
+    checks them in the process that builds the application; the router again, for
+    ``request_router_kwargs`` written by hand or in a Serve config file)."""
+    check_str("policy", policy, empty_ok=True, none_ok=True)
+    check_str("model_id", model_id)
+    check_str("prompt_kwarg", prompt_kwarg, empty_ok=True)
+    check_int("prompt_arg", prompt_arg, none_ok=True)
+    check_bool("metrics", metrics)
+
+
 def request_router_config(
     policy: str | None = None,
     *,
@@ -219,11 +234,13 @@ def request_router_config(
         **policy_config: the policy's settings (JSON values), e.g. ``cache_threshold=0.5``.
 
     Raises:
-        ValueError, TypeError: the policy name or its settings are wrong (checked here, in
-            the process that builds the application, not later in every replica).
+        ValueError, TypeError: the policy name or its settings, or one of the arguments
+            above, are wrong (checked here, in the process that builds the application,
+            not later in every replica).
     """
     from cacheroute import make_policy
 
+    _check_settings(policy, model_id, prompt_kwarg, prompt_arg, metrics)
     make_policy(policy or default_policy(), **policy_config).close()  # fail fast
     kwargs: dict[str, Any] = {
         "policy": policy,

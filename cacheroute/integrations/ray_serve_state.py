@@ -52,7 +52,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import cacheroute
-from cacheroute._validation import check_str
+from cacheroute._validation import check_callable, check_int, check_sequence, check_str, fail
 from cacheroute.lease import Lease, acquire
 from cacheroute.policies.base import Decision, LoadBalancingPolicy, RequestText
 from cacheroute.policies.prefix import PrefixPolicy, TreeKind
@@ -127,7 +127,12 @@ def prompt_from_body(body: Mapping[str, Any]) -> RequestText:
     'user: hi\\n'
     >>> prompt_from_body({"prompt": [1, 2, 3]})
     [1, 2, 3]
+
+    Raises:
+        TypeError: ``body`` is not a mapping.
     """
+    if not isinstance(body, Mapping):
+        raise fail("body", "a mapping", body, TypeError)
     for key in ("prompt_token_ids", "input_ids", "prompt"):
         value = body.get(key)
         if value is not None:
@@ -155,7 +160,16 @@ def prompt_from_call(
     'You are a helpful assistant.'
     >>> prompt_from_call(({"prompt": "hello"},), {})
     'hello'
+
+    Raises:
+        TypeError: ``args`` is not a list or tuple, ``kwargs`` not a mapping, ``key`` not a
+            ``str`` or ``index`` not an ``int`` or ``None`` (the prompt itself never raises).
     """
+    check_sequence("args", args)
+    if not isinstance(kwargs, Mapping):
+        raise fail("kwargs", "a mapping", kwargs, TypeError)
+    check_str("key", key, empty_ok=True)
+    check_int("index", index, none_ok=True)
     if key in kwargs:
         return _as_prompt(kwargs[key])
     if index is not None and 0 <= index < len(args):
@@ -236,7 +250,7 @@ class RouterCore:
         """The model of every replica's worker."""
         self.name = check_str("name", name, empty_ok=True)
         """The router's name (its deployment)."""
-        self._on_decision = on_decision
+        self._on_decision = check_callable("on_decision", on_decision, none_ok=True)
         self._lock = threading.RLock()
         self._workers: dict[str, BasicWorker] = {}
         self._requests: dict[str, _Request] = {}
