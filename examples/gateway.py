@@ -102,8 +102,9 @@ _HOP_BY_HOP = frozenset(
 _HOP_BY_HOP_BYTES = frozenset(h.encode() for h in _HOP_BY_HOP)
 _NOT_RELAYED = _HOP_BY_HOP | {"date", "server"}  # our own server sets date and server
 
-TOKEN_ID_LIMIT = 2**64
-"""Token ids must be integers in ``[0, 2**64)`` (what the routing tree can hold)."""
+TOKEN_ID_LIMIT = 2**32
+"""Token ids must be integers in ``[0, 2**32)``: what the routing tree holds (4 bytes a
+token); every tokenizer's vocabulary is far smaller."""
 
 RoutingText = str | list[int] | None
 
@@ -164,7 +165,7 @@ def _token_ids(ids: Sequence[Any], where: str) -> list[int] | None:
     for i, t in enumerate(ids):
         if not 0 <= t < TOKEN_ID_LIMIT:
             raise BadRequest(
-                f"token ids must be integers in [0, 2**64); {where}[{i}] is {t}", "prompt"
+                f"token ids must be integers in [0, 2**32); {where}[{i}] is {t}", "prompt"
             )
     return list(ids)
 
@@ -177,7 +178,7 @@ def routing_text(path: str, body: Mapping[str, Any]) -> RoutingText:
     is nothing to route on (the engine will reject such a request anyway).
 
     Raises:
-        BadRequest: token ids out of ``[0, 2**64)``.
+        BadRequest: token ids out of ``[0, 2**32)``.
     """
     if path.endswith("/chat/completions"):
         return chat_routing_text(body) or None

@@ -320,6 +320,12 @@ def _tree_method(method: str, **good: Any) -> Entry:
     return Entry(setup)
 
 
+def _tree_insert_match() -> Case:
+    case = _tree_method("insert_match").setup()
+    tree = case.call.__self__
+    return Case(case.call, {"match": tree.match("hello you"), "tenant": "c"}, case.state)
+
+
 def _registry(call: Callable[..., Any], **good: Any) -> Entry:
     def setup() -> Case:
         saved = dict(registry._registry)
@@ -537,7 +543,23 @@ TABLE: dict[str, Entry] = {
     ),
     "cacheroute.policies.random.RandomPolicy": _fn(cacheroute.policies.RandomPolicy, seed=None),
     # ---- cacheroute.tree
-    "cacheroute.tree.Tree": _fn(Tree, max_size=None, max_size_per_tenant=None, low_water=0.9),
+    "cacheroute.tree.Tree": Entry(
+        lambda: Case(
+            Tree,
+            {"max_size": None, "max_size_per_tenant": None, "max_nodes": None, "token_bytes": 4},
+        ),  # fmt: skip
+        {"token_bytes": "int"},
+    ),
+    "cacheroute.tree.Tree.match": _tree_method("match", units="hello"),
+    "cacheroute.tree.Tree.insert_match": Entry(_tree_insert_match),
+    "cacheroute.tree.Tree.remove": _tree_method("remove", units="hello", tenant="a"),
+    "cacheroute.tree.Tree.set_tenant_limit": _tree_method(
+        "set_tenant_limit", tenant="a", max_units=5
+    ),
+    "cacheroute.tree.Tree.tenant_limit": _tree_method("tenant_limit", tenant="a"),
+    "cacheroute.tree.Tree.max_nodes_for": _fn(
+        Tree.max_nodes_for, memory_bytes=2**28, max_size=2**24, unit_bytes=4
+    ),
     "cacheroute.tree.Tree.add_tenant": _tree_method("add_tenant", tenant="c"),
     "cacheroute.tree.Tree.evict_tenant_by_size": _tree_method("evict_tenant_by_size", max_units=99),
     "cacheroute.tree.Tree.insert": _tree_method("insert", units="hello there", tenant="a"),

@@ -168,7 +168,7 @@ _BODIES = [
      b'{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],'
      b' "max_tokens": 2, "stream": false, "logprobs": null, "x-unknown": 1e3}'),
     ("/v1/completions",
-     b'{ "prompt" : [1, 2, 18446744073709551615], "max_tokens" : 2 , "stream" : true }'),
+     b'{ "prompt" : [1, 2, 4294967295], "max_tokens" : 2 , "stream" : true }'),
     ("/v1/completions", b'{"prompt": "plain", "max_tokens": 2, "seed": 7, "extra": [true]}'),
 ]  # fmt: skip
 

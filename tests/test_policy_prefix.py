@@ -22,7 +22,7 @@ from cacheroute import (
     make_policy,
 )
 from cacheroute.policies import PrefixPolicy
-from cacheroute.tree import Tree
+from cacheroute.tree import Tree, TreeMatch
 
 
 def _tree(policy: CacheAwarePolicy, kind: str = "text") -> Tree:
@@ -219,13 +219,13 @@ def test_removal_racing_the_insert_leaves_no_tenant_behind(monkeypatch: pytest.M
     policy = CacheAwarePolicy()
     workers = build_workers([0])
     tree = _tree(policy)
-    real_insert = Tree.insert
+    real_insert = Tree.insert_match
 
-    def insert_then_removed(self: Tree, units: str, tenant: str) -> None:
+    def insert_then_removed(self: Tree, match: TreeMatch, tenant: str) -> int:
         policy.remove_worker(workers[0])  # lands between the decision and the insert
-        real_insert(self, units, tenant)
+        return real_insert(self, match, tenant)
 
-    monkeypatch.setattr(Tree, "insert", insert_then_removed)
+    monkeypatch.setattr(Tree, "insert_match", insert_then_removed)
     policy.select_worker(workers, "abc")
     assert workers[0].url not in tree.tenants()
 
