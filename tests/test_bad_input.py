@@ -547,7 +547,7 @@ TABLE: dict[str, Entry] = {
         lambda: Case(
             Tree,
             {"max_size": None, "max_size_per_tenant": None, "max_nodes": None, "token_bytes": 4},
-        ),  # fmt: skip
+        ),
         {"token_bytes": "int"},
     ),
     "cacheroute.tree.Tree.match": _tree_method("match", units="hello"),
