@@ -18,6 +18,7 @@ The ZMQ transport and the msgpack codec are the ``events`` extra
 """
 
 from cacheroute.events.index import KVEventIndex, WorkerStats
+from cacheroute.events.publisher import KVEventPublisher
 from cacheroute.events.subscriber import dp_endpoint
 from cacheroute.events.wire import (
     AllBlocksCleared,
@@ -39,6 +40,7 @@ __all__ = [
     "KVEvent",
     "KVEventBatch",
     "KVEventIndex",
+    "KVEventPublisher",
     "WireFormatError",
     "WorkerStats",
     "decode_batch",
