@@ -625,9 +625,9 @@ class KVEventIndex:
                     self._clear(ws)  # sequence went down: the publisher restarted
                     ws.c["resets"] += 1
                     ws.group = None
-                elif seq > last + 1 and not replayed:
+                elif seq > last + 1:
                     ws.c["lost_batches"] += seq - last - 1
-                    if not gap_noted:
+                    if not (gap_noted or replayed):
                         ws.c["gaps"] += 1
             ws.last_seq = seq
             if batch is None:
