@@ -37,22 +37,31 @@ class _BlockTrie:
     blocks of ``block_size`` units (a trailing partial block is ignored; the index only
     inserts whole blocks). Not thread-safe by itself: the index locks around it."""
 
-    __slots__ = ("_bs", "_root")
+    __slots__ = ("_bs", "_last", "_root")
 
     def __init__(self, block_size: int) -> None:
         self._bs = block_size
         self._root = _Node()
+        # tenant -> (units of its last insert, node at their end): a chain that grows one
+        # block at a time (decode) resumes there instead of walking from the root.
+        self._last: dict[str, tuple[str, _Node]] = {}
 
     def insert(self, units: str, tenant: str) -> None:
         bs = self._bs
         node = self._root
-        for i in range(0, len(units) - bs + 1, bs):
+        start = 0
+        last = self._last.get(tenant)
+        if last is not None and len(last[0]) <= len(units) and units.startswith(last[0]):
+            start, node = len(last[0]), last[1]
+        for i in range(start, len(units) - bs + 1, bs):
             key = units[i : i + bs]
             nxt = node.children.get(key)
             if nxt is None:
                 nxt = node.children[key] = _Node()
             nxt.holders.add(tenant)
             node = nxt
+        if node is not self._root:
+            self._last[tenant] = (units[: len(units) - len(units) % bs], node)
 
     def match_lengths(self, units: str) -> dict[str, int]:
         bs = self._bs
@@ -70,6 +79,7 @@ class _BlockTrie:
         return out
 
     def remove(self, units: str, tenant: str) -> int:
+        self._last.clear()  # removals may unlink or vacate cached nodes
         bs = self._bs
         n = len(units) - len(units) % bs
         if n == 0:
@@ -102,6 +112,7 @@ class _BlockTrie:
         return removed
 
     def remove_tenant(self, tenant: str) -> None:
+        self._last.clear()
         for key in list(self._root.children):
             self._drop(self._root, key, tenant)
 
