@@ -99,6 +99,14 @@ def event_stream(
 def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     from cacheroute.events import BlockRemoved, BlockStored, KVEventIndex, encode_batch
 
+    if cfg.get("tree_preview"):
+        # Until Tree.remove lands the index uses its block-trie stand-in; this previews
+        # the Tree store on a workload without removals (keep >= prompts).
+        import cacheroute.events.index as index_module
+        from cacheroute.tree import Tree
+
+        index_module.make_store = lambda bs: Tree()  # type: ignore[assignment,return-value]
+
     res: dict[str, Any] = {}
     for workers, length in cfg["configs"]:
         wl = workload(workers, length, cfg["prompts"], cfg["seed"])
@@ -208,6 +216,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--dynamo-python", help="interpreter with ai-dynamo-runtime installed")
     ap.add_argument("--quick", action="store_true", help="small configurations only")
+    ap.add_argument(
+        "--tree-preview",
+        action="store_true",
+        help="store-only workload (no removals) with the Tree store instead of the stand-in",
+    )
     ap.add_argument("--side", choices=["ours", "dynamo"], help=argparse.SUPPRESS)
     ap.add_argument("--cfg", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,7 +232,14 @@ def main() -> None:
     configs = [(8, 1024), (8, 8192), (8, 32768), (64, 1024), (64, 8192), (64, 32768)]
     if args.quick:
         configs = [(8, 1024), (8, 8192)]
-    cfg = {"configs": configs, "prompts": 4, "decode_blocks": 16, "keep": 3, "seed": 1}
+    cfg: dict[str, Any] = {
+        "configs": configs,
+        "prompts": 4,
+        "decode_blocks": 16,
+        "keep": 4 if args.tree_preview else 3,
+        "seed": 1,
+        "tree_preview": args.tree_preview,
+    }
     ours = run_ours(cfg)
     dyn = None
     py = args.dynamo_python
