@@ -149,3 +149,15 @@ def test_encoder_checks_its_arguments() -> None:
         encode_batch("BlockStored")  # type: ignore[arg-type]
     with pytest.raises(WireFormatError, match="payload must be bytes"):
         decode_batch("x")  # type: ignore[arg-type]
+
+
+def test_importing_the_package_loads_no_optional_dependency() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cacheroute, cacheroute.events; "
+        "print(sorted(m for m in ('zmq', 'msgpack', 'msgspec') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
