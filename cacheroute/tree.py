@@ -1,104 +1,65 @@
-"""Multi-tenant radix tree with O(1) LRU bookkeeping and a hard size bound.
+"""Multi-tenant radix tree: which tenant holds the longest prefix of a prompt.
 
-The :class:`Tree` is the approximate prefix cache behind cache-aware routing:
-for every request a router asks which worker (*tenant*) already holds the
-longest prefix of the prompt, then records that the chosen worker now holds the
-whole prompt.  See ``docs/tree.md`` for the concept page, the complexity table
-and benchmark figures.
+The :class:`Tree` is the approximate prefix cache behind cache-aware routing: for every
+request a router asks which worker (*tenant*) holds the longest prefix of the prompt
+(:meth:`Tree.match`), picks one, and records that it now holds the whole prompt
+(:meth:`Tree.insert_match`). ``docs/tree.md`` has the semantics, the complexity table,
+memory figures and benchmarks.
 
-Design notes (why it is fast in pure Python):
+Why it is fast, in pure Python:
 
-* Edges are ``str`` objects.  Text is stored as is (one unit = one code point);
-  token ids are converted at C speed (``array`` + a codec) into a ``str`` with
-  one code point per token, so both kinds share one implementation.  Token ids
-  of ``0x110000`` and above switch the tree, once, to a *wide* encoding of
-  8 code points per token (the id's 8 little-endian bytes through ``latin-1``).
-* Edge comparison is ``str.startswith(edge, pos)`` (a C ``memcmp``); a
-  mismatch inside an edge is located by a few short C-level slice compares
-  (galloping + binary search), never a per-unit Python loop over long runs.
-* Per node there is one collector-tracked object (the node; internal nodes add
-  their children ``dict``).  The per-node tenant map holds only ``str`` keys
-  and ``int`` values, which CPython does not track.
-* Holder sets shrink going down and a node held by one tenant stores just that
-  ``str``, so a path is a run of multi-holder nodes followed by a run held by
-  one tenant; the per-call work outside the descent is proportional to the
-  first run (usually one or two nodes near the root), not to the path.
-* Recency is kept in one ``OrderedDict`` per tenant (plus one global one when
-  ``max_size`` is set); eviction pops the front entry in O(1) (amortized), with
-  no scan and no heap.  A tenant's leaves (nodes it holds without holding a
-  child) are always in its order; a multi-holder node counts, per holder, the
-  children that holder holds, so "is this a leaf of t" is O(1).
-
-  - Without ``max_size`` recency is *lazy*: an insert refreshes only its
-    deepest node.  An ancestor's recency is the most recent of its own
-    touches and its descendants'; when the front entry turns out to have
-    children held by the tenant it is dropped (it comes back, at the front,
-    when its last such child is evicted, which is exactly its recency then).
-    The eviction order is the same as the eager one below (tested).
-  - With ``max_size`` recency is *eager*: every node on the inserted path is
-    moved to the end, deepest first, in the tenant's order and the global one,
-    so every node comes before its ancestors and the front entry is a leaf.
-    (Global eviction removes a tenant's leaf out of order; only the eager form
-    keeps every ancestor at its exact place in every order then.)
+* **Unit comparisons run in C.** Edges are ``str``; text is stored as is (a unit is a code
+  point) and token ids as fixed-width ``latin-1`` strings (4 or 8 code points per id, built
+  by ``array`` and the codec at C speed). A descent is one dict lookup and one
+  ``str.startswith(edge, pos)`` (a ``memcmp``) per node; a mismatch inside an edge is found
+  by galloping over slice compares, never by a per-unit Python loop.
+* **Struct of arrays.** A node is an integer index into a few lists (edge, parent, children,
+  holders, recency entry). Children are ``dict[str, int]`` (first unit -> node), holders are
+  the tenant's ``str`` (one holder) or a ``dict[str, int]``; CPython tracks none of these
+  for garbage collection, so the collector has next to nothing to scan per node, there are
+  no reference cycles, and a dropped tree is freed at once by reference counting.
+* **O(1) exact LRU.** A tenant holds a set of prefixes, each with the time of the last
+  insert through it. One ``OrderedDict`` per tenant (plus one global one when the tree is
+  bounded) keeps them least recently used first, by node: every insert moves the nodes of
+  its path to the end (deepest first), eviction pops the front. Nothing is scanned, nothing
+  is sorted, and each insert evicts about what it adds, so no call pays for a burst.
+* **Few nodes per path.** A tenant extending its own leaf (the next turn of a conversation)
+  grows that leaf's edge instead of adding a node, so a 10-turn conversation stays one node.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
-__all__ = ["Tree", "Units"]
+from cacheroute._validation import check_int, check_str, fail
+
+__all__ = ["Tree", "TreeMatch", "Units"]
 
 Units = str | Sequence[int]
-"""A prompt: ``str`` (units are code points) or a sequence of non-negative
-``int`` token ids (``list``, ``tuple``, ``range``, ``array.array``...)."""
+"""A prompt: ``str`` (units are code points) or a sequence of non-negative ``int`` token ids
+(``list``, ``tuple``, ``range``, ``array.array``...)."""
 
 Kind = Literal["text", "tokens"]
+Holders = str | dict[str, int]  # one holder, or {tenant: recency entry, -1 = implicit}
 
-_U32 = "I" if array("I").itemsize == 4 else "L"
-_WIDE = 8  # code points per token in the wide token encoding
-_NARROW_LIMIT = 0x110000  # token ids below this map to one code point
-
-
-Holders = str | dict[str, int]
-
-
-class _Node:
-    """One radix-tree node.
-
-    ``holders`` is the single tenant holding it (a ``str``: the common case,
-    no extra object; every child is held by it too), or a ``dict`` (two or more
-    tenants) whose key order is the order of the tenants' last touches (most
-    recent last) and whose value for a tenant is the number of children that
-    tenant holds.  Invariant: a child's holders are a subset of its parent's;
-    a node without holders is unlinked.
-    """
-
-    __slots__ = ("children", "edge", "holders", "parent")
-
-    def __init__(self, edge: str, parent: _Node | None, holders: Holders) -> None:
-        self.edge = edge
-        self.parent = parent
-        self.children: dict[str, _Node] | None = None
-        self.holders = holders
+_CHUNK = 1024  # node ids allocated at a time
+_NONE = sys.maxsize  # "no bound"
 
 
 def _lcp(e: str, s: str, pos: int) -> int:
-    """Length of the common prefix of ``e`` and ``s[pos:]``; ``e[0] == s[pos]``.
+    """Length of the common prefix of ``e`` and ``s[pos:]``, given ``e[0] == s[pos]``.
 
-    A short Python loop settles the common case (mismatch within a few units);
-    longer runs are found with galloping then binary search over C-level
-    ``startswith`` slice compares: O(log L) compares, O(L) bytes touched.
+    A short loop settles the common case (a mismatch within a few units); longer runs are
+    found by galloping then bisecting with C-level ``startswith`` slice compares.
     """
-    hi = len(e)
-    rest = len(s) - pos
-    if rest < hi:
-        hi = rest
+    hi = min(len(e), len(s) - pos)
     i = 1
-    lim = 8 if hi > 8 else hi
+    lim = min(8, hi)
     while i < lim:
         if e[i] != s[pos + i]:
             return i
@@ -108,17 +69,14 @@ def _lcp(e: str, s: str, pos: int) -> int:
     lo = i  # e[:lo] matches
     step = 16
     while True:
-        m = lo + step
-        if m >= hi:
-            m = hi
-        if s.startswith(e[lo:m], pos + lo):
-            lo = m
-            if lo == hi:
-                return lo
-            step <<= 1
-        else:
+        m = min(lo + step, hi)
+        if not s.startswith(e[lo:m], pos + lo):
             hi = m - 1
             break
+        lo = m
+        if lo == hi:
+            return lo
+        step <<= 1
     while lo < hi:
         mid = (lo + hi + 1) >> 1
         if s.startswith(e[lo:mid], pos + lo):
@@ -128,105 +86,162 @@ def _lcp(e: str, s: str, pos: int) -> int:
     return lo
 
 
-def _names(h: Holders) -> frozenset[str]:
-    """Tenants in a holders value (slow; introspection only)."""
-    return frozenset((h,)) if isinstance(h, str) else frozenset(h)
+def _encode(units: object, code: str) -> tuple[str, Kind]:
+    """``units`` as the internal ``str`` and its kind; ``code`` is the ``array`` typecode
+    of one token id. Raises ``TypeError``/``ValueError`` naming ``units``."""
+    if isinstance(units, str):
+        return (units if type(units) is str else str(units)), "text"
+    if type(units) is array and units.typecode == code:
+        return str(units, "latin-1"), "tokens"  # no conversion: the buffer is decoded
+    if (
+        type(units) is not list
+        and type(units) is not tuple
+        and (isinstance(units, (bytes, bytearray, memoryview)) or not isinstance(units, Sequence))
+    ):
+        raise fail("units", "a str or a sequence of int token ids", units, TypeError)
+    try:
+        return str(array(code, units), "latin-1"), "tokens"
+    except (OverflowError, TypeError, ValueError):
+        raise _token_error(units, code) from None
 
 
-def _describe(value: object) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} (type {type(value).__name__})"
-
-
-def _token_error(units: Sequence[object]) -> Exception:
-    """Build the error for a token sequence ``array`` refused (slow path only)."""
+def _token_error(units: Sequence[Any], code: str) -> Exception:
+    """The error for a token sequence ``array`` refused (slow path only)."""
+    bits = 8 * array(code).itemsize
     for i, v in enumerate(units):
         if not isinstance(v, int):
-            return TypeError(f"units: token ids must be int; units[{i}] is {_describe(v)}")
-        if v < 0:
-            return ValueError(f"units: token ids must be non-negative; units[{i}] is {v!r}")
-        if v >= 1 << 64:
-            return ValueError(f"units: token ids must be < 2**64; units[{i}] is {v!r}")
-    return TypeError(f"units: could not read token ids from {_describe(units)}")
+            return fail(f"units[{i}]", "an int token id", v, TypeError)
+        if not 0 <= v < 1 << bits:
+            hint = "" if bits == 64 else " (Tree(token_bytes=8) takes ids < 2**64)"
+            return fail(f"units[{i}]", f"a token id in [0, 2**{bits}){hint}", v)
+    return fail("units", "a sequence of int token ids", units, TypeError)
 
 
-def _check_tenant(tenant: object) -> str:
-    if type(tenant) is not str and not isinstance(tenant, str):
-        raise TypeError(f"tenant: expected str, got {_describe(tenant)}")
-    return tenant
+def _tenant(tenant: object) -> str:
+    """``tenant`` as an exact ``str`` (slow path: the fast one is ``type(t) is str``)."""
+    return str(check_str("tenant", tenant, empty_ok=True))
 
 
-def _check_count(name: str, value: object, *, allow_none: bool, minimum: int) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name}: expected int{' or None' if allow_none else ''}, got {_describe(value)}"
-        )
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
-    return value
+class TreeMatch:
+    """What :meth:`Tree.match` found for one prompt; give it to :meth:`Tree.insert_match`.
+
+    It records the descent (the nodes passed and the tree's version), so inserting the same
+    prompt right after costs no second descent. It only reads the tree: if the tree is
+    written in between, :meth:`Tree.insert_match` simply descends again. It cannot be built
+    directly.
+
+    Attributes:
+        lengths: ``{tenant: matched units}`` for every tenant with a non-zero match, the
+            same as :meth:`Tree.match_lengths` (a dict of its own: keep it or change it).
+        units: length of the prompt, in units.
+
+    >>> t = Tree()
+    >>> t.insert("hello world", "a")
+    >>> m = t.match("hello there")
+    >>> m.lengths, m.units
+    ({'a': 6}, 11)
+    """
+
+    __slots__ = ("_kind", "_s", "_tree", "_version", "_walk", "lengths", "units")
+
+    lengths: dict[str, int]
+    units: int
+    _kind: Kind
+    _s: str
+    _tree: Tree
+    _version: int
+    _walk: _Walk
+
+    def __init__(self) -> None:
+        raise TypeError("TreeMatch objects are made by Tree.match")
+
+    def __repr__(self) -> str:
+        return f"TreeMatch(units={self.units}, lengths={self.lengths!r})"
+
+
+_Walk = tuple[list[int], int, int, int]  # (full nodes, code points covered, partial node, k)
 
 
 class Tree:
-    """Multi-tenant radix tree over text or token ids, with LRU eviction.
+    """Multi-tenant radix tree over text or token ids, with exact LRU eviction and bounds.
 
-    One ``Tree`` holds one *kind* of units, fixed by the first non-empty
-    insert: ``"text"`` (``str``; a unit is a code point, any ``str`` works,
-    including emoji, combining marks and lone surrogates) or ``"tokens"``
-    (sequences of non-negative ``int`` < 2**64; ``bool`` values, being ints,
-    are accepted as 0/1).  Mixing kinds raises :class:`TypeError`.  Empty units
-    never fix or conflict with the kind.
+    One tree holds one *kind* of units, fixed by the first non-empty insert: ``"text"``
+    (``str``; a unit is a code point: any ``str`` works, lone surrogates included) or
+    ``"tokens"`` (sequences of ``int`` ids in ``[0, 2**32)``, or ``[0, 2**64)`` with
+    ``token_bytes=8``; ``bool`` values count as 0/1). The other kind raises ``TypeError``.
 
-    A tenant *holds* every prefix of every sequence inserted for it (until
-    evicted).  ``size(tenant)`` is the number of distinct non-empty prefixes it
-    holds, which equals the number of edge units of the nodes it holds.
+    A tenant *holds* every prefix of every sequence inserted for it, until evicted;
+    ``size(tenant)`` is the number of distinct non-empty prefixes it holds. Each held prefix
+    has a *recency*: the time of the tenant's last insert of a sequence starting with it.
+    Reads (``match``, ``prefix_match``...) do not change recency.
 
-    Recency: ``insert`` and ``match_and_insert`` refresh the recency of every
-    node on the inserted path for that tenant (without ``max_size`` lazily:
-    same eviction order, less work per insert; see the module notes).
-    ``prefix_match``,
-    ``prefix_match_tenant`` and ``match_lengths`` are read-only and do *not*
-    refresh recency.
+    Eviction removes held prefixes, least recent first (longest first among equals, so what
+    is left is prefix-closed), one unit at a time: a bound is never exceeded after a call
+    returns and eviction stops as soon as it holds, so each insert evicts about what it adds.
 
-    Bounds (all enforced inside the inserting call, no background thread):
+    Bounds, all enforced inside the inserting call (no background thread):
 
-    * ``max_size``: cap on :meth:`total_size` (units summed over tenants).
-      When an insert takes the total above it, whole nodes are evicted,
-      least recently used (by any tenant) first, for every tenant holding
-      them, until the total is at most ``low_water * max_size`` (the
-      *low-water target*, at least 1).  The inserting caller pays.
-    * ``max_size_per_tenant``: the same per tenant; only the inserting tenant
-      can exceed it and it pays, evicting its own LRU nodes.
-    * A single sequence longer than a low-water target is stored truncated to
-      its first ``target`` units (the prefix is what a prefix cache can use).
+    * ``max_size``: cap on :meth:`total_size` (units summed over tenants). Evicts the least
+      recent (tenant, prefix) pairs of all tenants.
+    * ``max_size_per_tenant`` / :meth:`set_tenant_limit`: cap on one tenant's units; the
+      inserting tenant pays with its own least recent prefixes.
+    * ``max_nodes``: cap on nodes summed over tenants (a node held by 3 tenants counts 3
+      times, as its units do in :meth:`total_size`). This is what memory follows; see
+      :meth:`max_nodes_for` to pick it for a memory budget.
 
-    Thread-safety: every public method takes one internal
-    :class:`threading.RLock`, so a ``Tree`` can be shared between threads.
-    Tip for latency-sensitive servers holding millions of nodes: call
-    :func:`gc.freeze` after warm-up so full collections skip old nodes.
+    Thread-safety: every public method holds one internal lock for its whole work.
 
-    Complexities below use *m* = length of the argument in units, *d* = nodes
-    on the matched path (d <= m), *T* = number of tenants, *e* = nodes evicted.
-    Character comparisons run inside C ``str`` operations.
+    Complexity: *m* = length of the argument in units, *d* = nodes on its path (d <= m and
+    usually a handful), *T* = tenants, *e* = nodes evicted. Unit comparisons run in C.
+
+    Args:
+        max_size: cap on total units, or ``None``.
+        max_size_per_tenant: default cap on each tenant's units, or ``None``.
+        max_nodes: cap on nodes summed over tenants, or ``None``.
+        token_bytes: bytes per token id, 4 (ids < 2**32) or 8 (ids < 2**64).
+
+    Raises:
+        TypeError: a parameter has the wrong type.
+        ValueError: a cap is < 1, or ``token_bytes`` is not 4 or 8.
+
+    >>> t = Tree(max_size=10_000)
+    >>> t.insert("You are a helpful assistant. Hi", "w1")
+    >>> t.prefix_match("You are a helpful assistant. Bye")
+    (29, 'w1')
     """
 
+    NODE_BYTES = 600
+    """Worst-case bytes per node (per tenant holding it) of a tree, measured by
+    ``benchmarks/bench_tree_memory.py``, with margin."""
+    UNIT_BYTES: ClassVar[dict[str, int]] = {"text": 4, "tokens": 1}
+    """Worst-case bytes per unit of edge text: a ``str`` stores 1, 2 or 4 bytes per code
+    point; a token costs ``token_bytes`` (the value here is multiplied by it)."""
+
     __slots__ = (
-        "_cap_chars",
-        "_glru",
+        "__weakref__",
+        "_code",
+        "_edge",
+        "_ent",
+        "_entry",
+        "_free",
+        "_glob",
+        "_hold",
+        "_holdings",
+        "_kids",
         "_kind",
+        "_limits",
         "_lock",
-        "_low_water",
-        "_lru",
         "_max_chars",
+        "_max_nodes",
         "_max_size",
         "_max_size_per_tenant",
-        "_max_tenant_chars",
-        "_root",
+        "_nodes",
+        "_orders",
+        "_overrides",
         "_sizes",
         "_total",
+        "_up",
+        "_version",
         "_w",
     )
 
@@ -234,763 +249,923 @@ class Tree:
         self,
         max_size: int | None = None,
         max_size_per_tenant: int | None = None,
-        low_water: float = 0.9,
+        *,
+        max_nodes: int | None = None,
+        token_bytes: int = 4,
     ) -> None:
-        """Create an empty tree.
-
-        :param max_size: cap on total units across tenants, or ``None``.
-        :param max_size_per_tenant: cap on each tenant's units, or ``None``.
-        :param low_water: fraction in (0, 1] of a cap that eviction shrinks
-            to once the cap is exceeded (amortizes eviction).
-        :raises TypeError: a parameter has the wrong type.
-        :raises ValueError: a cap is <= 0 or ``low_water`` is not in (0, 1].
-
-        Complexity: O(1).
-        """
-        self._max_size = _check_count("max_size", max_size, allow_none=True, minimum=1)
-        self._max_size_per_tenant = _check_count(
-            "max_size_per_tenant", max_size_per_tenant, allow_none=True, minimum=1
+        self._max_size: int | None = check_int("max_size", max_size, minimum=1, none_ok=True)
+        self._max_size_per_tenant: int | None = check_int(
+            "max_size_per_tenant", max_size_per_tenant, minimum=1, none_ok=True
         )
-        if isinstance(low_water, bool) or not isinstance(low_water, (int, float)):
-            raise TypeError(f"low_water: expected float, got {_describe(low_water)}")
-        if not 0.0 < low_water <= 1.0:  # also rejects NaN
-            raise ValueError(f"low_water: must be in (0, 1], got {low_water!r}")
-        self._low_water = float(low_water)
-        self._lock = threading.RLock()
-        self._root = _Node("", None, {})
+        mn = check_int("max_nodes", max_nodes, minimum=1, none_ok=True)
+        if check_int("token_bytes", token_bytes) not in (4, 8):
+            raise fail("token_bytes", "4 or 8", token_bytes)
+        self._w = 1  # code points per unit: 1 for text, token_bytes for tokens
+        self._code = "Q" if token_bytes == 8 else ("I" if array("I").itemsize == 4 else "L")
+        self._max_nodes: int = _NONE if mn is None else mn
+        self._max_chars = _NONE if max_size is None else max_size
+        self._lock = threading.Lock()
         self._kind: Kind | None = None
-        self._w = 1
-        self._total = 0  # in code points (units * self._w)
-        self._sizes: dict[str, int] = {}  # tenant -> code points
-        self._lru: dict[str, OrderedDict[_Node, None]] = {}
-        self._glru: OrderedDict[_Node, None] | None = (
-            OrderedDict() if self._max_size is not None else None
+        # per node (index 0 is the root): edge text, parent, children, holders, entry
+        self._edge: list[str] = [""]
+        self._up: list[int] = [0]
+        self._kids: list[dict[str, int] | None] = [None]
+        self._hold: list[Holders | None] = [None]
+        self._ent: list[int] = [-1]  # recency entry of a single holder (-1: implicit)
+        self._free: list[int] = []
+        self._nodes = 0
+        self._holdings = 0
+        self._entry = 0  # next recency entry id
+        self._version = 0  # bumped by every write: a TreeMatch is valid while unchanged
+        self._sizes: dict[str, int] = {}  # tenant -> code points held
+        self._total = 0
+        self._orders: dict[str, OrderedDict[int, int]] = {}  # tenant -> {entry: node}
+        self._glob: OrderedDict[int, str] | None = (
+            None if max_size is None and mn is None else OrderedDict()  # {entry: tenant}
         )
-        self._max_chars = 0
-        self._max_tenant_chars = 0
-        self._cap_chars = -1
-        self._set_limits()
+        self._limits: dict[str, int] = {}  # tenant -> cap in code points
+        self._overrides: dict[str, int | None] = {}
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ helpers
 
-    def _set_limits(self) -> None:
+    def _register(self, t: str) -> None:
+        if t not in self._sizes:
+            self._sizes[t] = 0
+            self._orders[t] = OrderedDict()
+            if self._max_size_per_tenant is not None:
+                self._limits[t] = self._max_size_per_tenant * self._w
+
+    def _set_kind(self, kind: Kind, units: object, write: bool) -> None:
+        """Check ``kind`` against the tree's (fixing it on a write); raise if they differ."""
+        if self._kind is None:
+            if write:
+                self._kind = kind
+                if kind == "tokens":
+                    self._w = array(self._code).itemsize
+                    self._max_chars = _NONE if self._max_size is None else self._max_size * self._w
+                    for t, c in self._limits.items():
+                        self._limits[t] = c * self._w
+            return
+        if self._kind == "text":
+            raise fail("units", "a str (this tree holds text)", units, TypeError)
+        what = "a sequence of int token ids (this tree holds tokens)"
+        raise fail("units", what, units, TypeError)
+
+    def _walk(self, s: str) -> _Walk:
+        """Descend along ``s``: the nodes whose edges it covers, the code points they cover,
+        and the node whose edge it leaves (or ends) inside after ``k`` more, or ``-1``."""
+        n = len(s)
         w = self._w
-        self._max_chars = -1 if self._max_size is None else self._max_size * w
-        self._max_tenant_chars = (
-            -1 if self._max_size_per_tenant is None else self._max_size_per_tenant * w
-        )
-        caps = [
-            self._target(c) * w
-            for c in (self._max_size, self._max_size_per_tenant)
-            if c is not None
-        ]
-        self._cap_chars = min(caps) if caps else -1
+        kids = self._kids
+        edge = self._edge
+        node = 0
+        pos = 0
+        path: list[int] = []
+        while pos < n:
+            ch = kids[node]
+            if ch is None:
+                break
+            c = ch.get(s[pos] if w == 1 else s[pos : pos + w])
+            if c is None:
+                break
+            e = edge[c]
+            if s.startswith(e, pos):
+                pos += len(e)
+                path.append(c)
+                node = c
+            else:
+                k = _lcp(e, s, pos)
+                return path, pos, c, k - k % w
+        return path, pos, -1, 0
 
-    def _target(self, cap: int) -> int:
-        """Low-water target in units for a cap in units (at least 1)."""
-        return max(1, int(cap * self._low_water))
+    def _alloc(self) -> int:
+        free = self._free
+        if not free:
+            n = len(self._edge)
+            self._edge.extend([""] * _CHUNK)
+            self._up.extend([0] * _CHUNK)
+            self._kids.extend([None] * _CHUNK)
+            self._hold.extend([None] * _CHUNK)
+            self._ent.extend([-1] * _CHUNK)
+            free.extend(range(n + _CHUNK - 1, n - 1, -1))
+        self._nodes += 1
+        return free.pop()
 
-    def _register(self, tenant: str) -> OrderedDict[_Node, None]:
-        od = self._lru.get(tenant)
-        if od is None:
-            od = self._lru[tenant] = OrderedDict()
-            self._sizes[tenant] = 0
-        return od
+    def _split(self, c: int, k: int) -> int:
+        """Cut node ``c`` after ``k`` code points and return the new node below it.
 
-    # --------------------------------------------------------------- encoding
-
-    def _encode(self, units: object, for_insert: bool) -> str:
-        """Validate ``units`` and return the internal ``str`` form.
-
-        For a read (``for_insert=False``) on a narrow token tree, a query with
-        an id >= 0x110000 is cut before that id (no such id is stored, so the
-        match cannot extend past it).  For an insert, the tree is widened.
+        ``c`` keeps the upper part; the new node takes the rest of the edge, the children
+        and the recency entries, so every order keeps its exact place (both parts have the
+        same recency for every holder) and ``c`` becomes *implicit* for its holders: held
+        through its one child, ordered by that child's entry. O(holders + children).
         """
-        if isinstance(units, str):
-            if self._kind == "tokens" and units:
-                raise TypeError("units: this Tree holds token ids (kind 'tokens'); got a str")
-            return units
-        if isinstance(units, (bytes, bytearray, memoryview)) or not isinstance(
-            units, (list, tuple, array, range, Sequence)
-        ):
-            raise TypeError(
-                f"units: expected str or a sequence of int token ids, got {_describe(units)}"
-            )
-        if self._kind == "text" and len(units) > 0:
-            raise TypeError(
-                f"units: this Tree holds text (kind 'text'); got a token sequence "
-                f"({type(units).__name__})"
-            )
-        if self._w == 1:
-            try:
-                a = array(_U32, units)
-            except OverflowError:
-                a = None
-            except TypeError:
-                raise _token_error(units) from None
-            if a is not None:
-                raw = a.tobytes()
-                try:
-                    return raw.decode("utf-32-le", "surrogatepass")
-                except UnicodeDecodeError as exc:
-                    if not for_insert:
-                        return raw[: exc.start].decode("utf-32-le", "surrogatepass")
-            elif not for_insert:
-                try:
-                    q = array("Q", units)
-                except (OverflowError, TypeError):
-                    raise _token_error(units) from None
-                # Some id is >= 2**32: cut before the first id a narrow tree
-                # cannot hold (slow path, rare).
-                cut = next(i for i, v in enumerate(q) if v >= _NARROW_LIMIT)
-                return array(_U32, q[:cut]).tobytes().decode("utf-32-le", "surrogatepass")
-        try:
-            q = array("Q", units)
-        except (OverflowError, TypeError):
-            raise _token_error(units) from None
-        if self._w == 1:
-            self._widen()
-        return q.tobytes().decode("latin-1")
+        edge = self._edge
+        hold = self._hold
+        ent = self._ent
+        up = self._up
+        z = self._alloc()
+        e = edge[c]
+        low = e[k:]
+        edge[c] = e[:k]
+        edge[z] = low
+        up[z] = c
+        ch = self._kids[c]
+        self._kids[z] = ch
+        if ch is not None:
+            for y in ch.values():
+                up[y] = z
+        self._kids[c] = {low[0] if self._w == 1 else low[: self._w]: z}
+        h = hold[c]
+        hold[z] = h
+        if type(h) is str:
+            x = ent[c]
+            ent[z] = x
+            ent[c] = -1
+            if x >= 0:
+                self._orders[h][x] = z
+            self._holdings += 1
+        else:
+            assert isinstance(h, dict)
+            ent[z] = -1
+            hold[c] = dict.fromkeys(h, -1)
+            orders = self._orders
+            for u, x in h.items():
+                if x >= 0:
+                    orders[u][x] = z
+            self._holdings += len(h)
+        return z
 
-    def _widen(self) -> None:
-        """Switch a narrow token tree to the wide encoding (once; O(size))."""
-        w = _WIDE
-        nodes: list[_Node] = []
-        stack = [self._root]
-        while stack:
-            node = stack.pop()
-            if node.children:
-                nodes.extend(node.children.values())
-                stack.extend(node.children.values())
-        for node in nodes:
-            codes = array(_U32)
-            codes.frombytes(node.edge.encode("utf-32-le", "surrogatepass"))
-            node.edge = array("Q", codes).tobytes().decode("latin-1")
-        for node in [self._root, *nodes]:
-            if node.children:
-                node.children = {c.edge[:w]: c for c in node.children.values()}
-        self._w = w
-        self._total *= w
-        for t in self._sizes:
-            self._sizes[t] *= w
-        self._set_limits()
+    def _put(self, s: str, t: str, path: list[int], pos: int, part: int, k: int) -> None:
+        """Make ``t`` hold ``s`` given its descent; refresh the path; enforce the bounds.
 
-    # ----------------------------------------------------------------- reads
+        O(1) for the structure, O(1) per node of the path for recency (deepest first, in
+        ``t``'s order and the global one), plus what the bounds evict.
+        """
+        edge = self._edge
+        kids = self._kids
+        hold = self._hold
+        ent = self._ent
+        od = self._orders[t]
+        g = self._glob
+        n = len(s)
+        w = self._w
+        ne = self._entry
+        added = 0
+        new = 0  # holdings added
+        top = path[-1] if path else 0
+        if part >= 0:
+            self._split(part, k)
+            pos += k
+            top = part
+            path = [*path, part]
+        if pos < n:
+            rest = s[pos:]
+            if top and kids[top] is None and hold[top] == t:
+                edge[top] += rest  # t's own leaf grows: no new node (one recency for all)
+            else:
+                x = self._alloc()
+                edge[x] = rest
+                self._up[x] = top
+                kids[x] = None
+                hold[x] = t
+                ent[x] = ne
+                od[ne] = x
+                if g is not None:
+                    g[ne] = t
+                ne += 1
+                new = 1
+                ch = kids[top]
+                if ch is None:
+                    kids[top] = {rest[0] if w == 1 else rest[:w]: x}
+                else:
+                    ch[rest[0] if w == 1 else rest[:w]] = x
+            added = n - pos
+        for y in reversed(path):  # deepest first: a node comes before its ancestors
+            h = hold[y]
+            if type(h) is str:
+                if h == t:
+                    e = ent[y]
+                    if e >= 0:
+                        od.move_to_end(e)
+                        if g is not None:
+                            g.move_to_end(e)
+                        continue
+                    ent[y] = ne  # implicit (split) node touched: its own entry now
+                else:
+                    hold[y] = {h: ent[y], t: ne}
+                    ent[y] = -1
+                    added += len(edge[y])
+                    new += 1
+            else:
+                assert isinstance(h, dict)
+                e = h.pop(t, -2)
+                h[t] = e  # most recent holder last (ties in prefix_match)
+                if e >= 0:
+                    od.move_to_end(e)
+                    if g is not None:
+                        g.move_to_end(e)
+                    continue
+                if e == -2:
+                    added += len(edge[y])
+                    new += 1
+                h[t] = ne
+            od[ne] = y
+            if g is not None:
+                g[ne] = t
+            ne += 1
+        self._entry = ne
+        self._holdings += new
+        if added:
+            self._sizes[t] += added
+            self._total += added
+        lim = self._limits.get(t)
+        if lim is not None and self._sizes[t] > lim:
+            self._evict_tenant(t, lim)
+        if g is not None and (self._total > self._max_chars or self._holdings > self._max_nodes):
+            self._evict_global()
+
+    def _cut(self, s: str, t: str) -> str:
+        """``s`` cut to what ``t`` can keep under its cap and ``max_size`` (the same final
+        state as inserting it whole and evicting, without building what would go)."""
+        cap = min(self._limits.get(t, _NONE), self._max_chars)
+        return s[:cap] if cap < len(s) else s
+
+    # ----------------------------------------------------------------- eviction
+
+    def _drop(self, u: str, e: int, x: int, excess: int) -> None:
+        """Evict ``u``'s entry ``e`` (bottom node ``x``, a leaf of ``u``): the whole node
+        for ``u``, or only its last ``excess`` code points if that is fewer. O(1), or
+        O(holders + children) when a partial eviction must split a shared node."""
+        edge = self._edge
+        hold = self._hold
+        size = len(edge[x])
+        h = hold[x]
+        if excess < size:
+            if type(h) is str and self._kids[x] is None:
+                edge[x] = edge[x][: size - excess]  # u's own leaf: cut in place
+                self._sizes[u] -= excess
+                self._total -= excess
+                return
+            x = self._split(x, size - excess)
+            size = excess
+            h = hold[x]
+        gone = type(h) is str
+        if not gone:
+            assert isinstance(h, dict)
+            del h[u]
+            if len(h) == 1:
+                for v, ve in h.items():
+                    hold[x] = v
+                    self._ent[x] = ve
+        # the entry passes to the parent if u holds it implicitly (same recency), else goes
+        p = self._up[x]
+        hp = hold[p]
+        od = self._orders[u]
+        if type(hp) is str:
+            take = hp == u and self._ent[p] < 0
+        else:
+            take = isinstance(hp, dict) and hp.get(u, 0) < 0
+        if take:
+            od[e] = p
+            if type(hp) is str:
+                self._ent[p] = e
+            else:
+                assert isinstance(hp, dict)
+                hp[u] = e
+        else:
+            del od[e]
+            if self._glob is not None:
+                del self._glob[e]
+        self._sizes[u] -= size
+        self._total -= size
+        self._holdings -= 1
+        if gone:  # no holder left, hence no child: unlink
+            e0 = edge[x]
+            ch = self._kids[p]
+            assert ch is not None
+            del ch[e0[0] if self._w == 1 else e0[: self._w]]
+            if not ch:
+                self._kids[p] = None
+            edge[x] = ""
+            hold[x] = None
+            self._free.append(x)
+            self._nodes -= 1
+
+    def _evict_tenant(self, t: str, target: int) -> None:
+        """Evict ``t``'s least recent prefixes until it holds <= ``target`` code points."""
+        od = self._orders[t]
+        sizes = self._sizes
+        while sizes[t] > target:
+            for e, x in od.items():
+                self._drop(t, e, x, sizes[t] - target)
+                break
+
+    def _evict_global(self) -> None:
+        """Evict the least recent (tenant, prefix) pairs until every global bound holds."""
+        g = self._glob
+        assert g is not None
+        orders = self._orders
+        while True:
+            excess = self._total - self._max_chars
+            if self._holdings > self._max_nodes:
+                excess = _NONE  # whole nodes
+            elif excess <= 0:
+                return
+            for e, u in g.items():
+                self._drop(u, e, orders[u][e], excess)
+                break
+
+    # -------------------------------------------------------------------- reads
+
+    def match(self, units: Units) -> TreeMatch:
+        """Match ``units`` once: every tenant's matched length, and the descent for
+        :meth:`insert_match`.
+
+        Read-only: recency is not refreshed.
+
+        Args:
+            units: the prompt (``str`` or token ids).
+
+        Returns:
+            A :class:`TreeMatch` with ``lengths`` (as :meth:`match_lengths`) and ``units``.
+
+        Raises:
+            TypeError, ValueError: invalid ``units``, or the other kind than the tree's.
+
+        Complexity: O(m) in C + O(d + tenants matched).
+
+        >>> t = Tree()
+        >>> t.insert("system prompt A", "w1")
+        >>> m = t.match("system prompt B")
+        >>> m.lengths
+        {'w1': 14}
+        >>> t.insert_match(m, "w2")
+        0
+        >>> t.prefix_match_tenant("system prompt B", "w2")
+        15
+        """
+        if type(units) is str:
+            s: str = units
+            kind: Kind = "text"
+        else:
+            s, kind = _encode(units, self._code)
+        m: TreeMatch = object.__new__(TreeMatch)
+        with self._lock:
+            if kind != self._kind and s and self._kind is not None:
+                self._set_kind(kind, units, False)
+            walk = self._walk(s)
+            m.lengths = self._lengths(*walk)
+            m._version = self._version
+            m.units = len(s) if kind == "text" else len(s) // array(self._code).itemsize
+        m._walk = walk
+        m._s = s
+        m._kind = kind
+        m._tree = self
+        return m
+
+    def _lengths(self, path: list[int], pos: int, part: int, k: int) -> dict[str, int]:
+        """Per-tenant matched units of a descent. Holder sets shrink going down, so the path
+        is a run of shared nodes then a run held by one tenant: only the first run is
+        visited (deeper ends overwrite shallower ones). O(shared nodes + their holders)."""
+        hold = self._hold
+        res: dict[str, int] = {}
+        end = 0
+        for y in path:
+            h = hold[y]
+            if type(h) is str:
+                res[h] = pos + k  # the rest of the path (and the partial node) is h's alone
+                break
+            assert isinstance(h, dict)
+            end += len(self._edge[y])
+            if res:
+                for u in h:
+                    res[u] = end
+            else:
+                res = dict.fromkeys(h, end)
+        else:
+            if part >= 0:
+                h = hold[part]
+                if type(h) is str:
+                    res[h] = pos + k
+                else:
+                    assert isinstance(h, dict)
+                    for u in h:
+                        res[u] = pos + k
+        w = self._w
+        if w != 1:
+            return {u: c // w for u, c in res.items()}
+        return res
+
+    def match_lengths(self, units: Units) -> dict[str, int]:
+        """Matched units of every tenant with a non-zero match, in one descent.
+
+        Read-only. Same as ``match(units).lengths``.
+
+        Args:
+            units: the prompt.
+
+        Returns:
+            ``{tenant: matched units}`` (a new dict).
+
+        Raises:
+            TypeError, ValueError: invalid ``units``, or the other kind.
+
+        Complexity: O(m) in C + O(d + tenants matched).
+
+        >>> t = Tree()
+        >>> t.insert("hello world", "a")
+        >>> t.insert("hello there", "b")
+        >>> sorted(t.match_lengths("hello thx").items())
+        [('a', 6), ('b', 8)]
+        """
+        return self.match(units).lengths
 
     def prefix_match(self, units: Units) -> tuple[int, str | None]:
-        """Longest prefix of ``units`` held by any tenant.
+        """Longest prefix of ``units`` held by any tenant, and who holds it.
 
-        :returns: ``(matched_units, tenant)``; among tenants holding the
-            deepest matched node the most recently used one wins;
-            ``(0, None)`` when nothing matches (or ``units`` is empty).
-        :raises TypeError, ValueError: invalid ``units`` or mixed kinds.
+        Read-only. Among the tenants holding that longest prefix, the one whose last insert
+        through it is the most recent wins.
 
-        Read-only: does not refresh recency.  Thread-safe.
-        Complexity: O(m) C-level compares + O(d) Python steps + O(holders of
-        the last node).
+        Args:
+            units: the prompt.
+
+        Returns:
+            ``(matched_units, tenant)``, or ``(0, None)`` when nothing matches.
+
+        Raises:
+            TypeError, ValueError: invalid ``units``, or the other kind.
+
+        Complexity: O(m) in C + O(d).
+
+        >>> t = Tree()
+        >>> t.insert("shared prefix one", "a")
+        >>> t.insert("shared prefix two", "b")
+        >>> t.prefix_match("shared prefix")
+        (13, 'b')
+        >>> t.prefix_match("shared prefix one!")
+        (17, 'a')
         """
-        lock = self._lock
-        lock.acquire()
-        try:
-            if type(units) is str and self._kind != "tokens":
-                s: str = units
-            else:
-                s = self._encode(units, False)
+        if type(units) is str:
+            s: str = units
+            kind: Kind = "text"
+        else:
+            s, kind = _encode(units, self._code)
+        with self._lock:
+            if kind != self._kind and s and self._kind is not None:
+                self._set_kind(kind, units, False)
+            # The descent of _walk without its path: the hottest read, and measured
+            # ~25% faster than calling _walk (bench_tree.py, W1/W3 match).
             n = len(s)
             w = self._w
-            node = self._root
-            last: _Node | None = None
+            kids = self._kids
+            edge = self._edge
+            node = 0
             pos = 0
-            if w != 1:
-                path, pos, last, k = self._walk(s)
-                pos += k
-                if last is None and path:
-                    last = path[-1]
-            else:  # inline walk (see _walk), one code point per unit
-                while pos < n:
-                    ch = node.children
-                    if ch is None:
-                        break
-                    child = ch.get(s[pos])
-                    if child is None:
-                        break
-                    last = child
-                    e = child.edge
-                    if s.startswith(e, pos):
-                        pos += len(e)
-                        node = child
-                    else:
-                        pos += _lcp(e, s, pos)
-                        break
-            if last is None:
+            last = -1
+            while pos < n:
+                ch = kids[node]
+                if ch is None:
+                    break
+                c = ch.get(s[pos] if w == 1 else s[pos : pos + w])
+                if c is None:
+                    break
+                last = c
+                e = edge[c]
+                if not s.startswith(e, pos):
+                    k = _lcp(e, s, pos)
+                    pos += k - k % w
+                    break
+                pos += len(e)
+                node = c
+            if last < 0:
                 return 0, None
-            h = last.holders
-            if isinstance(h, str):
-                return pos // w, h
-            for t in reversed(h):  # most recently used holder
-                return pos // w, t
-            return pos // w, None  # pragma: no cover - nodes always have holders
-        finally:
-            lock.release()
+            h = self._hold[last]
+            if type(h) is str:
+                return pos // self._w, h
+            assert isinstance(h, dict)
+            return pos // self._w, next(reversed(h))
 
     def prefix_match_tenant(self, units: Units, tenant: str) -> int:
         """Longest prefix of ``units`` held by ``tenant`` (0 if unknown).
 
-        Read-only: does not refresh recency.  Thread-safe.
-        Complexity: O(m) C-level compares + O(d) Python steps.
+        Read-only.
+
+        Args:
+            units: the prompt.
+            tenant: the tenant.
+
+        Returns:
+            Matched units.
+
+        Raises:
+            TypeError, ValueError: invalid ``units`` or ``tenant``, or the other kind.
+
+        Complexity: O(m) in C + O(d).
+
+        >>> t = Tree()
+        >>> t.insert("hello world", "a")
+        >>> t.prefix_match_tenant("hello there", "a")
+        6
         """
-        _check_tenant(tenant)
-        lock = self._lock
-        lock.acquire()
-        try:
-            s = self._encode(units, False)
-            n = len(s)
-            w = self._w
-            node = self._root
-            pos = 0
-            while pos < n:
-                ch = node.children
-                if ch is None:
-                    break
-                child = ch.get(s[pos] if w == 1 else s[pos : pos + w])
-                if child is None:
-                    break
-                h = child.holders
-                if (h != tenant) if isinstance(h, str) else (tenant not in h):
-                    break
-                e = child.edge
-                if s.startswith(e, pos):
-                    pos += len(e)
-                    node = child
-                else:
-                    k = _lcp(e, s, pos)
-                    pos += k - k % w
-                    break
-            return pos // w
-        finally:
-            lock.release()
-
-    def _walk(self, s: str) -> tuple[list[_Node], int, _Node | None, int]:
-        """Descend along ``s``.
-
-        :returns: ``(path, pos, partial, k)``: ``path`` are the nodes whose
-            edges ``s`` fully covers (``pos`` code points in total); ``partial``
-            is the child whose edge matched only ``k`` code points (0 < k), or
-            ``None`` (then ``k == 0``).
-        """
-        n = len(s)
-        node = self._root
-        path: list[_Node] = []
-        pos = 0
-        w = self._w
-        while pos < n:
-            ch = node.children
-            if ch is None:
-                break
-            child = ch.get(s[pos] if w == 1 else s[pos : pos + w])
-            if child is None:
-                break
-            e = child.edge
-            if s.startswith(e, pos):
-                pos += len(e)
-                path.append(child)
-                node = child
-            else:
-                k = _lcp(e, s, pos)
-                return path, pos, child, k - k % w
-        return path, pos, None, 0
-
-    def _lengths(
-        self, path: list[_Node], pos: int, partial: _Node | None, k: int
-    ) -> tuple[dict[str, int], int]:
-        """Per-tenant matched code points for a walk (see :meth:`_walk`).
-
-        Holder sets only shrink going down, and a single-holder node (a ``str``)
-        has single-holder descendants only, so the path is a run of ``j``
-        multi-holder nodes followed by a run held by one tenant.  Only the
-        first run is visited (top-down, deeper ends overwrite shallower ones);
-        the second one contributes its deepest end alone.
-
-        :returns: ``(lengths, j)``.  O(j + tenants matched).  Key order: that
-            of the deepest node among those holding as many tenants as the
-            first one (as it always was; ``choose`` callbacks may see it).
-        """
-        res: dict[str, int] = {}
-        top = 0  # holder count of the first node (the largest set)
-        end = 0
-        j = 0
-        for nd in path:
-            h = nd.holders
-            if isinstance(h, str):
-                break
-            j += 1
-            end += len(nd.edge)
-            if len(h) == top or not top:
-                top = len(h)
-                res = dict.fromkeys(h, end)
-            else:
-                res.update(dict.fromkeys(h, end))
-        if partial is not None:
-            h = partial.holders
-            if isinstance(h, str):
-                res[h] = pos + k
-            elif len(h) == top or not top:
-                res = dict.fromkeys(h, pos + k)
-            else:
-                res.update(dict.fromkeys(h, pos + k))
-        elif j < len(path):
-            h = path[-1].holders
-            assert isinstance(h, str)
-            res[h] = pos
-        return res, j
-
-    def match_lengths(self, units: Units) -> dict[str, int]:
-        """Matched units for every tenant with a non-zero match, in one walk.
-
-        Read-only: does not refresh recency.  Thread-safe.
-        Complexity: O(m) C-level compares + O(d + tenants matched) Python steps.
-        """
-        lock = self._lock
-        lock.acquire()
-        try:
-            s = self._encode(units, False)
-            res = self._lengths(*self._walk(s))[0]
-            w = self._w
-            if w != 1:
-                for t in res:
-                    res[t] //= w
-            return res
-        finally:
-            lock.release()
-
-    # ---------------------------------------------------------------- writes
-
-    def add_tenant(self, tenant: str) -> None:
-        """Register ``tenant`` with size 0 (no-op if known).  Thread-safe. O(1)."""
-        _check_tenant(tenant)
+        t = tenant if type(tenant) is str else _tenant(tenant)
+        if type(units) is str:
+            s: str = units
+            kind: Kind = "text"
+        else:
+            s, kind = _encode(units, self._code)
         with self._lock:
-            self._register(tenant)
+            if kind != self._kind and s and self._kind is not None:
+                self._set_kind(kind, units, False)
+            path, pos, part, k = self._walk(s)
+            hold = self._hold
+            if part >= 0 and self._holds(hold[part], t):
+                return (pos + k) // self._w
+            for y in reversed(path):  # t's nodes are a top part of the path
+                if self._holds(hold[y], t):
+                    return pos // self._w
+                pos -= len(self._edge[y])
+            return 0
+
+    @staticmethod
+    def _holds(h: Holders | None, t: str) -> bool:
+        return h == t if type(h) is str else (h is not None and t in h)
+
+    # ------------------------------------------------------------------- writes
 
     def insert(self, units: Units, tenant: str) -> None:
-        """Record that ``tenant`` holds every prefix of ``units``.
+        """Record that ``tenant`` holds every prefix of ``units``; refresh their recency.
 
-        Refreshes the recency of every node on the path for ``tenant``.  Empty
-        ``units`` only registers the tenant.  Enforces ``max_size`` and
-        ``max_size_per_tenant`` before returning (see the class docstring).
+        Empty ``units`` only registers the tenant. The bounds are enforced before returning;
+        a prompt longer than the tenant's cap (or ``max_size``) keeps its first cap units.
 
-        :raises TypeError: ``tenant`` is not a ``str``; ``units`` has a wrong
-            type, a non-int element, or is of the other kind than the tree.
-        :raises ValueError: a token id is negative or >= 2**64.
+        Args:
+            units: the prompt.
+            tenant: who now holds it.
 
-        Thread-safe.  Complexity: O(m) C-level compares + O(d) Python steps
-        for the descent; then O(1) per multi-holder node on the path and per
-        node ``tenant`` newly holds (plus, with ``max_size``, O(1) per node on
-        the path); plus amortized O(1) per node evicted by a bound (amortized
-        further by the low-water mark).
+        Raises:
+            TypeError: ``tenant`` is not a ``str``; ``units`` has a wrong type or element,
+                or is of the other kind than the tree.
+            ValueError: a token id is out of range.
+
+        Complexity: O(m) in C + O(d), + O(1) amortized per node evicted.
+
+        >>> t = Tree()
+        >>> t.insert("abc", "a")
+        >>> t.insert("abd", "a")
+        >>> t.size("a")  # a, ab, abc, abd
+        4
         """
-        if type(tenant) is not str:
-            _check_tenant(tenant)
-        lock = self._lock
-        lock.acquire()
-        try:
-            if type(units) is str and self._kind == "text":
-                s: str = units
-            else:
-                s = self._encode(units, True)
-                if not s:
-                    self._register(tenant)
-                    return
-                if self._kind is None:
-                    self._kind = "text" if isinstance(units, str) else "tokens"
-            if tenant not in self._sizes:
-                self._register(tenant)
-            if 0 <= self._cap_chars < len(s):
-                s = s[: self._cap_chars]
-            path, pos, partial, k = self._walk(s)
-            self._insert_walked(s, tenant, path, pos, partial, k)
-        finally:
-            lock.release()
-
-    def match_and_insert(
-        self, units: Units, choose: Callable[[dict[str, int]], str | None]
-    ) -> tuple[str | None, int]:
-        """Match, let ``choose`` pick a tenant, insert for it: one descent.
-
-        ``choose`` receives :meth:`match_lengths` of ``units`` (a fresh dict it
-        may keep) and is called while this tree's lock is held, so it may call
-        read methods such as :meth:`size`.  If it returns a tenant, ``units`` is
-        inserted for it exactly as :meth:`insert` would; if it returns ``None``
-        nothing is inserted.  If ``choose`` raises, the tree is unchanged.
-
-        The descent is done once: the path it records (and the per-tenant
-        lengths read off it) is reused by the insert, so no edge is compared
-        twice.  (Exceptions, each needing a second descent: a token prompt with
-        an id >= 0x110000 on a narrow tree, and a prompt longer than a size
-        cap's low-water target.)
-
-        :returns: ``(chosen, matched_units_of_chosen)`` (0 for None/no match).
-        Thread-safe.  Complexity: O(m) C-level compares + O(d + T) Python
-        steps, plus what :meth:`insert` may evict.
-        """
-        lock = self._lock
-        lock.acquire()
-        try:
-            if type(units) is str and self._kind != "tokens":
-                s: str = units
-                fast = self._kind == "text"
-            else:
-                s = self._encode(units, False)  # no widening before choose succeeds
-                fast = False
-            w = self._w
-            n = len(s)
-            path, pos, partial, k = self._walk(s)
-            res, j = self._lengths(path, pos, partial, k)
-            if w != 1:
-                for t in res:
-                    res[t] //= w
-            chosen = choose(dict(res))
-            if chosen is None:
-                return None, 0
-            if type(chosen) is not str:
-                _check_tenant(chosen)
-            if chosen not in self._sizes:
-                self._register(chosen)
-            if fast and self._cap_chars < 0:  # text into a text tree, no bound
-                self._insert_walked(s, chosen, path, pos, partial, k, j)
-                return chosen, res.get(chosen, 0)
-            if w == 1 and n != len(units) and not isinstance(units, str):
-                # the read form stopped before an id >= 0x110000: insert the full
-                # prompt (this widens the tree)
-                s = self._encode(units, True)
-            if s:
-                if self._kind is None:
-                    self._kind = "text" if isinstance(units, str) else "tokens"
-                if 0 <= self._cap_chars < len(s):
-                    s = s[: self._cap_chars]
-                if len(s) != n or self._w != w:  # rare: see the docstring
-                    path, pos, partial, k = self._walk(s)
-                    j = -1
-                self._insert_walked(s, chosen, path, pos, partial, k, j)
-            return chosen, res.get(chosen, 0)
-        finally:
-            lock.release()
-
-    def _insert_walked(
-        self,
-        s: str,
-        t: str,
-        path: list[_Node],
-        pos: int,
-        partial: _Node | None,
-        k: int,
-        j: int = -1,
-    ) -> None:
-        """Second half of insert, from a walk of ``s`` (see :meth:`_walk`).
-
-        ``j``: number of multi-holder nodes at the top of ``path`` if known
-        (see :meth:`_lengths`), else -1.
-
-        O(1) for the new nodes, O(1) per node of ``path`` that ``t`` did not
-        hold yet and per multi-holder node of ``path``; without ``max_size``
-        the run of nodes held by ``t`` alone is not visited at all (lazy
-        recency, see the class notes), with it every node of ``path`` is
-        refreshed in both recency orders.
-        """
-        od = self._lru[t]
-        glru = self._glru
-        w = self._w
-        added = 0
-        n = len(s)
-        last = len(path) - 1
-        parent = path[last] if path else self._root
-        # ``nxt``: the node below the one being processed is on this insert;
-        # ``new``: and ``t`` did not hold it before (so the count of children
-        # ``t`` holds grows by one).
-        tail = nxt = new = pos < n or partial is not None
-        if partial is not None:
-            # split ``partial`` at k: a new upper node takes its first k units
-            e = partial.edge
-            ph = partial.holders
-            pos += k
-            uh: Holders
-            if isinstance(ph, str):
-                if ph == t:
-                    uh = t
-                    new = False
-                else:
-                    uh = {ph: 1, t: 1 if pos < n else 0}
-                    added += k
-            else:
-                uh = dict.fromkeys(ph, 1)  # each holds one child: ``partial``
-                c = uh.pop(t, -1)
-                if c < 0:
-                    added += k
-                    uh[t] = 1 if pos < n else 0
-                else:
-                    uh[t] = 2 if pos < n else 1  # most recent last
-                    new = False
-            upper = _Node(e[:k], parent, uh)
-            low = e[k:]
-            partial.edge = low
-            partial.parent = upper
-            assert parent.children is not None
-            parent.children[e[0] if w == 1 else e[:w]] = upper
-            if pos < n:
-                rest = s[pos:]
-                leaf = _Node(rest, upper, t)
-                upper.children = {
-                    low[0] if w == 1 else low[:w]: partial,
-                    rest[0] if w == 1 else rest[:w]: leaf,
-                }
-                od[leaf] = None
-                added += n - pos
-                if glru is not None:
-                    glru[leaf] = None
-                    od[upper] = None
-                    glru[upper] = None
-            else:
-                upper.children = {low[0] if w == 1 else low[:w]: partial}
-                od[upper] = None
-                if glru is not None:
-                    glru[upper] = None
-        elif pos < n:
-            rest = s[pos:]
-            leaf = _Node(rest, parent, t)
-            ch = parent.children
-            if ch is None:
-                parent.children = {rest[0] if w == 1 else rest[:w]: leaf}
-            else:
-                ch[rest[0] if w == 1 else rest[:w]] = leaf
-            od[leaf] = None
-            added += n - pos
-            if glru is not None:
-                glru[leaf] = None
-        # The path is a run of ``j`` multi-holder nodes, then a run of nodes
-        # held by one tenant (holders shrink going down).  Without a global
-        # bound, recency is lazy: only the deepest node of this insert is
-        # refreshed for ``t`` (see the class notes).  With one, it is eager:
-        # every node of the path is refreshed deepest first, in both orders.
-        if j < 0:
-            j = 0
-            while j <= last and not isinstance(path[j].holders, str):
-                j += 1
-        if j <= last:
-            h = path[j].holders
-            if h == t:  # t holds the whole path already
-                if glru is not None:
-                    move = od.move_to_end
-                    gmove = glru.move_to_end
-                    for i in range(last, j - 1, -1):
-                        nd = path[i]
-                        try:
-                            move(nd)
-                        except KeyError:  # held implicitly: a split made it
-                            od[nd] = None
-                        gmove(nd)
-                elif not nxt:
-                    try:
-                        od.move_to_end(path[last])
-                    except KeyError:
-                        od[path[last]] = None
-                new = False
-            else:  # ``t`` joins the whole run, deepest first
-                assert isinstance(h, str)
-                adj = partial is None and tail  # a new leaf hangs below path[-1]
-                for i in range(last, j - 1, -1):
-                    nd = path[i]
-                    c = len(nd.children) if nd.children else 0
-                    if adj:
-                        c -= 1
-                        adj = False
-                    nd.holders = {h: c, t: 1 if nxt else 0}
-                    added += len(nd.edge)
-                    if glru is not None:
-                        od[nd] = None
-                        glru.move_to_end(nd)
-                    nxt = True
-                if glru is None and not tail:
-                    od[path[last]] = None
-                new = True
-            nxt = True
-        for i in range(j - 1, -1, -1):
-            nd = path[i]
-            hd = nd.holders
-            assert type(hd) is dict
-            c = hd.pop(t, -1)
-            if c < 0:
-                hd[t] = 1 if nxt else 0
-                added += len(nd.edge)
-                if glru is not None or not nxt:
-                    od[nd] = None
-                new = True
-            else:
-                hd[t] = c + 1 if new else c  # most recent last
-                if glru is not None or not nxt:
-                    try:
-                        od.move_to_end(nd)
-                    except KeyError:
-                        od[nd] = None
-                new = False
-            if glru is not None:
-                glru.move_to_end(nd)
-            nxt = True
-        if added:
-            sizes = self._sizes
-            sizes[t] += added
-            self._total += added
-            if self._cap_chars >= 0:  # some bound is set
-                if 0 <= self._max_tenant_chars < sizes[t]:
-                    assert self._max_size_per_tenant is not None
-                    self._evict_tenant(t, self._target(self._max_size_per_tenant) * w)
-                if 0 <= self._max_chars < self._total:
-                    assert self._max_size is not None
-                    self._evict_global(self._target(self._max_size) * w)
-
-    # -------------------------------------------------------------- eviction
-
-    def _unlink(self, x: _Node) -> None:
-        """Remove a node without holders (hence without children)."""
-        p = x.parent
-        assert p is not None and p.children is not None
-        e = x.edge
-        del p.children[e[0] if self._w == 1 else e[: self._w]]
-        if not p.children:
-            p.children = None
-        if self._glru is not None:
-            self._glru.pop(x, None)
-        x.parent = None
-
-    def _evict_tenant(self, t: str, target: int) -> int:
-        """Evict ``t``'s LRU nodes until its size <= target code points.
-
-        Amortized O(1) per node evicted: an entry popped for a node that still
-        has children held by ``t`` (left by lazy recency) is dropped, and the
-        node comes back when its last such child goes.
-        """
-        od = self._lru[t]
-        sizes = self._sizes
-        freed = 0
-        size = sizes[t]
-        while size > target and od:
-            x, _ = od.popitem(last=False)
-            h = x.holders
-            if type(h) is dict:
-                if h[t]:
-                    continue  # not a leaf of t: its recency is its descendants'
-            elif x.children:
-                continue
-            n = len(x.edge)
-            size -= n
-            freed += n
-            p = x.parent
-            if isinstance(h, str):
-                self._unlink(x)
-            else:
-                del h[t]
-                if len(h) == 1:
-                    for only in h:
-                        x.holders = only
-            self._lost_child(p, t, od)
-        sizes[t] = size
-        self._total -= freed
-        return freed
-
-    def _lost_child(self, p: _Node | None, t: str, od: OrderedDict[_Node, None]) -> None:
-        """Tenant ``t`` just lost a child of ``p``: fix ``p``'s child count for ``t``.
-
-        A ``p`` that ``t`` held through its children only, and no longer holds
-        any child of, is now ``t``'s least recently used leaf: it goes to the
-        front of ``t``'s order. O(1).
-        """
-        if p is self._root or p is None:
-            return
-        ph = p.holders
-        if type(ph) is dict:
-            c = ph[t] - 1
-            ph[t] = c
+        t = tenant if type(tenant) is str else _tenant(tenant)
+        if type(units) is str:
+            s: str = units
+            kind: Kind = "text"
         else:
-            c = len(p.children) if p.children else 0
-        if not c and p not in od:
-            od[p] = None
-            od.move_to_end(p, last=False)
-
-    def _evict_global(self, target: int) -> None:
-        """Evict globally LRU nodes (for all holders) until total <= target."""
-        glru = self._glru
-        assert glru is not None
-        lru = self._lru
-        sizes = self._sizes
-        total = self._total
-        while total > target and glru:
-            x = next(iter(glru))  # a leaf of the whole tree; _unlink drops it
-            n = len(x.edge)
-            p = x.parent
-            h = x.holders
-            self._unlink(x)
-            for u in (h,) if isinstance(h, str) else h:
-                od = lru[u]
-                del od[x]
-                sizes[u] -= n
-                total -= n
-                self._lost_child(p, u, od)
-        self._total = total
-
-    def evict_tenant_by_size(self, max_units: int) -> int:
-        """Shrink every tenant above ``max_units`` to at most ``max_units``.
-
-        Each such tenant loses its least recently used leaves first; a node's
-        edge is freed when its last tenant leaves, nodes shared with other
-        tenants stay for them.  A tenant's most recently inserted sequence
-        survives whole when its length is at most ``max_units``.
-
-        :returns: units evicted (summed over tenants).
-        Thread-safe.  Complexity: O(T + e), amortized (with lazy recency an
-        entry may be popped and dropped once per insert that left it stale).
-        """
-        _check_count("max_units", max_units, allow_none=False, minimum=0)
+            s, kind = _encode(units, self._code)
         with self._lock:
+            if kind != self._kind and s:
+                self._set_kind(kind, units, True)
+            if t not in self._sizes:
+                self._register(t)
+            self._version += 1
+            if s:
+                if self._limits or self._glob is not None:
+                    s = self._cut(s, t)
+                path, pos, part, k = self._walk(s)  # (not *self._walk(s): slower)
+                self._put(s, t, path, pos, part, k)
+
+    def insert_match(self, match: TreeMatch, tenant: str) -> int:
+        """Insert the prompt of ``match`` for ``tenant``, as :meth:`insert` would.
+
+        The descent recorded by :meth:`match` is reused when the tree has not been written
+        since (no second descent); otherwise the prompt is matched again.
+
+        Args:
+            match: a :class:`TreeMatch` from this tree's :meth:`match`.
+            tenant: who now holds the prompt.
+
+        Returns:
+            The units of the prompt ``tenant`` held at match time
+            (``match.lengths.get(tenant, 0)``).
+
+        Raises:
+            TypeError: ``match`` is not a :class:`TreeMatch`, ``tenant`` is not a ``str``,
+                or the tree has since been fixed to the other kind.
+            ValueError: ``match`` comes from another tree.
+
+        Complexity: O(d) + what :meth:`insert` evicts; O(m) in C + O(d) if re-matched.
+
+        >>> t = Tree()
+        >>> m = t.match("hello")
+        >>> t.insert_match(m, "a"), t.insert_match(t.match("help"), "b")
+        (0, 0)
+        >>> t.match_lengths("hello")
+        {'a': 5, 'b': 3}
+        """
+        if type(match) is not TreeMatch:
+            raise fail("match", "a TreeMatch (from Tree.match)", match, TypeError)
+        if match._tree is not self:
+            raise fail("match", "a TreeMatch from this tree's match()", match)
+        t = tenant if type(tenant) is str else _tenant(tenant)
+        s = match._s
+        with self._lock:
+            if match._kind != self._kind and s:
+                if self._kind is not None:
+                    raise fail(
+                        "match", f"a match of {self._kind} (this tree's kind)", match, TypeError
+                    )
+                self._set_kind(match._kind, s, True)
+            if t not in self._sizes:
+                self._register(t)
+            fresh = match._version == self._version
+            self._version += 1
+            if s:
+                if self._limits or self._glob is not None:
+                    cut = self._cut(s, t)
+                    if cut is not s:
+                        s = cut
+                        fresh = False
+                path, pos, part, k = match._walk if fresh else self._walk(s)
+                self._put(s, t, path, pos, part, k)
+        return match.lengths.get(t, 0)
+
+    def match_and_insert(self, units: Units, choose: Any) -> tuple[str | None, int]:
+        # temporary: removed when the policy moves to match/insert_match
+        m = self.match(units)
+        chosen = choose(dict(m.lengths))
+        if chosen is None:
+            return None, 0
+        return chosen, self.insert_match(m, chosen)
+
+    def remove(self, units: Units, tenant: str) -> int:
+        """``tenant`` stops holding ``units`` and every sequence that starts with it.
+
+        It keeps the strict prefixes of ``units`` (an engine that evicted a KV block lost that
+        block and every block after it). Empty ``units`` removes everything it holds. No-op
+        if it does not hold ``units``. Recency is not refreshed.
+
+        Args:
+            units: the prompt.
+            tenant: the tenant.
+
+        Returns:
+            The units ``tenant`` no longer holds.
+
+        Raises:
+            TypeError, ValueError: invalid ``units`` or ``tenant``, or the other kind.
+
+        Complexity: O(m) in C + O(d + nodes removed and their children).
+
+        >>> t = Tree()
+        >>> t.insert("abcdef", "a")
+        >>> t.insert("abcxyz", "a")
+        >>> t.remove("abcd", "a")  # "abcd", "abcde", "abcdef"
+        3
+        >>> t.prefix_match_tenant("abcdef", "a"), t.size("a")
+        (3, 6)
+        """
+        t = tenant if type(tenant) is str else _tenant(tenant)
+        s, kind = _encode(units, self._code)
+        with self._lock:
+            if kind != self._kind and s and self._kind is not None:
+                self._set_kind(kind, units, False)
+            if t not in self._sizes:
+                return 0
+            self._version += 1
+            before = self._sizes[t]
+            if not s:
+                self._evict_tenant(t, 0)
+                return before // self._w
             w = self._w
-            target = max_units * w
-            freed = 0
-            for t in list(self._sizes):
-                if self._sizes[t] > target:
-                    freed += self._evict_tenant(t, target)
-            return freed // w
+            path, pos, part, k = self._walk(s)
+            if part >= 0:
+                x = part
+                start = pos
+                pos += k
+            elif path:
+                x = path[-1]
+                start = pos - len(self._edge[x])
+            else:
+                return 0
+            if pos < len(s) or not self._holds(self._hold[x], t):
+                return 0
+            off = len(s) - w - start  # the last unit of s starts at this offset in x
+            if off:
+                x = self._split(x, off)
+            # drop t from x and its subtree, children before parents
+            hold = self._hold
+            kids = self._kids
+            order = [x]
+            i = 0
+            while i < len(order):
+                ch = kids[order[i]]
+                i += 1
+                if ch is not None:
+                    order.extend(c for c in ch.values() if self._holds(hold[c], t))
+            for y in reversed(order):
+                h = hold[y]
+                self._drop(t, h[t] if isinstance(h, dict) else self._ent[y], y, _NONE)
+            return (before - self._sizes[t]) // w
+
+    def add_tenant(self, tenant: str) -> None:
+        """Register ``tenant`` with size 0 (no-op if known).
+
+        Args:
+            tenant: the tenant.
+
+        Raises:
+            TypeError: ``tenant`` is not a ``str``.
+
+        Complexity: O(1).
+
+        >>> t = Tree()
+        >>> t.add_tenant("w1")
+        >>> t.tenants(), t.size("w1")
+        (['w1'], 0)
+        """
+        t = tenant if type(tenant) is str else _tenant(tenant)
+        with self._lock:
+            self._register(t)
 
     def remove_tenant(self, tenant: str) -> None:
-        """Forget ``tenant`` entirely (no-op if unknown).
+        """Forget ``tenant``: everything it holds, its limit, its registration (no-op if unknown).
 
-        Thread-safe.  Complexity: O(nodes it held).
+        Args:
+            tenant: the tenant.
+
+        Raises:
+            TypeError: ``tenant`` is not a ``str``.
+
+        Complexity: O(nodes it holds).
+
+        >>> t = Tree()
+        >>> t.insert("abc", "a")
+        >>> t.remove_tenant("a")
+        >>> t.tenants(), t.total_size()
+        ([], 0)
         """
-        _check_tenant(tenant)
+        t = tenant if type(tenant) is str else _tenant(tenant)
         with self._lock:
-            if tenant not in self._lru:
+            if t in self._sizes:
+                self._version += 1
+                self._evict_tenant(t, 0)
+                del self._sizes[t], self._orders[t]
+                self._limits.pop(t, None)
+                self._overrides.pop(t, None)
+
+    def evict_tenant_by_size(self, max_units: int) -> int:
+        """Shrink every tenant holding more than ``max_units`` to exactly ``max_units``.
+
+        Each loses its least recent prefixes first (longest first among equals).
+
+        Args:
+            max_units: the size to shrink to (>= 0).
+
+        Returns:
+            Units evicted, summed over tenants.
+
+        Raises:
+            TypeError: ``max_units`` is not an ``int``.
+            ValueError: ``max_units`` < 0.
+
+        Complexity: O(T + e).
+
+        >>> t = Tree()
+        >>> t.insert("aaaa", "x")
+        >>> t.insert("bbbb", "x")
+        >>> t.evict_tenant_by_size(6), t.prefix_match_tenant("aaaa", "x")
+        (2, 2)
+        """
+        check_int("max_units", max_units, minimum=0)
+        with self._lock:
+            self._version += 1
+            target = max_units * self._w
+            before = self._total
+            for t, size in list(self._sizes.items()):
+                if size > target:
+                    self._evict_tenant(t, target)
+            return (before - self._total) // self._w
+
+    def set_tenant_limit(self, tenant: str, max_units: int | None) -> None:
+        """Cap ``tenant`` at ``max_units`` (``None``: back to ``max_size_per_tenant``).
+
+        Registers the tenant. Enforced at once (it loses its least recent prefixes) and on
+        every insert for it (it pays with its own). E.g. a worker's KV-cache capacity.
+
+        Args:
+            tenant: the tenant.
+            max_units: its cap (>= 0), or ``None``.
+
+        Raises:
+            TypeError: wrong types.
+            ValueError: ``max_units`` < 0.
+
+        Complexity: O(1) + O(e).
+
+        >>> t = Tree()
+        >>> t.insert("abcdef", "w1")
+        >>> t.set_tenant_limit("w1", 4)
+        >>> t.size("w1"), t.tenant_limit("w1")
+        (4, 4)
+        """
+        t = tenant if type(tenant) is str else _tenant(tenant)
+        check_int("max_units", max_units, minimum=0, none_ok=True)
+        with self._lock:
+            self._register(t)
+            self._version += 1
+            self._overrides[t] = max_units
+            cap = self._max_size_per_tenant if max_units is None else max_units
+            if cap is None:
+                self._limits.pop(t, None)
                 return
-            self._evict_tenant(tenant, -1)
-            del self._lru[tenant]
-            del self._sizes[tenant]
+            self._limits[t] = cap * self._w
+            if self._sizes[t] > cap * self._w:
+                self._evict_tenant(t, cap * self._w)
+
+    def tenant_limit(self, tenant: str) -> int | None:
+        """The cap that applies to ``tenant`` (its own, else ``max_size_per_tenant``).
+
+        Args:
+            tenant: the tenant.
+
+        Returns:
+            Units, or ``None`` if uncapped.
+
+        Raises:
+            TypeError: ``tenant`` is not a ``str``.
+
+        Complexity: O(1).
+
+        >>> Tree(max_size_per_tenant=100).tenant_limit("w1")
+        100
+        """
+        t = tenant if type(tenant) is str else _tenant(tenant)
+        with self._lock:
+            if t in self._overrides and self._overrides[t] is not None:
+                return self._overrides[t]
+            return self._max_size_per_tenant
 
     # ------------------------------------------------------------- accounting
 
     @property
     def kind(self) -> Kind | None:
-        """``"text"``, ``"tokens"``, or ``None`` before the first non-empty insert."""
+        """``"text"``, ``"tokens"``, or ``None`` before the first non-empty insert.
+
+        >>> t = Tree()
+        >>> t.insert([1, 2], "a")
+        >>> t.kind
+        'tokens'
+        """
         return self._kind
 
     def size(self, tenant: str) -> int:
-        """Units held by ``tenant`` (0 if unknown).  Thread-safe.  O(1)."""
-        _check_tenant(tenant)
+        """Units held by ``tenant`` (0 if unknown).
+
+        Args:
+            tenant: the tenant.
+
+        Returns:
+            The number of distinct non-empty prefixes it holds.
+
+        Raises:
+            TypeError: ``tenant`` is not a ``str``.
+
+        Complexity: O(1).
+
+        >>> t = Tree()
+        >>> t.insert("abc", "a")
+        >>> t.size("a"), t.size("b")
+        (3, 0)
+        """
+        t = tenant if type(tenant) is str else _tenant(tenant)
         with self._lock:
-            return self._sizes.get(tenant, 0) // self._w
+            return self._sizes.get(t, 0) // self._w
 
     def used_size_per_tenant(self) -> dict[str, int]:
-        """``{tenant: units}`` for every registered tenant.  Thread-safe.  O(T)."""
+        """``{tenant: units}`` for every registered tenant.
+
+        Complexity: O(T).
+
+        >>> t = Tree()
+        >>> t.insert("abc", "a")
+        >>> t.insert("abd", "b")
+        >>> t.used_size_per_tenant()
+        {'a': 3, 'b': 3}
+        """
         with self._lock:
             w = self._w
             return {t: n // w for t, n in self._sizes.items()}
 
     def total_size(self) -> int:
-        """Units summed over tenants.  Thread-safe.  O(1)."""
+        """Units summed over tenants (a prefix held by 3 tenants counts 3 times).
+
+        Complexity: O(1).
+
+        >>> t = Tree()
+        >>> t.insert("abc", "a")
+        >>> t.insert("abd", "b")
+        >>> t.total_size(), len(t)
+        (6, 6)
+        """
         with self._lock:
             return self._total // self._w
 
@@ -999,16 +1174,60 @@ class Tree:
         return self.total_size()
 
     def tenants(self) -> list[str]:
-        """Registered tenants, in registration order (a new list).  O(T)."""
+        """Registered tenants, in registration order (a new list).
+
+        Complexity: O(T).
+
+        >>> t = Tree()
+        >>> t.add_tenant("b"); t.add_tenant("a")
+        >>> t.tenants()
+        ['b', 'a']
+        """
         with self._lock:
             return list(self._sizes)
 
     def smallest_tenant(self) -> str | None:
-        """Tenant with the fewest units, ties by name; ``None`` if none.  O(T)."""
+        """The tenant holding the fewest units, ties by name; ``None`` if none.
+
+        Complexity: O(T).
+
+        >>> t = Tree()
+        >>> t.insert("aaaa", "b")
+        >>> t.insert("bb", "a")
+        >>> t.smallest_tenant()
+        'a'
+        """
         with self._lock:
             if not self._sizes:
                 return None
             return min(self._sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+    @classmethod
+    def max_nodes_for(cls, memory_bytes: int, max_size: int, *, kind: Kind = "text") -> int:
+        """The ``max_nodes`` that keeps a tree with ``max_size`` within ``memory_bytes``.
+
+        Worst case: ``NODE_BYTES`` per node (per holder) plus ``UNIT_BYTES[kind]`` per unit
+        (times ``token_bytes`` = 4 for tokens).
+
+        Args:
+            memory_bytes: the budget for the tree's structure.
+            max_size: the ``max_size`` it will have.
+            kind: ``"text"`` or ``"tokens"``.
+
+        Returns:
+            A ``max_nodes`` >= 1.
+
+        Raises:
+            ValueError: ``max_size`` alone does not fit in the budget.
+
+        >>> n = Tree.max_nodes_for(256 * 2**20, max_size=2**24)
+        >>> t = Tree(max_size=2**24, max_nodes=n)
+        """
+        per_unit = cls.UNIT_BYTES[kind] * (4 if kind == "tokens" else 1)
+        room = memory_bytes - per_unit * max_size
+        if room < cls.NODE_BYTES:
+            raise fail("max_size", f"<= {memory_bytes // per_unit} for this budget", max_size)
+        return room // cls.NODE_BYTES
 
     def __repr__(self) -> str:
         return (
@@ -1016,104 +1235,6 @@ class Tree:
             f"total_size={self.total_size()}, max_size={self._max_size!r})"
         )
 
-    # ----------------------------------------------------- test introspection
-
     def _node_count(self) -> int:
-        """Number of nodes (excluding the root).  O(nodes)."""
-        with self._lock:
-            count = 0
-            stack = [self._root]
-            while stack:
-                nd = stack.pop()
-                if nd.children:
-                    count += len(nd.children)
-                    stack.extend(nd.children.values())
-            return count
-
-    def _held(self) -> dict[str, set[str]]:
-        """Internal form of every maximal sequence each tenant holds (tests)."""
-        with self._lock:
-            out: dict[str, set[str]] = {t: set() for t in self._sizes}
-            stack: list[tuple[_Node, str]] = [(self._root, "")]
-            while stack:
-                nd, prefix = stack.pop()
-                kids = nd.children.values() if nd.children else ()
-                for u in _names(nd.holders):
-                    if not any(u in _names(c.holders) for c in kids):
-                        out[u].add(prefix)
-                for c in kids:
-                    stack.append((c, prefix + c.edge))
-            return out
-
-    def _decode(self, s: str) -> str | tuple[int, ...]:
-        """Internal form back to user units (tests)."""
-        if self._kind != "tokens":
-            return s
-        if self._w == 1:
-            a = array(_U32)
-            a.frombytes(s.encode("utf-32-le", "surrogatepass"))
-            return tuple(a)
-        q = array("Q")
-        q.frombytes(s.encode("latin-1"))
-        return tuple(q)
-
-    def _check_invariants(self) -> None:
-        """Assert every structural invariant (tests; O(size))."""
-        with self._lock:
-            w = self._w
-            sizes: dict[str, int] = dict.fromkeys(self._sizes, 0)
-            nodes: list[_Node] = []
-            stack = [self._root]
-            while stack:
-                nd = stack.pop()
-                if nd.children is not None:
-                    assert nd.children, "empty children dict"
-                    for key, c in nd.children.items():
-                        assert c.parent is nd
-                        assert c.edge and len(c.edge) % w == 0
-                        assert key == c.edge[:w]
-                        ch_h = _names(c.holders)
-                        assert ch_h, "node without holders"
-                        assert isinstance(c.holders, str) or len(ch_h) >= 2
-                        if nd is not self._root:
-                            assert ch_h <= _names(nd.holders)
-                        for u in ch_h:
-                            sizes[u] += len(c.edge)
-                        nodes.append(c)
-                        stack.append(c)
-            assert sizes == self._sizes, (sizes, self._sizes)
-            assert sum(sizes.values()) == self._total
-            assert all(v >= 0 for v in sizes.values())
-            node_ids = {id(x) for x in nodes}
-            eager = self._glru is not None
-            for x in nodes:
-                h = x.holders
-                if type(h) is dict:  # child counts per holder
-                    kids = x.children.values() if x.children else ()
-                    for u, cnt in h.items():
-                        assert cnt == sum(1 for c in kids if u in _names(c.holders)), "count"
-            for u, od in self._lru.items():
-                order = {id(x): i for i, x in enumerate(od)}
-                for x in od:
-                    assert id(x) in node_ids and u in _names(x.holders)
-                    p = x.parent
-                    if eager and p is not None and p is not self._root and id(p) in order:
-                        assert order[id(p)] > order[id(x)], "ancestor before node"
-                for x in nodes:
-                    if u in _names(x.holders) and id(x) not in order:
-                        # implicit: held through children held by u (exactly one
-                        # in eager mode), never a leaf of u
-                        kids = x.children.values() if x.children else ()
-                        held = sum(1 for c in kids if u in _names(c.holders))
-                        assert held == 1 if eager else held >= 1, "implicit leaf"
-            if self._glru is not None:
-                assert len(self._glru) == len(nodes)
-                gorder = {id(x): i for i, x in enumerate(self._glru)}
-                for x in nodes:
-                    p = x.parent
-                    if p is not None and p is not self._root:
-                        assert gorder[id(p)] > gorder[id(x)]
-                assert self._max_size is not None
-                assert self._total <= self._max_size * w
-            if self._max_size_per_tenant is not None:
-                assert max(sizes.values(), default=0) <= self._max_size_per_tenant * w
+        """Nodes in the tree, the root excluded (tests and benchmarks). O(1)."""
+        return self._nodes

@@ -1,4 +1,15 @@
-"""Stateful property tests: Tree against a brute-force model (text and tokens)."""
+"""Stateful tests: Tree against an independent brute-force model.
+
+The model never reads the tree. Per tenant it keeps ``{held prefix: recency}`` (a clock
+ticks once per insert) and evicts by the documented rule: the least recent prefix first,
+the longest first among equals, one unit at a time, until the bound holds (the tenant's own
+prefixes for a per-tenant cap, every tenant's for ``max_size``). So eviction choices,
+bounds at equality, per-tenant limits, ``remove``, ``remove_tenant``, ``insert_match`` after
+intervening writes and the tie order of ``prefix_match`` are all checked.
+
+``check_invariants`` (used by ``test_tree.py`` too) reads the internals instead: structure,
+sizes, node and holding counts, and that every recency order is the exact LRU order.
+"""
 
 from __future__ import annotations
 
@@ -8,192 +19,285 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cacheroute.tree import Tree
+from cacheroute.tree import Tree, TreeMatch
 
-TENANTS = ["t0", "t1", "t2", "t3"]
+TENANTS = ["t0", "t1", "t2"]
 
 
-def lcp(a: Any, b: Any) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+class Model:
+    """Brute force: every held prefix of every tenant, with its recency."""
+
+    def __init__(self, max_size: int | None = None, per: int | None = None) -> None:
+        self.rec: dict[str, dict[Any, int]] = {}
+        self.clock = 0
+        self.max_size = max_size
+        self.per = per
+        self.limits: dict[str, int | None] = {}
+
+    def limit(self, t: str) -> int | None:
+        own = self.limits.get(t)
+        return self.per if own is None else own
+
+    def size(self, t: str) -> int:
+        return len(self.rec.get(t, {}))
+
+    def total(self) -> int:
+        return sum(len(r) for r in self.rec.values())
+
+    def _evict_one(self, tenants: list[str]) -> None:
+        # recency is unique per (tenant, insert) and lengths differ along one insert's path
+        *_, t, p = min((r, -len(p), t, p) for t in tenants for p, r in self.rec[t].items())
+        del self.rec[t][p]
+
+    def _enforce(self, t: str) -> None:
+        lim = self.limit(t)
+        while lim is not None and self.size(t) > lim:
+            self._evict_one([t])
+        while self.max_size is not None and self.total() > self.max_size:
+            self._evict_one(list(self.rec))
+
+    def insert(self, s: Any, t: str) -> None:
+        self.rec.setdefault(t, {})
+        self.clock += 1
+        for i in range(1, len(s) + 1):
+            self.rec[t][s[:i]] = self.clock
+        self._enforce(t)
+
+    def held(self, t: str, q: Any) -> int:
+        r = self.rec.get(t, {})
+        n = 0
+        while n < len(q) and q[: n + 1] in r:
+            n += 1
+        return n
+
+    def lengths(self, q: Any) -> dict[str, int]:
+        return {t: n for t in self.rec if (n := self.held(t, q))}
+
+    def prefix_match(self, q: Any) -> tuple[int, str | None]:
+        lengths = self.lengths(q)
+        if not lengths:
+            return 0, None
+        n = max(lengths.values())
+        best = [t for t, v in lengths.items() if v == n]
+        return n, max(best, key=lambda t: self.rec[t][q[:n]])
+
+    def remove(self, s: Any, t: str) -> int:
+        r = self.rec.get(t, {})
+        if len(s) and s not in r:
+            return 0
+        gone = [p for p in r if p[: len(s)] == s]
+        for p in gone:
+            del r[p]
+        return len(gone)
+
+    def evict_to(self, k: int) -> int:
+        freed = 0
+        for t in self.rec:
+            while self.size(t) > k:
+                self._evict_one([t])
+                freed += 1
+        return freed
+
+    def set_limit(self, t: str, lim: int | None) -> None:
+        self.rec.setdefault(t, {})
+        self.limits[t] = lim
+        lim = self.limit(t)
+        while lim is not None and self.size(t) > lim:
+            self._evict_one([t])
+
+
+def check_invariants(tree: Tree) -> None:
+    """Every structural invariant of ``tree`` (reads its internals). O(size * depth)."""
+    w = tree._w
+    edge, up, kids, hold, ent = tree._edge, tree._up, tree._kids, tree._hold, tree._ent
+
+    def names(h: Any) -> set[str]:
+        return {h} if type(h) is str else set(h)
+
+    def entry(x: int, u: str) -> int:
+        h = hold[x]
+        return ent[x] if type(h) is str else h[u]  # type: ignore[index]
+
+    sizes = dict.fromkeys(tree._sizes, 0)
+    nodes: list[int] = []
+    stack = [0]
+    while stack:
+        x = stack.pop()
+        ch = kids[x]
+        if ch is None:
+            continue
+        assert ch, "empty children dict"
+        for key, c in ch.items():
+            assert up[c] == x, "parent pointer"
+            e = edge[c]
+            assert e and len(e) % w == 0 and key == e[:w], "edge and key"
+            h = hold[c]
+            assert h is not None and (type(h) is str or len(h) >= 2), "holders"
+            if x:
+                assert names(h) <= names(hold[x]), "holders shrink going down"
+            for u in names(h):
+                sizes[u] += len(e)
+            nodes.append(c)
+            stack.append(c)
+    assert sizes == tree._sizes, (sizes, tree._sizes)
+    assert sum(sizes.values()) == tree._total
+    assert len(nodes) == tree._nodes == tree._node_count()
+    assert sum(len(names(hold[x])) for x in nodes) == tree._holdings
+    assert len(set(tree._free)) == len(tree._free) and not set(tree._free) & {0, *nodes}
+    assert len(nodes) + len(tree._free) + 1 == len(edge)
+    owner: dict[int, str] = {}
+    for u, od in tree._orders.items():
+        pos = {e: i for i, e in enumerate(od)}
+        for e, x in od.items():
+            assert u in names(hold[x]) and entry(x, u) == e, "entry maps to its node"
+            owner[e] = u
+        for x in nodes:
+            if u not in names(hold[x]):
+                continue
+            e = entry(x, u)
+            if e < 0:  # implicit: held through exactly one child, which orders it
+                assert sum(u in names(hold[c]) for c in (kids[x] or {}).values()) == 1
+                continue
+            y = up[x]  # the nearest explicit ancestor is more recent
+            while y and entry(y, u) < 0:
+                y = up[y]
+            if y:
+                assert pos[entry(y, u)] > pos[e], "ancestor before node in an order"
+    g = tree._glob
+    if g is not None:
+        assert dict(g) == owner, "global order holds every entry, named by tenant"
+        gpos = {e: i for i, e in enumerate(g)}
+        for od in tree._orders.values():
+            ps = [gpos[e] for e in od]
+            assert ps == sorted(ps), "global order agrees with each tenant's"
+        assert tree._total <= tree._max_chars and tree._holdings <= tree._max_nodes
+    else:
+        assert not owner or tree._max_size is None
+    for u, lim in tree._limits.items():
+        assert tree._sizes[u] <= lim, "per-tenant cap"
 
 
 class TreeModel(RuleBasedStateMachine):
-    """Model: per tenant, the set of sequences it holds (as tuples/strs)."""
-
     units: st.SearchStrategy[Any] = st.text(alphabet="ab\U0001f600", max_size=7)
     max_size: int | None = None
+    per: int | None = None
+    token_bytes = 4
 
     def __init__(self) -> None:
         super().__init__()
-        self.tree = Tree(max_size=self.max_size)
-        self.model: dict[str, set[Any]] = {}
-        self.last: dict[str, Any] = {}
+        self.tree = Tree(
+            max_size=self.max_size, max_size_per_tenant=self.per, token_bytes=self.token_bytes
+        )
+        self.model = Model(self.max_size, self.per)
+        self.pending: list[tuple[TreeMatch, Any, dict[str, int]]] = []
 
-    # helpers
-    def key(self, u: Any) -> Any:
+    @staticmethod
+    def key(u: Any) -> Any:
         return u if isinstance(u, str) else tuple(u)
 
-    def m_match(self, tenant: str, u: Any) -> int:
-        return max((lcp(s, self.key(u)) for s in self.model.get(tenant, ())), default=0)
-
-    def m_size(self, tenant: str) -> int:
-        return len({s[:i] for s in self.model.get(tenant, ()) for i in range(1, len(s) + 1)})
-
-    def resync(self) -> None:
-        """After a bounded eviction, take what the tree holds (checked separately)."""
-        held = self.tree._held()
-        self.model = {
-            t: {self.key(self.tree._decode(s)) for s in seqs if s} for t, seqs in held.items()
-        }
-        self.last = {t: s for t, s in self.last.items() if self.m_match(t, s) == len(s)}
-
-    # rules
     @rule(data=st.data(), tenant=st.sampled_from(TENANTS))
     def insert(self, data: st.DataObject, tenant: str) -> None:
         u = data.draw(self.units)
         self.tree.insert(u, tenant)
-        self.model.setdefault(tenant, set())
-        if len(u):
-            self.model[tenant].add(self.key(u))
-            self.last[tenant] = self.key(u)
-        if self.max_size is not None:
-            assert self.tree.total_size() <= self.max_size
-            self.resync()
+        self.model.insert(self.key(u), tenant)
+
+    @rule(data=st.data())
+    def match(self, data: st.DataObject) -> None:
+        u = data.draw(self.units)
+        m = self.tree.match(u)
+        assert m.lengths == self.model.lengths(self.key(u))
+        assert m.units == len(u)
+        self.pending.append((m, self.key(u), dict(m.lengths)))
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data(), tenant=st.sampled_from(TENANTS))
+    def insert_match(self, data: st.DataObject, tenant: str) -> None:
+        # any earlier match, so writes in between are common: it must re-descend then
+        i = data.draw(st.integers(0, len(self.pending) - 1))
+        m, u, lengths = self.pending.pop(i)
+        assert self.tree.insert_match(m, tenant) == lengths.get(tenant, 0)
+        self.model.insert(u, tenant)
 
     @rule(data=st.data())
     def prefix_match(self, data: st.DataObject) -> None:
         u = data.draw(self.units)
-        n, tenant = self.tree.prefix_match(u)
-        best = max((self.m_match(t, u) for t in self.model), default=0)
-        assert n == best
-        if best == 0:
-            assert tenant is None
-        else:
-            assert tenant is not None and self.m_match(tenant, u) == best
+        assert self.tree.prefix_match(u) == self.model.prefix_match(self.key(u))
 
     @rule(data=st.data(), tenant=st.sampled_from(TENANTS))
     def prefix_match_tenant(self, data: st.DataObject, tenant: str) -> None:
         u = data.draw(self.units)
-        assert self.tree.prefix_match_tenant(u, tenant) == self.m_match(tenant, u)
+        assert self.tree.prefix_match_tenant(u, tenant) == self.model.held(tenant, self.key(u))
 
-    @rule(data=st.data())
-    def match_lengths(self, data: st.DataObject) -> None:
-        u = data.draw(self.units)
-        expected = {t: self.m_match(t, u) for t in self.model}
-        assert self.tree.match_lengths(u) == {t: n for t, n in expected.items() if n}
-
-    @rule(
-        data=st.data(),
-        pick=st.sampled_from(["longest", "none", "fixed", "raise"]),
-        tenant=st.sampled_from(TENANTS),
-    )
-    def match_and_insert(self, data: st.DataObject, pick: str, tenant: str) -> None:
-        u = data.draw(self.units)
-        expected = {t: n for t in self.model if (n := self.m_match(t, u))}
-        seen: list[dict[str, int]] = []
-
-        def choose(lengths: dict[str, int]) -> str | None:
-            seen.append(lengths)
-            if pick == "none":
-                return None
-            if pick == "raise":
-                raise KeyError("boom")
-            if pick == "longest" and lengths:
-                return max(sorted(lengths), key=lengths.__getitem__)
-            return tenant
-
-        if pick == "raise":
-            before = self.tree._held()
-            try:
-                self.tree.match_and_insert(u, choose)
-            except KeyError:
-                pass
-            else:  # pragma: no cover
-                raise AssertionError("choose's exception was swallowed")
-            assert self.tree._held() == before
-            return
-        chosen, n = self.tree.match_and_insert(u, choose)
-        assert seen == [expected]
-        if pick == "none":
-            assert (chosen, n) == (None, 0)
-            return
-        assert chosen is not None
-        assert n == expected.get(chosen, 0)
-        self.model.setdefault(chosen, set())
-        if len(u):
-            self.model[chosen].add(self.key(u))
-            self.last[chosen] = self.key(u)
-        if self.max_size is not None:
-            assert self.tree.total_size() <= self.max_size
-            self.resync()
+    @rule(data=st.data(), tenant=st.sampled_from(TENANTS), cut=st.integers(0, 7))
+    def remove(self, data: st.DataObject, tenant: str, cut: int) -> None:
+        held = sorted(self.model.rec.get(tenant, ()), key=repr)
+        u = data.draw(st.sampled_from(held)) if held and cut else data.draw(self.units)
+        u = u[: len(u) - cut % (len(u) + 1)] if held and cut else u
+        freed = self.tree.remove(list(u) if isinstance(u, tuple) else u, tenant)
+        assert freed == self.model.remove(self.key(u), tenant)
 
     @rule(tenant=st.sampled_from(TENANTS))
     def remove_tenant(self, tenant: str) -> None:
         self.tree.remove_tenant(tenant)
-        self.model.pop(tenant, None)
-        self.last.pop(tenant, None)
+        self.model.rec.pop(tenant, None)
+        self.model.limits.pop(tenant, None)
 
-    @precondition(lambda self: self.model)
-    @rule(k=st.integers(0, 12))
+    @rule(k=st.integers(0, 8))
     def evict_tenant_by_size(self, k: int) -> None:
-        before = {t: set(v) for t, v in self.model.items()}
-        sizes_before = self.tree.used_size_per_tenant()
-        freed = self.tree.evict_tenant_by_size(k)
-        sizes = self.tree.used_size_per_tenant()
-        assert freed == sum(sizes_before.values()) - sum(sizes.values())
-        self.resync()
-        for t, size in sizes.items():
-            assert size <= k
-            assert size == min(size, sizes_before[t])
-            if sizes_before[t] <= k:
-                assert size == sizes_before[t]
-            last = self.last.get(t)
-            if last is not None and len(last) <= k:
-                assert self.tree.prefix_match_tenant(last, t) == len(last)
-            # eviction only removes: everything held was held before
-            for s in self.model[t]:
-                assert any(b[: len(s)] == s for b in before.get(t, ()))
-        self.last = {}  # "most recent survives" is checked at eviction time only
+        assert self.tree.evict_tenant_by_size(k) == self.model.evict_to(k)
+
+    @rule(tenant=st.sampled_from(TENANTS), lim=st.one_of(st.none(), st.integers(0, 8)))
+    def set_tenant_limit(self, tenant: str, lim: int | None) -> None:
+        self.tree.set_tenant_limit(tenant, lim)
+        self.model.set_limit(tenant, lim)
+        assert self.tree.tenant_limit(tenant) == self.model.limit(tenant)
 
     @invariant()
-    def sizes_agree(self) -> None:
-        self.tree._check_invariants()
+    def agree(self) -> None:
+        check_invariants(self.tree)
         sizes = self.tree.used_size_per_tenant()
-        assert set(sizes) == set(self.model)
-        for t in self.model:
-            assert sizes[t] == self.m_size(t) == self.tree.size(t)
-        assert self.tree.total_size() == sum(sizes.values())
+        assert sizes == {t: self.model.size(t) for t in self.model.rec}
+        assert self.tree.total_size() == self.model.total()
+        for t, held in self.model.rec.items():  # same sizes and a superset: the same sets
+            for p in held:
+                q = list(p) if type(p) is tuple else p
+                assert self.tree.prefix_match_tenant(q, t) == len(p)
         if sizes:
             assert self.tree.smallest_tenant() == min(sizes, key=lambda t: (sizes[t], t))
 
 
 class TokensModel(TreeModel):
-    units = st.one_of(
-        st.lists(st.sampled_from([0, 1, 0xD800, 2**20]), max_size=7),
-        st.lists(st.sampled_from([0, 1, 2**40]), max_size=5).map(tuple),
-    )
+    units = st.lists(st.sampled_from([0, 1, 0xD800, 2**32 - 1]), max_size=7)
+
+
+class WideTokensModel(TreeModel):
+    units = st.lists(st.sampled_from([0, 1, 2**40, 2**64 - 1]), max_size=6).map(tuple)
+    token_bytes = 8
+    max_size = 9
 
 
 class BoundedTextModel(TreeModel):
     max_size = 12
 
 
+class BoundedPerTenantModel(TreeModel):
+    max_size = 14
+    per = 6
+
+
 class BoundedTokensModel(TokensModel):
     max_size = 10
+    per = 7
 
 
-SETTINGS = settings(max_examples=50, stateful_step_count=30, deadline=None)
+SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None)
 
-TestTextTree = TreeModel.TestCase
-TestTextTree.settings = SETTINGS
-TestTokensTree = TokensModel.TestCase
-TestTokensTree.settings = SETTINGS
+TestText = TreeModel.TestCase
+TestTokens = TokensModel.TestCase
+TestWideTokens = WideTokensModel.TestCase
 TestBoundedText = BoundedTextModel.TestCase
-TestBoundedText.settings = SETTINGS
+TestBoundedPerTenant = BoundedPerTenantModel.TestCase
 TestBoundedTokens = BoundedTokensModel.TestCase
+for _case in (TestText, TestTokens, TestWideTokens, TestBoundedText, TestBoundedPerTenant):
+    _case.settings = SETTINGS
 TestBoundedTokens.settings = SETTINGS
