@@ -137,6 +137,7 @@ def test_publisher_restart_resets_the_view(index: KVEventIndex) -> None:
     wait_for(lambda: index.stats()[W].last_seq == 2)
     assert index.match(blocks(1, 2, 3)) == {W: 12}
     pub.close()
+    wait_for(lambda: index.stats()[W].connected is False)
     # the engine comes back on the same ports, sequence from 0, empty cache
     pub = KVEventPublisher(endpoint, replay)
     try:
