@@ -1,0 +1,293 @@
+"""KV-event index benchmark: ingestion (blocks/s) and match latency, ours vs Dynamo's.
+
+    .venv/bin/python benchmarks/bench_events.py [--dynamo-python /path/to/venv/bin/python]
+
+Our side runs here; with ``--dynamo-python`` (an interpreter where ``pip install
+ai-dynamo-runtime`` provides ``dynamo._core``; or when ``dynamo._core`` imports here) the
+same workload (same seed) runs through Dynamo's Rust ``RadixTree`` binding in a
+subprocess of the same run, and same-run ratios are printed.
+
+Workload per configuration (workers W, prompt length L): every worker stores P prompts of
+L tokens that share a 512-token system prompt, in vLLM's pattern: one prefill
+``BlockStored`` of the prompt's blocks, then ``decode_blocks`` one-block ``BlockStored``
+events chained to it, then a ``BlockRemoved`` of the oldest prompt's blocks once a worker
+holds more than ``keep`` prompts. Queries are prompts that share a stored prefix and then
+diverge (half of their length), so every worker's tree is walked.
+
+Ours: ``KVEventIndex.apply(url, seq, payload)`` from the raw msgpack payload (decode
+included) and ``KVEventIndex.match(tokens)``. Dynamo: ``RadixTree.apply_event`` of JSON
+events with precomputed ``tokens_hash`` values (the binding alone: hashing, msgpack and
+JSON are left out, in its favour) and ``RadixTree.find_matches`` of precomputed block
+hashes (``compute_block_hash_for_seq`` timed separately and reported as the full path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+BS = 16
+SYSTEM = 512
+
+
+def workload(workers: int, length: int, prompts: int, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed * 1_000_003 + workers * 131 + length)
+    system = [rng.randrange(1, 150_000) for _ in range(SYSTEM)]
+    per_worker = []
+    for _ in range(workers):
+        ps = []
+        for _ in range(prompts):
+            body = [rng.randrange(1, 150_000) for _ in range(length - SYSTEM)]
+            ps.append(system + body)
+        per_worker.append(ps)
+    queries = []
+    for _ in range(200):
+        w = rng.randrange(workers)
+        p = per_worker[w][rng.randrange(prompts)]
+        cut = (length // 2) // BS * BS + rng.randrange(BS)
+        queries.append(p[:cut] + [rng.randrange(1, 150_000) for _ in range(length - cut)])
+    return {"prompts": per_worker, "queries": queries}
+
+
+def event_stream(
+    prompts: list[list[int]], decode_blocks: int, keep: int
+) -> list[list[dict[str, Any]]]:
+    """One worker's batches as abstract events (hash = chain position id)."""
+    batches: list[list[dict[str, Any]]] = []
+    next_h = [1]
+    live: list[list[int]] = []
+    sys_hashes: list[int] = []
+
+    def new(n: int) -> list[int]:
+        h = list(range(next_h[0], next_h[0] + n))
+        next_h[0] += n
+        return h
+
+    rng = random.Random(len(prompts))
+    for i, p in enumerate(prompts):
+        n = len(p) // BS
+        s = SYSTEM // BS
+        if i == 0:
+            hs = new(n)
+            sys_hashes = hs[:s]
+            batches.append([{"stored": (hs, None, p[: n * BS])}])
+            mine = hs[s:]
+        else:
+            hs = new(n - s)
+            batches.append([{"stored": (hs, sys_hashes[-1], p[s * BS : n * BS])}])
+            mine = list(hs)
+        parent = mine[-1]
+        for _ in range(decode_blocks):
+            (h,) = new(1)
+            batches.append(
+                [{"stored": ([h], parent, [rng.randrange(1, 150_000) for _ in range(BS)])}]
+            )
+            mine.append(h)
+            parent = h
+        live.append(mine)
+        if len(live) > keep:
+            batches.append([{"removed": live.pop(0)}])
+    return batches
+
+
+def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
+    from cacheroute.events import BlockRemoved, BlockStored, KVEventIndex, encode_batch
+
+    if cfg.get("tree_preview"):
+        # Until Tree.remove lands the index uses its block-trie stand-in; this previews
+        # the Tree store on a workload without removals (keep >= prompts).
+        import cacheroute.events.index as index_module
+        from cacheroute.tree import Tree
+
+        index_module.make_store = lambda bs: Tree()  # type: ignore[assignment,return-value]
+
+    res: dict[str, Any] = {}
+    for workers, length in cfg["configs"]:
+        wl = workload(workers, length, cfg["prompts"], cfg["seed"])
+        index = KVEventIndex(block_size=BS)
+        streams = []
+        blocks = 0
+        for w, ps in enumerate(wl["prompts"]):
+            batches = event_stream(ps, cfg["decode_blocks"], cfg["keep"])
+            msgs = []
+            for b in batches:
+                evs: list[Any] = []
+                for e in b:
+                    if "stored" in e:
+                        hs, parent, toks = e["stored"]
+                        evs.append(BlockStored(hs, parent, toks, BS, medium="GPU"))
+                        blocks += len(hs)
+                    else:
+                        evs.append(BlockRemoved(e["removed"], "GPU"))
+                        blocks += len(e["removed"])
+                msgs.append(encode_batch(evs, shape="map", ts=0.0))
+            streams.append((f"http://w{w}:8000", msgs))
+        t0 = time.perf_counter()
+        for url, msgs in streams:
+            for seq, m in enumerate(msgs):
+                index.apply(url, seq, m)
+        ingest = time.perf_counter() - t0
+        lat = []
+        for q in wl["queries"]:
+            t = time.perf_counter()
+            index.match(q)
+            lat.append(time.perf_counter() - t)
+        res[f"{workers}x{length}"] = summary(blocks, ingest, lat)
+    return res
+
+
+def run_dynamo(cfg: dict[str, Any]) -> dict[str, Any]:
+    from dynamo._core import RadixTree, compute_block_hash_for_seq
+
+    res: dict[str, Any] = {}
+    for workers, length in cfg["configs"]:
+        wl = workload(workers, length, cfg["prompts"], cfg["seed"])
+        tree = RadixTree()
+        streams = []
+        blocks = 0
+        eid = 0
+        for w, ps in enumerate(wl["prompts"]):
+            msgs = []
+            for b in event_stream(ps, cfg["decode_blocks"], cfg["keep"]):
+                for e in b:
+                    eid += 1
+                    if "stored" in e:
+                        hs, parent, toks = e["stored"]
+                        th = compute_block_hash_for_seq(toks, BS)
+                        data = {
+                            "stored": {
+                                "parent_hash": parent,
+                                "blocks": [
+                                    {"block_hash": h, "tokens_hash": x}
+                                    for h, x in zip(hs, th, strict=True)
+                                ],
+                            }
+                        }
+                        blocks += len(hs)
+                    else:
+                        data = {"removed": {"block_hashes": e["removed"]}}
+                        blocks += len(e["removed"])
+                    msgs.append(json.dumps({"event_id": eid, "data": data}).encode())
+            streams.append((w, msgs))
+        t0 = time.perf_counter()
+        for w, msgs in streams:
+            for m in msgs:
+                tree.apply_event(w, m)
+        ingest = time.perf_counter() - t0
+        lat, full = [], []
+        for q in wl["queries"]:
+            t = time.perf_counter()
+            hs = compute_block_hash_for_seq(q, BS)
+            t1 = time.perf_counter()
+            tree.find_matches(hs)
+            t2 = time.perf_counter()
+            lat.append(t2 - t1)
+            full.append(t2 - t)
+        r = summary(blocks, ingest, lat)
+        r["match_full_p50_us"] = pct(full, 50)
+        r["match_full_p99_us"] = pct(full, 99)
+        res[f"{workers}x{length}"] = r
+    return res
+
+
+def pct(xs: list[float], p: int) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(len(s) * p / 100))] * 1e6
+
+
+def summary(blocks: int, ingest: float, lat: list[float]) -> dict[str, Any]:
+    return {
+        "blocks": blocks,
+        "ingest_s": ingest,
+        "blocks_per_s": blocks / ingest,
+        "match_p50_us": pct(lat, 50),
+        "match_p99_us": pct(lat, 99),
+        "match_mean_us": statistics.fmean(lat) * 1e6,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--dynamo-python", help="interpreter with ai-dynamo-runtime installed")
+    ap.add_argument("--quick", action="store_true", help="small configurations only")
+    ap.add_argument(
+        "--tree-preview",
+        action="store_true",
+        help="store-only workload (no removals) with the Tree store instead of the stand-in",
+    )
+    ap.add_argument("--side", choices=["ours", "dynamo"], help=argparse.SUPPRESS)
+    ap.add_argument("--cfg", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        cfg = json.loads(args.cfg)
+        out = run_ours(cfg) if args.side == "ours" else run_dynamo(cfg)
+        print(json.dumps(out))
+        return
+    configs = [(8, 1024), (8, 8192), (8, 32768), (64, 1024), (64, 8192), (64, 32768)]
+    if args.quick:
+        configs = [(8, 1024), (8, 8192)]
+    cfg: dict[str, Any] = {
+        "configs": configs,
+        "prompts": 4,
+        "decode_blocks": 16,
+        "keep": 4 if args.tree_preview else 3,
+        "seed": 1,
+        "tree_preview": args.tree_preview,
+    }
+    ours = run_ours(cfg)
+    dyn = None
+    py = args.dynamo_python
+    if py is None:
+        try:
+            import dynamo._core  # noqa: F401
+
+            py = sys.executable
+        except ImportError:
+            pass
+    if py is not None:
+        p = subprocess.run(
+            [py, __file__, "--side", "dynamo", "--cfg", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dyn = json.loads(p.stdout.strip().splitlines()[-1])
+    print(
+        f"block size {BS}; per worker {cfg['prompts']} prompts + {cfg['decode_blocks']} "
+        f"decode blocks each, keep {cfg['keep']}; 200 queries diverging at half length"
+    )
+    head = f"{'W x L':>10} | {'ours blk/s':>11} {'p50 us':>8} {'p99 us':>8}"
+    if dyn:
+        head += (
+            f" | {'dyn blk/s':>10} {'p50 us':>7} {'p99 us':>7} {'+hash p50':>9}"
+            f" | {'ingest x':>8} {'p50 x':>6} {'p99 x':>6}"
+        )
+    print(head)
+    print("-" * len(head))
+    for key, o in ours.items():
+        line = (
+            f"{key:>10} | {o['blocks_per_s']:>11,.0f} {o['match_p50_us']:>8.1f}"
+            f" {o['match_p99_us']:>8.1f}"
+        )
+        if dyn:
+            d = dyn[key]
+            line += (
+                f" | {d['blocks_per_s']:>10,.0f} {d['match_p50_us']:>7.1f}"
+                f" {d['match_p99_us']:>7.1f} {d['match_full_p50_us']:>9.1f}"
+                f" | {o['blocks_per_s'] / d['blocks_per_s']:>8.2f}"
+                f" {d['match_p50_us'] / o['match_p50_us']:>6.2f}"
+                f" {d['match_p99_us'] / o['match_p99_us']:>6.2f}"
+            )
+        print(line)
+    if dyn:
+        print("ratios > 1: ours faster (ingest: blocks/s ours / dynamo; match: dynamo us / ours)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""The KV-event wire format of vLLM and SGLang: event types, a decoder and an encoder.
+
+An engine publishes each *batch* of KV-cache events as one ZMQ multipart message
+``[topic, seq, payload]``: ``seq`` is an 8-byte big-endian batch counter and ``payload`` is
+msgpack. The payload is the batch ``[ts, events, data_parallel_rank]`` (a positional array;
+a map ``{"ts", "events", "data_parallel_rank"}`` is accepted too), and each event is either
+
+* a tagged **array**, tag first: ``["BlockStored", block_hashes, parent_block_hash,
+  token_ids, block_size, lora_id, medium, lora_name, extra_keys, group_idx, ...]``
+  (vLLM before PR #42892, SGLang before PR #37482), or
+* a tagged **map**: ``{"type": "BlockStored", "block_hashes": ..., ...}`` (vLLM since
+  PR #42892, v0.26; SGLang since #37482).
+
+:func:`decode_batch` reads every shape (also mixed in one batch) into the dataclasses
+below; :func:`encode_batch` writes either shape, so tests, fake engines and users can
+publish messages a real subscriber (ours or a peer's) reads. Fields that a version does not
+send decode to their defaults; unknown fields are ignored. SGLang's positional ``metadata``
+element (``{"cache_salt": ...}``) and its EAGLE bigram ``token_ids`` (``[[t0, t1], [t1,
+t2], ...]``) are understood. Needs the ``events`` extra (``msgpack``), imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cacheroute._validation import check_choice, check_int, check_real, check_sequence
+
+__all__ = [
+    "AllBlocksCleared",
+    "BlockHash",
+    "BlockRemoved",
+    "BlockStored",
+    "KVEvent",
+    "KVEventBatch",
+    "WireFormatError",
+    "decode_batch",
+    "encode_batch",
+]
+
+BlockHash = int | bytes
+"""A block hash as engines publish it: an ``int`` (vLLM, SGLang) or ``bytes`` (vLLM)."""
+
+
+class WireFormatError(ValueError):
+    """A payload that is not a KV-event batch (bad msgpack, wrong structure or types)."""
+
+
+@dataclass(frozen=True)
+class BlockStored:
+    """Blocks entered the engine's cache: ``len(block_hashes)`` full blocks whose tokens
+    are ``token_ids`` (``block_size`` per block), the first one chained to
+    ``parent_block_hash`` (``None``: the blocks start a sequence).
+
+    ``extra_keys`` has one entry per block (vLLM): what besides the tokens went into that
+    block's hash (LoRA name, multimodal ``(identifier, offset)`` pairs, the cache salt on a
+    sequence's first block, prompt-embedding hashes). ``cache_salt`` is SGLang's
+    ``metadata["cache_salt"]``. ``group_idx`` and ``kv_cache_spec_kind`` identify the KV
+    cache group of hybrid models.
+    """
+
+    block_hashes: Sequence[BlockHash]
+    parent_block_hash: BlockHash | None
+    token_ids: Sequence[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: Sequence[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    """Blocks left the engine's cache (on ``medium``; ``None`` is the GPU)."""
+
+    block_hashes: Sequence[BlockHash]
+    medium: str | None = None
+    group_idx: int | None = None
+
+
+@dataclass(frozen=True)
+class AllBlocksCleared:
+    """The engine dropped its whole prefix cache (a reset, e.g. ``/reset_prefix_cache``)."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+"""One KV-cache event."""
+
+
+@dataclass(frozen=True)
+class KVEventBatch:
+    """One published message: its events, in order, with the engine's timestamp and rank."""
+
+    ts: float
+    events: list[KVEvent | None] = field(default_factory=list)
+    """Decoded events; an event that could not be read is ``None`` (and counted by the
+    index as a bad event) so one malformed event does not lose its batch."""
+    data_parallel_rank: int | None = None
+
+
+# --------------------------------------------------------------------------- msgpack
+
+
+def _msgpack() -> Any:
+    try:
+        return importlib.import_module("msgpack")
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "cacheroute.events needs msgpack: pip install 'cacheroute[events]'"
+        ) from exc
+
+
+# Field order of the positional (array_like) forms, after the tag. vLLM appended fields
+# over time (PR #16750, #19737 medium, #27577 lora_name, #33304 extra_keys, #37688
+# group_idx, #40984 spec kind); SGLang's index 7 is a metadata dict instead of lora_name.
+_STORED_FIELDS = (
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+    "kv_cache_spec_sliding_window",
+)
+_REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
+
+
+def _is_hash(h: object) -> bool:
+    return (type(h) is int and h >= -(1 << 63)) or type(h) is bytes
+
+
+def _tokens(raw: object) -> list[int]:
+    if type(raw) is not list:
+        raise WireFormatError(f"token_ids must be an array, got {type(raw).__name__}")
+    if raw and type(raw[0]) is list:  # SGLang EAGLE bigrams: [[t0, t1], [t1, t2], ...]
+        try:
+            return [p[0] for p in raw]
+        except (IndexError, TypeError) as exc:
+            raise WireFormatError("token_ids: malformed bigram pairs") from exc
+    return raw
+
+
+def _opt_int(name: str, v: object) -> int | None:
+    if v is None or type(v) is int:
+        return v
+    raise WireFormatError(f"{name} must be an int or nil, got {type(v).__name__}")
+
+
+def _opt_str(name: str, v: object) -> str | None:
+    if v is None or type(v) is str:
+        return v
+    raise WireFormatError(f"{name} must be a str or nil, got {type(v).__name__}")
+
+
+def _hashes(raw: object) -> list[BlockHash]:
+    if type(raw) is not list or not all(_is_hash(h) for h in raw):
+        raise WireFormatError("block_hashes must be an array of ints or bins")
+    return raw
+
+
+def _event(raw: object) -> KVEvent:
+    """One event, tagged array or tagged map, to its dataclass."""
+    if type(raw) is list:
+        if not raw or type(raw[0]) is not str:
+            raise WireFormatError("event array does not start with a str tag")
+        tag = raw[0]
+        names = _STORED_FIELDS if tag == "BlockStored" else _REMOVED_FIELDS
+        f = dict(zip(names, raw[1:], strict=False))
+        if tag == "BlockStored" and type(f.get("lora_name")) is dict:  # SGLang metadata
+            f["metadata"] = f.pop("lora_name")
+    elif type(raw) is dict:
+        mtag = raw.get("type")
+        if type(mtag) is not str:
+            raise WireFormatError("event map has no str 'type' tag")
+        tag, f = mtag, raw
+    else:
+        raise WireFormatError(f"event must be an array or a map, got {type(raw).__name__}")
+    if tag == "BlockStored":
+        if "block_hashes" not in f or "token_ids" not in f or "block_size" not in f:
+            raise WireFormatError("BlockStored lacks block_hashes, token_ids or block_size")
+        hashes = _hashes(f["block_hashes"])
+        parent = f.get("parent_block_hash")
+        if parent is not None and not _is_hash(parent):
+            raise WireFormatError("parent_block_hash must be an int, a bin or nil")
+        bs = f["block_size"]
+        if type(bs) is not int or bs < 1:
+            raise WireFormatError(f"block_size must be a positive int, got {bs!r}")
+        extra = f.get("extra_keys")
+        if extra is not None and type(extra) is not list:
+            raise WireFormatError("extra_keys must be an array or nil")
+        meta = f.get("metadata")
+        salt = f.get("cache_salt")
+        if salt is None and type(meta) is dict:
+            salt = meta.get("cache_salt")
+        return BlockStored(
+            hashes,
+            parent,
+            _tokens(f["token_ids"]),
+            bs,
+            _opt_int("lora_id", f.get("lora_id")),
+            _opt_str("medium", f.get("medium")),
+            _opt_str("lora_name", f.get("lora_name")),
+            extra,
+            _opt_int("group_idx", f.get("group_idx")),
+            _opt_str("kv_cache_spec_kind", f.get("kv_cache_spec_kind")),
+            _opt_str("cache_salt", salt),
+        )
+    if tag == "BlockRemoved":
+        if "block_hashes" not in f:
+            raise WireFormatError("BlockRemoved lacks block_hashes")
+        return BlockRemoved(
+            _hashes(f["block_hashes"]),
+            _opt_str("medium", f.get("medium")),
+            _opt_int("group_idx", f.get("group_idx")),
+        )
+    if tag == "AllBlocksCleared":
+        return AllBlocksCleared()
+    raise WireFormatError(f"unknown event tag {tag!r}")
+
+
+def decode_batch(payload: bytes) -> KVEventBatch:
+    """Read one payload (the last frame of a published message) into a :class:`KVEventBatch`.
+
+    Accepts every shape described in the module notes. An unreadable *event* becomes
+    ``None`` in ``events``; an unreadable *batch* raises.
+
+    :raises WireFormatError: not msgpack, or not a batch.
+    """
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise WireFormatError(f"payload must be bytes, got {type(payload).__name__}")
+    mp = _msgpack()
+    try:
+        raw = mp.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireFormatError(f"payload is not msgpack: {exc}") from None
+    if type(raw) is list:
+        if len(raw) < 2:
+            raise WireFormatError("batch array must hold at least [ts, events]")
+        ts, events = raw[0], raw[1]
+        rank = raw[2] if len(raw) > 2 else None
+    elif type(raw) is dict:
+        ts, events, rank = raw.get("ts"), raw.get("events"), raw.get("data_parallel_rank")
+    else:
+        raise WireFormatError(f"batch must be an array or a map, got {type(raw).__name__}")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        raise WireFormatError(f"batch ts must be a number, got {type(ts).__name__}")
+    if type(events) is not list:
+        raise WireFormatError(f"batch events must be an array, got {type(events).__name__}")
+    if rank is not None and type(rank) is not int:
+        raise WireFormatError(f"data_parallel_rank must be an int or nil, got {rank!r}")
+    out: list[KVEvent | None] = []
+    for ev in events:
+        try:
+            out.append(_event(ev))
+        except WireFormatError:
+            out.append(None)
+    return KVEventBatch(float(ts), out, rank)
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def _stored_fields(e: BlockStored) -> list[tuple[str, Any]]:
+    fields: list[tuple[str, Any]] = [
+        ("block_hashes", list(e.block_hashes)),
+        ("parent_block_hash", e.parent_block_hash),
+        ("token_ids", list(e.token_ids)),
+        ("block_size", e.block_size),
+        ("lora_id", e.lora_id),
+        ("medium", e.medium),
+        ("lora_name", e.lora_name),
+    ]
+    # Optional trailing fields, omitted at their default as msgspec's omit_defaults does.
+    opt = [
+        ("extra_keys", None if e.extra_keys is None else list(e.extra_keys)),
+        ("group_idx", e.group_idx),
+        ("kv_cache_spec_kind", e.kv_cache_spec_kind),
+    ]
+    while opt and opt[-1][1] is None:
+        opt.pop()
+    return fields + opt
+
+
+def _encode_event(e: object, shape: str) -> Any:
+    if isinstance(e, BlockStored):
+        tag, fields = "BlockStored", _stored_fields(e)
+        if e.cache_salt is not None:
+            if shape == "array":  # SGLang's positional form: metadata at index 7
+                fields = [*fields[:6], ("metadata", {"cache_salt": e.cache_salt})]
+            else:
+                fields.append(("cache_salt", e.cache_salt))
+    elif isinstance(e, BlockRemoved):
+        tag = "BlockRemoved"
+        fields = [("block_hashes", list(e.block_hashes)), ("medium", e.medium)]
+        if e.group_idx is not None:
+            fields.append(("group_idx", e.group_idx))
+    elif isinstance(e, AllBlocksCleared):
+        tag, fields = "AllBlocksCleared", []
+    else:
+        raise TypeError(
+            f"events items must be BlockStored, BlockRemoved or AllBlocksCleared, "
+            f"got {type(e).__name__}"
+        )
+    if shape == "array":
+        return [tag, *(v for _, v in fields)]
+    return {"type": tag, **dict(fields)}
+
+
+def encode_batch(
+    events: Sequence[KVEvent],
+    *,
+    shape: Literal["map", "array"] = "map",
+    ts: float | None = None,
+    dp_rank: int | None = None,
+) -> bytes:
+    """Encode ``events`` as one batch payload, the way an engine publishes it.
+
+    ``shape="map"``: events as tagged maps (vLLM >= 0.26, PR #42892); ``"array"``: tagged
+    positional arrays (older vLLM and SGLang). The batch itself is the positional
+    ``[ts, events, data_parallel_rank]`` in both. ``ts`` defaults to ``time.time()``.
+
+    >>> from cacheroute.events import BlockStored, decode_batch, encode_batch
+    >>> p = encode_batch([BlockStored([7], None, [1, 2], 2)], shape="array")
+    >>> decode_batch(p).events[0].token_ids
+    [1, 2]
+    """
+    check_sequence("events", events)
+    shape = check_choice("shape", shape, ("map", "array"))
+    ts = time.time() if ts is None else check_real("ts", ts)
+    dp_rank = check_int("dp_rank", dp_rank, minimum=0, none_ok=True)
+    body = [ts, [_encode_event(e, shape) for e in events], dp_rank]
+    out: bytes = _msgpack().packb(body, use_bin_type=True)
+    return out

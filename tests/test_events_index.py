@@ -1,0 +1,360 @@
+"""KVEventIndex fed with apply(): what each event does, namespaces, sequence rules,
+bounds, staleness, bad input, thread-safety."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from cacheroute.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    KVEventIndex,
+    encode_batch,
+)
+
+W1, W2 = "http://w1:8000", "http://w2:8000"
+BS = 4
+
+
+class Feed:
+    """Feeds an index as one engine's publisher would: consecutive sequence numbers."""
+
+    def __init__(self, index: KVEventIndex, url: str, shape: str = "map") -> None:
+        self.index, self.url, self.shape, self.seq = index, url, shape, 0
+
+    def __call__(self, *events: KVEvent, **kw: object) -> bool:
+        ok = self.index.apply(self.url, self.seq, encode_batch(events, shape=self.shape), **kw)  # type: ignore[arg-type]
+        self.seq += 1
+        return ok
+
+
+def toks(*blocks: int) -> list[int]:
+    """Block ``b`` is the tokens ``[b*10, b*10+1, b*10+2, b*10+3]``."""
+    return [b * 10 + i for b in blocks for i in range(BS)]
+
+
+def stored(
+    hashes: Sequence[int], parent: int | None, blocks: Sequence[int], **kw: object
+) -> BlockStored:
+    return BlockStored(list(hashes), parent, toks(*blocks), BS, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def index() -> KVEventIndex:
+    return KVEventIndex(block_size=BS)
+
+
+@pytest.mark.parametrize("shape", ["map", "array"])
+def test_stored_blocks_match_in_whole_blocks(index: KVEventIndex, shape: str) -> None:
+    feed = Feed(index, W1, shape)
+    assert feed(stored([1, 2, 3], None, [1, 2, 3]))
+    assert index.match(toks(1, 2, 3)) == {W1: 12}
+    assert index.match([*toks(1, 2), 99]) == {W1: 8}
+    assert index.match(toks(1, 2)[:-1]) == {W1: 4}  # the partial second block does not count
+    assert index.match(toks(2, 3)) == {}
+    assert index.match([]) == {}
+
+
+def test_children_chain_to_their_parent_and_branch(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    feed(stored([1, 2], None, [1, 2]))
+    feed(stored([3], 2, [3]))  # appends to the chain (decode filling a block)
+    feed(stored([4, 5], 1, [4, 5]))  # branches after block 1
+    assert index.match(toks(1, 2, 3)) == {W1: 12}
+    assert index.match(toks(1, 4, 5)) == {W1: 12}
+    assert index.match(toks(1, 2, 5)) == {W1: 8}
+
+
+def test_two_workers_are_kept_apart(index: KVEventIndex) -> None:
+    Feed(index, W1)(stored([1, 2], None, [1, 2]))
+    Feed(index, W2)(stored([1], None, [1]))
+    assert index.match(toks(1, 2)) == {W1: 8, W2: 4}
+
+
+def test_block_removed_drops_the_block_and_its_descendants_only(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    feed(stored([1, 2, 3], None, [1, 2, 3]))
+    feed(stored([4], 1, [4]))
+    Feed(index, W2)(stored([1, 2, 3], None, [1, 2, 3]))
+    feed(BlockRemoved([2]))
+    assert index.match(toks(1, 2, 3)) == {W1: 4, W2: 12}  # W1 keeps block 1, W2 unaffected
+    assert index.match(toks(1, 4)) == {W1: 8, W2: 4}  # the other branch stays
+    feed(BlockRemoved([1, 4, 99]))
+    assert index.match(toks(1, 4)) == {W2: 4}
+    s = index.stats()[W1]
+    assert (s.blocks_removed, s.unknown_removals) == (3, 1)
+    assert s.blocks == 1  # block 3: unreachable now, dropped when its own removal comes
+
+
+def test_a_block_on_two_media_stays_until_both_drop_it(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    feed(stored([1], None, [1], medium="GPU"))
+    feed(stored([1], None, [1], medium="CPU"))  # offloaded copy
+    feed(BlockRemoved([1], medium="GPU"))
+    assert index.match(toks(1)) == {W1: 4}
+    feed(BlockRemoved([1], medium="CPU"))
+    assert index.match(toks(1)) == {}
+
+
+def test_all_blocks_cleared_clears_that_worker_only(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    feed(stored([1, 2], None, [1, 2]))
+    feed(stored([7], None, [7], lora_name="a"))
+    Feed(index, W2)(stored([1], None, [1]))
+    feed(AllBlocksCleared())
+    assert index.match(toks(1, 2)) == {W2: 4}
+    assert index.match(toks(7), lora_name="a") == {}
+    assert index.stats()[W1].blocks == 0 and index.stats()[W1].clears == 1
+    feed(stored([1], None, [1]))  # and it fills again
+    assert index.match(toks(1)) == {W1: 4, W2: 4}
+
+
+def test_sequence_going_down_is_a_restart_and_resets_the_view(index: KVEventIndex) -> None:
+    index.apply(W1, 0, encode_batch([stored([1], None, [1])]))
+    index.apply(W1, 1, encode_batch([stored([2], 1, [2])]))
+    assert index.match(toks(1, 2)) == {W1: 8}
+    assert index.apply(W1, 0, encode_batch([stored([5], None, [5])]))  # new publisher
+    assert index.match(toks(1, 2)) == {}
+    assert index.match(toks(5)) == {W1: 4}
+    s = index.stats()[W1]
+    assert (s.resets, s.last_seq) == (1, 0)
+
+
+def test_duplicates_are_skipped_and_gaps_counted(index: KVEventIndex) -> None:
+    assert index.apply(W1, 0, encode_batch([stored([1], None, [1])]))
+    assert not index.apply(W1, 0, encode_batch([BlockRemoved([1])]))
+    assert index.match(toks(1)) == {W1: 4}
+    index.apply(W1, 5, encode_batch([]))
+    s = index.stats()[W1]
+    assert (s.duplicates, s.gaps, s.lost_batches, s.batches) == (1, 1, 4, 2)
+
+
+def test_lora_namespaces_are_kept_apart(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    feed(stored([1], None, [1]))
+    feed(stored([2], None, [1], lora_id=7, lora_name="sql", extra_keys=[["sql"]]))
+    feed(stored([3], 2, [2], lora_id=7, lora_name="sql", extra_keys=[["sql"]]))
+    feed(stored([4], None, [1], lora_id=9))  # an old engine: lora_id only
+    assert index.match(toks(1, 2)) == {W1: 4}  # base model
+    assert index.match(toks(1, 2), lora_name="sql") == {W1: 8}
+    assert index.match(toks(1, 2), lora_id=7) == {W1: 8}  # id learnt as an alias of "sql"
+    assert index.match(toks(1, 2), lora_id=9) == {W1: 4}
+    assert index.match(toks(1, 2), lora_name="other") == {}
+
+
+def test_cache_salt_namespaces_vllm_and_sglang(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    # vLLM: the salt is in the first block's extra keys (after the LoRA name, if any)
+    feed(stored([1, 2], None, [1, 2], extra_keys=[["tenant-a"], None]))
+    # SGLang: metadata cache_salt
+    Feed(index, W2, "array")(stored([1, 2], None, [1, 2], cache_salt="tenant-a"))
+    Feed(index, "http://w3")(stored([1, 2], None, [1, 2]))
+    assert index.match(toks(1, 2), extra_keys=["tenant-a"]) == {W1: 8, W2: 8}
+    assert index.match(toks(1, 2), extra_keys=["tenant-b"]) == {}
+    assert index.match(toks(1, 2)) == {"http://w3": 8}
+
+
+def test_multimodal_blocks_stop_the_chain(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    mm = [None, [["img-hash", 0]], None]
+    feed(stored([1, 2, 3], None, [1, 2, 3], extra_keys=mm))
+    feed(stored([4], 3, [4]))  # child of an unindexed block: orphan
+    # the image's placeholder tokens say nothing about the image: only block 1 is usable
+    assert index.match(toks(1, 2, 3)) == {W1: 4}
+    s = index.stats()[W1]
+    assert (s.unindexed_blocks, s.orphan_blocks) == (2, 1)
+    # an image in the first block is part of the namespace: only that image matches
+    feed(stored([5], None, [5], extra_keys=[[["img-x", 2]]]))
+    assert index.match(toks(5)) == {}
+    assert index.match(toks(5), extra_keys=[("img-x", 2)]) == {W1: 4}
+
+
+def test_other_kv_groups_and_dp_ranks_are_ignored(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    feed(stored([9], None, [9], group_idx=0, kv_cache_spec_kind="sliding_window"))
+    feed(stored([1], None, [1], group_idx=1, kv_cache_spec_kind="full_attention"))
+    feed(stored([2], None, [2], group_idx=0, kv_cache_spec_kind="sliding_window"))
+    feed(BlockRemoved([1], group_idx=0))  # the sliding-window group's eviction
+    assert index.match(toks(1)) == {W1: 4}
+    assert index.match(toks(9)) == index.match(toks(2)) == {}
+    assert index.stats()[W1].ignored_events == 3
+    ok = index.apply(W2, 0, encode_batch([stored([1], None, [1])], dp_rank=1), dp_rank=0)
+    assert not ok and index.stats()[W2].ignored_batches == 1 and index.match(toks(1)) == {W1: 4}
+
+
+def test_orphans_and_bad_events_are_counted_not_applied(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    feed(stored([2], 1, [2]))  # parent never seen
+    feed(BlockStored([3, 4], None, toks(3), BS))  # 2 hashes, 1 block of tokens
+    feed(BlockStored([5], None, [0x110000] * BS, BS))  # an id the index cannot hold
+    assert index.match(toks(2)) == index.match(toks(3)) == {}
+    s = index.stats()[W1]
+    assert (s.orphan_blocks, s.bad_events, s.blocks) == (1, 2, 0)
+
+
+def test_bad_messages_are_counted_logged_and_skipped(
+    index: KVEventIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="cacheroute.events"):
+        assert not index.apply(W1, 0, b"\xc1garbage")
+        assert not index.apply(W1, 1, b"")
+    assert index.apply(W1, 2, encode_batch([stored([1], None, [1])]))
+    s = index.stats()[W1]
+    assert (s.bad_messages, s.gaps, s.batches) == (2, 0, 1)
+    assert "skipped message seq=0" in caplog.text
+    assert index.match(toks(1)) == {W1: 4}
+
+
+def test_per_worker_block_cap(index: KVEventIndex) -> None:
+    index = KVEventIndex(block_size=BS, max_blocks_per_worker=10)
+    feed = Feed(index, W1)
+    for b in range(30):
+        feed(stored([b + 1], None, [b + 1]))
+    s = index.stats()[W1]
+    assert s.blocks <= 10 and s.blocks_evicted == 30 - s.blocks
+    assert index.match(toks(30)) == {W1: 4}  # the newest stay
+    assert index.match(toks(1)) == {}  # the oldest went, from the tree too
+
+
+def test_staleness_of_an_apply_feed_follows_the_clock() -> None:
+    now = [100.0]
+    index = KVEventIndex(block_size=BS, stale_after=5.0, clock=lambda: now[0])
+    assert index.is_stale(W1)  # unknown
+    Feed(index, W1)(stored([1], None, [1]))
+    assert not index.is_stale(W1) and index.stale_urls() == []
+    now[0] += 6
+    assert index.is_stale(W1) and index.stale_urls() == [W1]
+    assert index.match(toks(1)) == {W1: 4}  # the last view is still returned...
+    assert index.match(toks(1), include_stale=False) == {}  # ...unless asked not to
+    index.touch(W1)
+    assert not index.is_stale(W1)
+
+
+def test_forget_drops_a_worker(index: KVEventIndex) -> None:
+    Feed(index, W1)(stored([1], None, [1]))
+    index.forget(W1)
+    assert index.match(toks(1)) == {} and index.urls() == []
+
+
+def test_arguments_are_checked(index: KVEventIndex) -> None:
+    with pytest.raises(ValueError, match="block_size must be an int >= 1, got 0"):
+        KVEventIndex(block_size=0)
+    with pytest.raises(TypeError, match="seq must be an int, got '1'"):
+        index.apply(W1, "1", b"")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="payload must be bytes"):
+        index.apply(W1, 1, "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="token_ids must be a sequence of int token ids"):
+        index.match("hello")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lora_id must be an int or None"):
+        index.match([1], lora_id="a")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="extra_keys must be a list or tuple, or None"):
+        index.match([1], extra_keys="salt")  # type: ignore[arg-type]
+    assert index.match([1, -5, 2**40]) == {}  # ids no engine stores: no error
+
+
+# --------------------------------------------------------------------- model check
+
+
+def _model_match(held: dict[str, set[tuple[int, ...]]], query: list[int]) -> dict[str, int]:
+    out = {}
+    for w, prefixes in held.items():
+        best = max((len(p) for p in prefixes if tuple(query[: len(p)]) == p), default=0)
+        if best:
+            out[w] = best
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_streams_agree_with_a_brute_force_model(seed: int) -> None:
+    """Store/remove/clear at random; the index answers what its documented rules say: a
+    store makes the worker hold every block prefix of the stored path, a removal drops the
+    block's prefix and everything extending it, a clear drops everything. Hashes are a
+    function of the prefix, as in an engine."""
+    rng = random.Random(seed)
+    index = KVEventIndex(block_size=2)
+    feeds = {w: Feed(index, w) for w in ("a", "b", "c")}
+    hash_of: dict[tuple[int, ...], int] = {}
+    live: dict[str, dict[int, tuple[int, ...]]] = {w: {} for w in feeds}
+    held: dict[str, set[tuple[int, ...]]] = {w: set() for w in feeds}
+    for _ in range(400):
+        w = rng.choice(list(feeds))
+        op = rng.random()
+        if op < 0.6:
+            parent = rng.choice([None, *live[w]]) if live[w] else None
+            base = live[w][parent] if parent is not None else ()
+            new = [rng.randint(0, 2) for _ in range(2 * rng.randint(1, 3))]  # tiny vocab
+            full = base + tuple(new)
+            paths = [full[: len(base) + 2 * (i + 1)] for i in range(len(new) // 2)]
+            hashes = [hash_of.setdefault(p, len(hash_of) + 1) for p in paths]
+            feeds[w](BlockStored(hashes, parent, new, 2))
+            for h, p in zip(hashes, paths, strict=True):
+                live[w].setdefault(h, p)
+            held[w].update(full[: 2 * j] for j in range(1, len(full) // 2 + 1))
+        elif op < 0.95 and live[w]:
+            gone = rng.sample(list(live[w]), rng.randint(1, min(3, len(live[w]))))
+            feeds[w](BlockRemoved(gone))
+            for h in gone:
+                p = live[w].pop(h)
+                held[w] = {q for q in held[w] if q[: len(p)] != p}
+        else:
+            feeds[w](AllBlocksCleared())
+            live[w].clear()
+            held[w].clear()
+        for _ in range(3):
+            q = [rng.randint(0, 2) for _ in range(rng.randint(0, 12))]
+            assert index.match(q) == _model_match(held, q), (seed, q)
+
+
+# ------------------------------------------------------------------- thread-safety
+
+
+def test_match_from_many_threads_while_events_apply() -> None:
+    index = KVEventIndex(block_size=BS)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    Feed(index, "base")(stored([1000], None, [100]))
+
+    def writer(w: str) -> None:
+        feed = Feed(index, w)
+        try:
+            for i in range(300):  # hashes follow the tokens, as an engine's do
+                feed(stored([1000, 2000 + i % 7], None, [100, i % 7]))
+                if i % 3 == 0:
+                    feed(BlockRemoved([2000 + i % 7]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                got = index.match(toks(100, 3))
+                assert got.get("base") == 4 and all(v in (4, 8) for v in got.values())
+        except BaseException as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=writer, args=(f"w{i}",)) for i in range(3)]
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for t in writers + readers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert not errors, errors[0]
+    for w in ("w0", "w1", "w2"):
+        assert index.stats()[w].batches == 400
+    # after the streams each writer holds what its last events left: block (100, v) for
+    # each v, 8 tokens unless its last store was followed by a removal
+    for v in range(7):
+        last = max(i for i in range(300) if i % 7 == v)
+        want = 8 if last % 3 else 4
+        got = index.match(toks(100, v))
+        assert got == {"base": 4, "w0": want, "w1": want, "w2": want}, (v, got)

@@ -1,0 +1,286 @@
+"""KVEventIndex against real ZMQ sockets on loopback: a PUB/ROUTER publisher speaking
+the engines' protocol, the index's SUB/DEALER subscriber threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import zmq
+
+from cacheroute.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventIndex,
+    KVEventPublisher,
+    dp_endpoint,
+    encode_batch,
+)
+
+W = "http://w1:8000"
+ANY = "tcp://127.0.0.1:*"
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def blocks(*ids: int) -> list[int]:
+    return [i * 10 + k for i in ids for k in range(4)]
+
+
+def stored(h: int, parent: int | None, *ids: int) -> BlockStored:
+    return BlockStored(list(range(h, h + len(ids))), parent, blocks(*ids), 4)
+
+
+@pytest.fixture
+def index() -> Iterator[KVEventIndex]:
+    idx = KVEventIndex(block_size=4, stale_after=0.5, heartbeat=0.1)
+    yield idx
+    idx.close()
+
+
+@pytest.fixture
+def pub() -> Iterator[KVEventPublisher]:
+    p = KVEventPublisher(ANY, ANY)
+    yield p
+    p.close()
+
+
+def connect(index: KVEventIndex, pub: KVEventPublisher, url: str = W, **kw: object) -> None:
+    index.subscribe(url, pub.endpoint, pub.replay_endpoint, **kw)  # type: ignore[arg-type]
+    wait_for(lambda: index.stats()[url].connected)
+    time.sleep(0.05)  # the subscription reaches the PUB side just after the handshake
+
+
+@pytest.mark.parametrize("shape", ["map", "array"])
+def test_events_over_the_wire_build_the_view(
+    index: KVEventIndex, pub: KVEventPublisher, shape: str
+) -> None:
+    connect(index, pub)
+    pub.publish([stored(1, None, 1, 2, 3)], shape=shape)  # type: ignore[arg-type]
+    pub.publish([stored(4, 3, 4), BlockRemoved([2])], shape=shape)  # type: ignore[arg-type]
+    wait_for(lambda: index.stats()[W].batches == 2)
+    assert index.match(blocks(1, 2, 3, 4)) == {W: 4}
+    pub.publish([AllBlocksCleared()], shape=shape)  # type: ignore[arg-type]
+    wait_for(lambda: index.stats()[W].clears == 1)
+    assert index.match(blocks(1)) == {}
+    assert not index.is_stale(W)
+
+
+@pytest.mark.parametrize("replay_topic", [True, False])
+def test_gaps_are_replayed_over_dealer(index: KVEventIndex, replay_topic: bool) -> None:
+    with KVEventPublisher(ANY, ANY, topic="kv@w1", replay_topic=replay_topic) as pub:
+        connect(index, pub, topic="kv@w1")
+        pub.publish([stored(1, None, 1)])
+        for i in range(2, 6):  # four batches lost on the way
+            pub.publish([stored(i, i - 1, i)], send=False)
+        pub.publish([stored(6, 5, 6)])
+        wait_for(lambda: index.stats()[W].last_seq == 5)
+        s = index.stats()[W]
+        assert (s.gaps, s.replays, s.replayed_batches, s.lost_batches) == (1, 1, 4, 0)
+        assert index.match(blocks(1, 2, 3, 4, 5, 6)) == {W: 24}
+
+
+def test_a_gap_beyond_the_replay_buffer_is_counted_lost(index: KVEventIndex) -> None:
+    with KVEventPublisher(ANY, ANY, buffer_steps=2) as pub:
+        connect(index, pub)
+        pub.publish([stored(1, None, 1)])
+        for i in range(2, 6):
+            pub.publish([stored(i, i - 1, i)], send=False)  # only the last two stay buffered
+        pub.publish([stored(6, 5, 6)])
+        wait_for(lambda: index.stats()[W].last_seq == 5)
+        s = index.stats()[W]
+        assert (s.gaps, s.replayed_batches, s.lost_batches) == (1, 1, 3)
+        assert s.orphan_blocks == 2  # their parents were in lost batches
+        assert index.match(blocks(1, 2)) == {W: 4}
+
+
+def test_catch_up_replays_what_was_published_before_subscribing(
+    index: KVEventIndex, pub: KVEventPublisher
+) -> None:
+    pub.publish([stored(1, None, 1, 2)])
+    pub.publish([stored(3, 2, 3)])
+    connect(index, pub)
+    pub.publish([stored(4, 3, 4)])
+    wait_for(lambda: index.stats()[W].last_seq == 2)
+    assert index.match(blocks(1, 2, 3, 4)) == {W: 16}
+    s = index.stats()[W]
+    assert (s.replays, s.replayed_batches, s.gaps, s.lost_batches) == (1, 2, 0, 0)
+
+
+def test_without_replay_a_gap_is_lost(index: KVEventIndex, pub: KVEventPublisher) -> None:
+    index.subscribe(W, pub.endpoint)
+    wait_for(lambda: index.stats()[W].connected)
+    time.sleep(0.05)
+    pub.publish([stored(1, None, 1)])
+    pub.publish([stored(2, 1, 2)], send=False)
+    pub.publish([stored(3, 2, 3)])
+    wait_for(lambda: index.stats()[W].last_seq == 2)
+    s = index.stats()[W]
+    assert (s.gaps, s.lost_batches, s.replays, s.orphan_blocks) == (1, 1, 0, 1)
+
+
+def test_publisher_restart_resets_the_view(index: KVEventIndex) -> None:
+    pub = KVEventPublisher(ANY, ANY)
+    endpoint, replay = pub.endpoint, pub.replay_endpoint
+    connect(index, pub)
+    for i in range(1, 4):
+        pub.publish([stored(i, i - 1 if i > 1 else None, i)])
+    wait_for(lambda: index.stats()[W].last_seq == 2)
+    assert index.match(blocks(1, 2, 3)) == {W: 12}
+    pub.close()
+    wait_for(lambda: index.stats()[W].connected is False)
+    # the engine comes back on the same ports, sequence from 0, empty cache
+    pub = KVEventPublisher(endpoint, replay)
+    try:
+        wait_for(lambda: index.stats()[W].connected)
+        time.sleep(0.1)
+        pub.publish([stored(50, None, 9)])
+        wait_for(lambda: index.stats()[W].resets == 1)
+        wait_for(lambda: index.match(blocks(9)) == {W: 4})
+        assert index.match(blocks(1)) == {}
+        assert index.stats()[W].last_seq == 0
+    finally:
+        pub.close()
+
+
+def test_a_silent_publisher_is_stale_and_a_connected_idle_one_is_not(
+    index: KVEventIndex,
+) -> None:
+    pub = KVEventPublisher(ANY, ANY)
+    connect(index, pub)
+    pub.publish([stored(1, None, 1)])
+    wait_for(lambda: index.stats()[W].batches == 1)
+    time.sleep(0.8)  # idle longer than stale_after, but connected (heartbeats)
+    assert not index.is_stale(W)
+    pub.close()
+    wait_for(lambda: index.stats()[W].connected is False)
+    assert not index.is_stale(W)  # not yet: stale_after has not passed
+    wait_for(lambda: index.is_stale(W), timeout=3)
+    assert index.stale_urls() == [W]
+    assert index.match(blocks(1)) == {W: 4}  # last view kept; the policy decides
+    assert index.match(blocks(1), include_stale=False) == {}
+
+
+def test_a_never_reachable_endpoint_goes_stale(index: KVEventIndex) -> None:
+    index.subscribe(W, "tcp://127.0.0.1:1")  # nothing listens there
+    assert not index.is_stale(W)
+    wait_for(lambda: index.is_stale(W), timeout=3)
+
+
+def test_bad_messages_do_not_stop_the_subscriber(index: KVEventIndex) -> None:
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.PUB)
+    raw.setsockopt(zmq.LINGER, 0)
+    port = raw.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        index.subscribe(W, f"tcp://127.0.0.1:{port}")
+        wait_for(lambda: index.stats()[W].connected)
+        time.sleep(0.1)
+        raw.send_multipart([b"", (0).to_bytes(8, "big"), b"\xc1\xc1 not msgpack"])
+        raw.send_multipart([b"", b"short", b""])
+        raw.send_multipart([b"only one frame"])
+        raw.send_multipart([b"", (1).to_bytes(8, "big"), encode_batch([stored(1, None, 1)])])
+        wait_for(lambda: index.stats()[W].batches == 1)
+        assert index.stats()[W].bad_messages == 3
+        assert index.match(blocks(1)) == {W: 4}
+    finally:
+        raw.close()
+        ctx.term()
+
+
+def test_dp_ranks_are_separate_workers(index: KVEventIndex) -> None:
+    base = KVEventPublisher(ANY)
+    port = int(base.endpoint.rsplit(":", 1)[1])
+    base.close()
+    ep0 = f"tcp://127.0.0.1:{port}"
+    try:
+        pubs = [KVEventPublisher(dp_endpoint(ep0, r)) for r in (0, 1)]
+    except zmq.ZMQError:
+        pytest.skip("the port next to a free one is taken")
+    try:
+        for r in range(len(pubs)):
+            index.subscribe(f"{W}#dp{r}", dp_endpoint(ep0, r), dp_rank=r)
+            wait_for(lambda r=r: index.stats()[f"{W}#dp{r}"].connected)
+        time.sleep(0.1)
+        pubs[0].publish([stored(1, None, 1)], dp_rank=0)
+        pubs[1].publish([stored(1, None, 1, 2)], dp_rank=1)
+        wait_for(lambda: sum(s.batches for s in index.stats().values()) == 2)
+        assert index.match(blocks(1, 2)) == {f"{W}#dp0": 4, f"{W}#dp1": 8}
+    finally:
+        for p in pubs:
+            p.close()
+
+
+def test_subscribe_checks_and_refuses_twice(index: KVEventIndex, pub: KVEventPublisher) -> None:
+    index.subscribe(W, pub.endpoint)
+    with pytest.raises(RuntimeError, match="already subscribed"):
+        index.subscribe(W, pub.endpoint)
+    with pytest.raises(TypeError, match="endpoint must be a str"):
+        index.subscribe("x", 5557)  # type: ignore[arg-type]
+    with pytest.raises(zmq.ZMQError):
+        index.subscribe("y", "not-an-endpoint")
+    index.unsubscribe(W)
+    index.subscribe(W, pub.endpoint)  # again after unsubscribing
+
+
+def test_close_stops_every_subscriber_thread() -> None:
+    before = set(threading.enumerate())
+    pubs = [KVEventPublisher(ANY, ANY) for _ in range(3)]
+    with KVEventIndex(block_size=4) as index:
+        for i, p in enumerate(pubs):
+            index.subscribe(f"w{i}", p.endpoint, p.replay_endpoint)
+        wait_for(lambda: all(s.connected for s in index.stats().values()))
+        assert len(set(threading.enumerate()) - before) == 6  # 3 subscribers, 3 replay servers
+        for p in pubs:
+            p.publish([stored(1, None, 1)])
+        wait_for(lambda: all(s.batches == 1 for s in index.stats().values()))
+    after_index = set(threading.enumerate()) - before
+    assert all(t.name.startswith("cacheroute-kv-publisher") for t in after_index)
+    with pytest.raises(RuntimeError, match="closed"):
+        index.subscribe("w9", pubs[0].endpoint)
+    assert index.match(blocks(1)) == {"w0": 4, "w1": 4, "w2": 4}  # the view stays readable
+    index.close()  # idempotent
+    for p in pubs:
+        p.close()
+    assert set(threading.enumerate()) == before
+
+
+def test_match_from_request_threads_while_the_subscriber_applies(
+    index: KVEventIndex, pub: KVEventPublisher
+) -> None:
+    connect(index, pub)
+    pub.publish([stored(1, None, 1)])
+    wait_for(lambda: index.stats()[W].batches == 1)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                got = index.match(blocks(1, 2, 3))
+                assert got.get(W, 0) in (4, 8, 12)
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for t in readers:
+        t.start()
+    for _ in range(200):
+        pub.publish([stored(2, 1, 2, 3)])
+        pub.publish([BlockRemoved([2])])
+    wait_for(lambda: index.stats()[W].batches == 401)
+    stop.set()
+    for t in readers:
+        t.join()
+    assert not errors, errors[0]
+    assert index.match(blocks(1, 2, 3)) == {W: 4}
+    assert index.stats()[W].lost_batches == 0
