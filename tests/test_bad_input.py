@@ -106,6 +106,7 @@ KINDS: dict[str, list[str]] = {
     "instance": ["None", "int", "str", "bytes", "nested", "dict", "object"],
     "instance|None": ["int", "str", "bytes", "nested", "dict", "object"],
     "mapping": ["None", "int", "str", "bytes", "nested", "object"],
+    "mapping|None": ["int", "str", "bytes", "nested", "object"],
 }
 
 _ANNOTATIONS: dict[str, str] = {
@@ -124,6 +125,8 @@ _ANNOTATIONS: dict[str, str] = {
     "Units": "units",
     "TreeKind": "choice",
     "ImbalanceMode": "choice",
+    "IndexMode": "choice",
+    "Mapping[str, Any] | None": "mapping|None",
     "str | os.PathLike[str]": "path",
     "DecisionObserver | None": "callable|None",
     "Callable[[int], None] | None": "callable|None",
@@ -1061,6 +1064,8 @@ EXEMPT: dict[str, str] = {
     "cacheroute.worker.WorkerType": _ENUM,
     "cacheroute.worker.Worker": _PROTOCOL,
     "cacheroute.worker.WorkAccounting": _PROTOCOL,
+    "cacheroute.policies.precise.KVIndex": _PROTOCOL,
+    "cacheroute.policies.precise.KVIndex.match": _PROTOCOL,
     "cacheroute.worker.WorkAccounting.add_work": _PROTOCOL,
     "cacheroute.worker.LoadUnderflowError": _EXC,
     "cacheroute.lease.NoHealthyWorkerError": _EXC,

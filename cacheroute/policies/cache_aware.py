@@ -28,11 +28,13 @@ default policy (``work_aware``) prices that work instead.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from cacheroute._validation import check_callable, check_choice, check_int, check_real, fail
 from cacheroute.policies.base import DecisionReason
+from cacheroute.policies.precise import IndexMode, KVIndex
 from cacheroute.policies.prefix import DecisionObserver, PoolView, PrefixPolicy
 from cacheroute.tree import Tree
 
@@ -67,6 +69,10 @@ class CacheAwareConfig:
             tokens one request unit stands for (a block id of 16 tokens: 16).
         kv_capacity_tokens: int > 0 or ``None`` (default, as SGLang: no per-worker cap):
             each engine's KV capacity in tokens; caps each worker's share of a tree.
+        index, index_mode, claim_ttl_s, index_namespace: precise mode, matching token-id
+            requests against what the engines report (see
+            :class:`~cacheroute.policies.prefix.PrefixPolicy`); default ``None``: the
+            routed history only.
         on_decision: ``None`` (default) or a callable receiving each
             :class:`~cacheroute.policies.base.Decision`, outside every lock. Its exceptions
             are logged (logger ``cacheroute.policies``) and never fail the routing call.
@@ -91,6 +97,10 @@ class CacheAwareConfig:
     imbalance_mode: ImbalanceMode = "locality"
     tokens_per_unit: float | None = None
     kv_capacity_tokens: int | None = None
+    index: KVIndex | None = field(default=None, compare=False)
+    index_mode: IndexMode = "hybrid"
+    claim_ttl_s: float = 30.0
+    index_namespace: Mapping[str, Any] | None = field(default=None, compare=False)
     on_decision: DecisionObserver | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +119,16 @@ class CacheAwareConfig:
         )
         check_int("kv_capacity_tokens", self.kv_capacity_tokens, minimum=1, none_ok=True)
         check_callable("on_decision", self.on_decision, none_ok=True)
+        if self.index is not None and not isinstance(self.index, KVIndex):
+            raise fail(
+                "index", "None or a KV-event index (match, urls, stale_urls)", self.index, TypeError
+            )
+        check_choice("index_mode", self.index_mode, ("precise", "hybrid"))
+        if self.index_namespace is not None and not isinstance(self.index_namespace, Mapping):
+            raise fail("index_namespace", "None or a mapping", self.index_namespace, TypeError)
+        ttl = check_real("claim_ttl_s", self.claim_ttl_s, minimum=0.0, min_open=True)
         object.__setattr__(self, "tokens_per_unit", tpu)
+        object.__setattr__(self, "claim_ttl_s", ttl)
         # An int threshold is fine; store floats.
         object.__setattr__(self, "cache_threshold", ct)
         object.__setattr__(self, "balance_rel_threshold", rel)
@@ -157,6 +176,10 @@ class CacheAwarePolicy(PrefixPolicy):
         *,
         tokens_per_unit: float | None = None,
         kv_capacity_tokens: int | None = None,
+        index: KVIndex | None = None,
+        index_mode: IndexMode = "hybrid",
+        claim_ttl_s: float = 30.0,
+        index_namespace: Mapping[str, Any] | None = None,
         config: CacheAwareConfig | None = None,
     ) -> None:
         given: dict[str, object] = {
@@ -168,6 +191,10 @@ class CacheAwarePolicy(PrefixPolicy):
             "imbalance_mode": imbalance_mode,
             "tokens_per_unit": tokens_per_unit,
             "kv_capacity_tokens": kv_capacity_tokens,
+            "index": index,
+            "index_mode": index_mode,
+            "claim_ttl_s": claim_ttl_s,
+            "index_namespace": index_namespace,
         }
         if config is None:
             config = CacheAwareConfig(**given, on_decision=on_decision)  # type: ignore[arg-type]
@@ -197,6 +224,10 @@ class CacheAwarePolicy(PrefixPolicy):
             config.on_decision,
             config.tokens_per_unit,
             config.kv_capacity_tokens,
+            config.index,
+            config.index_mode,
+            config.claim_ttl_s,
+            config.index_namespace,
         )
 
     @property

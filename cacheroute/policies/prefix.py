@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import compress
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from cacheroute._validation import check_bool, check_choice, check_str, fail
+from cacheroute._validation import check_bool, check_choice, check_real, check_str, fail
 from cacheroute.policies.base import (
     CHARS_PER_TOKEN,
     Decision,
@@ -41,6 +41,7 @@ from cacheroute.policies.base import (
     check_request_text,
     check_workers,
 )
+from cacheroute.policies.precise import IndexMode, KVIndex, PreciseMatcher
 from cacheroute.tree import Tree, TreeMatch
 from cacheroute.worker import Worker, _not_a_worker, all_basic, read_loads, read_work
 
@@ -208,6 +209,16 @@ class PrefixPolicy(LoadBalancingPolicy):
         on_decision: ``None`` or a callable receiving each
             :class:`~cacheroute.policies.base.Decision`, outside every lock; its
             exceptions are logged (logger ``cacheroute.policies``), never raised.
+        index: ``None`` (routed history only) or a KV-event index
+            (:class:`~cacheroute.policies.precise.KVIndex`, e.g.
+            :class:`cacheroute.events.KVEventIndex`) fed by the engines: precise mode,
+            for token-id requests (see :mod:`cacheroute.policies.precise`).
+        index_mode: ``"hybrid"`` (default: reports plus short-lived claims of what was
+            just routed) or ``"precise"`` (reports only).
+        claim_ttl_s: real > 0: how long a hybrid claim counts (default 30 s: a long
+            prefill plus the event delay).
+        index_namespace: keyword arguments for the index's ``match`` (e.g.
+            ``{"lora_name": "my-adapter"}`` for a policy routing one LoRA adapter).
     """
 
     needs_request_text = True
@@ -221,7 +232,19 @@ class PrefixPolicy(LoadBalancingPolicy):
         on_decision: DecisionObserver | None,
         tokens_per_unit: float | None,
         kv_capacity_tokens: int | None,
+        index: KVIndex | None = None,
+        index_mode: IndexMode = "hybrid",
+        claim_ttl_s: float = 30.0,
+        index_namespace: Mapping[str, Any] | None = None,
     ) -> None:
+        if index is not None and not isinstance(index, KVIndex):
+            raise fail(
+                "index", "None or a KV-event index (match, urls, stale_urls)", index, TypeError
+            )
+        check_choice("index_mode", index_mode, ("precise", "hybrid"))
+        claim_ttl_s = check_real("claim_ttl_s", claim_ttl_s, minimum=0.0, min_open=True)
+        if index_namespace is not None and not isinstance(index_namespace, Mapping):
+            raise fail("index_namespace", "None or a mapping", index_namespace, TypeError)
         self._max_tree_size = max_tree_size
         self._max_tree_size_per_worker = max_tree_size_per_worker
         self._observer = on_decision
@@ -232,6 +255,17 @@ class PrefixPolicy(LoadBalancingPolicy):
         self._removed: frozenset[str] = frozenset()
         self._known: frozenset[str] = frozenset()
         self._pools: list[_Pool] = []
+        self._precise = (
+            None
+            if index is None
+            else PreciseMatcher(
+                index,
+                index_mode,
+                claim_ttl_s,
+                lambda: Tree(max_size=max_tree_size, max_size_per_tenant=max_tree_size_per_worker),
+                index_namespace,
+            )
+        )
 
     # ------------------------------------------------------------------ the rule
 
@@ -292,14 +326,20 @@ class PrefixPolicy(LoadBalancingPolicy):
             else:
                 match = _match(tree, units)
                 lengths = match.lengths
+                if self._precise is not None and kind == "tokens":
+                    lengths = self._precise.lengths(units, lengths)  # type: ignore[arg-type]
             index, reason, cost = self.choose(view, lengths, tree)
             if self._removed is pool.removed:
                 break  # membership unchanged since the view: commit
         url = pool.urls[index]
         if tree is not None and match is not None:
             tree.insert_match(match, url)  # reuses the descent unless the tree changed since
+            if self._precise is not None and kind == "tokens":
+                self._precise.claim(units, url)  # type: ignore[arg-type]
             if url in self._removed:  # removed while we inserted: take it out again
                 tree.remove_tenant(url)
+                if self._precise is not None:
+                    self._precise.forget(url)
         key[index].increment_processed()
         matched = lengths.get(url, 0)
         tpu = self._tpu(request_text)
@@ -467,6 +507,8 @@ class PrefixPolicy(LoadBalancingPolicy):
             trees = list(self._trees.values())
         for t in trees:
             t.remove_tenant(url)
+        if self._precise is not None:
+            self._precise.forget(url)
 
     def add_worker(self, worker: Worker) -> None:
         """Alias of :meth:`on_worker_added`."""
@@ -491,6 +533,9 @@ class PrefixPolicy(LoadBalancingPolicy):
         for tree in trees:
             for t in stale:
                 tree.remove_tenant(t)
+        if self._precise is not None:
+            for t in stale:
+                self._precise.forget(t)
 
     def _describe_config(self) -> str:
         return ""
