@@ -28,7 +28,7 @@ default policy (``work_aware``) prices that work instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -144,6 +144,7 @@ class CacheAwarePolicy(PrefixPolicy):
     same way) or with ``config=``; ``make_policy("cache_aware", **settings)`` takes the
     same keys. ``config=`` cannot be combined with settings that differ from their
     defaults, except ``on_decision``, which then replaces ``config.on_decision``.
+    ``clock`` (not a setting): the clock of hybrid claims, for simulations.
 
     Trees, membership, observer and pairs: see
     :class:`~cacheroute.policies.prefix.PrefixPolicy`. No background thread.
@@ -181,6 +182,7 @@ class CacheAwarePolicy(PrefixPolicy):
         claim_ttl_s: float = 30.0,
         index_namespace: Mapping[str, Any] | None = None,
         config: CacheAwareConfig | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         given: dict[str, object] = {
             "cache_threshold": cache_threshold,
@@ -228,6 +230,7 @@ class CacheAwarePolicy(PrefixPolicy):
             config.index_mode,
             config.claim_ttl_s,
             config.index_namespace,
+            clock,
         )
 
     @property

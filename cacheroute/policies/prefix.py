@@ -27,11 +27,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from itertools import compress
 from typing import Any, ClassVar, Literal
 
-from cacheroute._validation import check_bool, check_choice, check_real, check_str, fail
+from cacheroute._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_real,
+    check_str,
+    fail,
+)
 from cacheroute.policies.base import (
     CHARS_PER_TOKEN,
     Decision,
@@ -219,6 +227,8 @@ class PrefixPolicy(LoadBalancingPolicy):
             prefill plus the event delay).
         index_namespace: keyword arguments for the index's ``match`` (e.g.
             ``{"lora_name": "my-adapter"}`` for a policy routing one LoRA adapter).
+        clock: ``None`` (``time.monotonic``) or a callable returning seconds: the clock
+            of hybrid claims (simulations pass their simulated time).
     """
 
     needs_request_text = True
@@ -236,6 +246,7 @@ class PrefixPolicy(LoadBalancingPolicy):
         index_mode: IndexMode = "hybrid",
         claim_ttl_s: float = 30.0,
         index_namespace: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if index is not None and not isinstance(index, KVIndex):
             raise fail(
@@ -264,6 +275,7 @@ class PrefixPolicy(LoadBalancingPolicy):
                 claim_ttl_s,
                 lambda: Tree(max_size=max_tree_size, max_size_per_tenant=max_tree_size_per_worker),
                 index_namespace,
+                time.monotonic if clock is None else check_callable("clock", clock),
             )
         )
 

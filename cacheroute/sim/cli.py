@@ -11,6 +11,7 @@ from typing import Any
 
 from cacheroute.sim.engine import EngineConfig
 from cacheroute.sim.metrics import DEFAULT_SLO_TTFT_S, summarize
+from cacheroute.sim.precise import INDEX_MODES
 from cacheroute.sim.report import (
     format_table,
     plot_results,
@@ -185,7 +186,16 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="engines emit KV events (blocks stored/removed), delivered to every router "
-        "replica this long after (to policies with an on_kv_event method); default: none",
+        "replica this long after (to policies with an on_kv_event method, and to the "
+        "--index); default: none (0 with --index precise/hybrid)",
+    )
+    cl.add_argument(
+        "--index",
+        choices=INDEX_MODES,
+        default="approximate",
+        help="what prefix policies match on: their routed history (approximate, default), "
+        "the engines' KV events (precise), or events plus claims of what was just routed "
+        "(hybrid); needs the 'events' extra",
     )
     cl.add_argument(
         "--cache-tokens",
@@ -350,6 +360,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         show_progress=show,
         routers=args.routers,
         kv_event_delay_s=args.kv_event_delay,
+        index=args.index,
     )
     ideal = ideal_hit_tokens(workload.requests)
     summaries = [summarize(r, ideal, slo_ttft_s=args.slo_ttft) for r in results]
@@ -357,6 +368,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     title = (
         f"workload {workload.name}: {len(workload):,} requests, {args.workers} workers, "
         + (f"{args.routers} routers, " if args.routers > 1 else "")
+        + (f"{args.index} index, " if args.index != "approximate" else "")
         + f"KV cache {cache} tokens/worker, seed {args.seed}"
         + (f", speed x{args.speed:g}" if args.speed != 1.0 else "")
     )
@@ -369,6 +381,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             "workers": args.workers,
             "routers": args.routers,
             "kv_event_delay_s": args.kv_event_delay,
+            "index": args.index,
             "seed": args.seed,
             "speed": args.speed,
             "slo_ttft_s": args.slo_ttft,

@@ -54,13 +54,17 @@ class KVEvent:
         worker: the engine's index.
         kind: ``"stored"`` or ``"removed"``.
         blocks: the chained block ids (the workload's ids, which are also what the
-            router sees as the request's units).
+            router sees as the request's units): for ``"stored"``, one run of a chain
+            (each block extends the one before it); for ``"removed"``, any blocks.
+        parent: for ``"stored"``, the block the run extends (``None``: the run starts a
+            chain); ``None`` for ``"removed"``.
     """
 
     time: float
     worker: int
     kind: str
     blocks: tuple[int, ...]
+    parent: int | None = None
 
 
 _TIME_FIELDS = (
@@ -218,7 +222,8 @@ class Engine:
     ) -> None:
         self.index = index
         self.events = events  # None: no KV events (no cost)
-        self._storing: list[int] = []  # blocks inserted by the prefill in progress
+        # (parent, run of new blocks) per request of the prefill in progress
+        self._storing: list[tuple[int | None, tuple[int, ...]]] = []
         self.admitted = admitted if admitted is not None else [0.0] * len(requests)
         self.config = config
         self.requests = requests
@@ -296,7 +301,8 @@ class Engine:
         self.prefilled = []
         if self._phase == _PREFILL:
             if self._storing and self.events is not None:
-                self.events.append(KVEvent(now, self.index, "stored", tuple(self._storing)))
+                for parent, run in self._storing:
+                    self.events.append(KVEvent(now, self.index, "stored", run, parent))
                 self._storing = []
             self.prefilled = self._admitted
             first_token = self.first_token
@@ -413,6 +419,7 @@ class Engine:
             bs = r.block_size
             span = r.span_tokens
             added = r.input_tokens - span + r.output_tokens
+            start = -1  # first block this request stores
             for i in range(k, len(blocks)):
                 b = blocks[i]
                 if b in tok:
@@ -427,8 +434,10 @@ class Engine:
                 t = tok[b] = min(bs, span - i * bs)
                 ref[b] = 1
                 added += t
-                if storing is not None:
-                    storing.append(b)
+                if start < 0:
+                    start = i
+            if storing is not None and start >= 0:
+                storing.append((blocks[start - 1] if start else None, blocks[start:]))
             used += added
             self.used = used
             if used > self.peak_used:

@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cacheroute._validation import check_callable, check_int, check_real, fail
+from cacheroute._validation import check_callable, check_choice, check_int, check_real, fail
 from cacheroute.lease import Lease, acquire
 from cacheroute.sim.engine import Engine, EngineConfig, KVEvent
+from cacheroute.sim.precise import INDEX_MODES, EventFeed
 from cacheroute.sim.request import Workload
 from cacheroute.sim.specs import PolicySpec
 from cacheroute.worker import BasicWorker
@@ -139,6 +140,7 @@ def simulate(
     progress: Callable[[int], None] | None = None,
     routers: int = 1,
     kv_event_delay_s: float | None = None,
+    index: str = "approximate",
 ) -> RunResult:
     """Run ``workload`` through a fresh ``policy`` over ``workers`` modelled engines.
 
@@ -164,6 +166,12 @@ def simulate(
             request arriving then), as gateway replicas subscribed to the engines' event
             streams would. Policies without that method are unaffected; the counts are
             in ``RunResult.kv_events``. ``None`` (the default): no events, no cost.
+        index: ``"approximate"`` (default: policies match on their routed history),
+            ``"precise"`` or ``"hybrid"``: the engines' events (delayed by
+            ``kv_event_delay_s``, 0 when ``None``) feed one real
+            :class:`cacheroute.events.KVEventIndex` that every replica's policy reads
+            (policies accepting ``index=``; see :mod:`cacheroute.sim.precise`). Needs the
+            ``events`` extra.
 
     Raises:
         TypeError: an argument of the wrong type (the message names it).
@@ -175,6 +183,9 @@ def simulate(
     _check_policy(policy)
     check_callable("progress", progress, none_ok=True)
     delay = _check_delay(kv_event_delay_s)
+    check_choice("index", index, INDEX_MODES)
+    if index != "approximate" and delay is None:
+        delay = 0.0
     spec = PolicySpec.parse(policy) if isinstance(policy, str) else policy
     cfg = engine if engine is not None else EngineConfig()
     reqs = workload.requests
@@ -189,6 +200,14 @@ def simulate(
         if decision.reason == "imbalanced":
             imbalanced += 1
 
+    pool = [BasicWorker(f"http://sim-worker-{i}:8000") for i in range(workers)]
+    clock = [0.0]  # simulated time, for policies' hybrid claims
+    feed: EventFeed | None = None
+    precise: dict[str, Any] = {}
+    if index != "approximate":
+        feed = EventFeed([w.url for w in pool])
+        feed.open_feeds()
+        precise = {"index": feed.index, "index_mode": index, "clock": lambda: clock[0]}
     # Prefix policies see one unit per block: tell them what a unit and an engine hold.
     block = reqs[0].block_size if reqs else 1
     replicas = [
@@ -197,10 +216,10 @@ def simulate(
             on_decision=observe,
             tokens_per_unit=float(block),
             kv_capacity_tokens=cfg.cache_tokens,
+            **precise,
         )
         for k in range(routers)
     ]
-    pool = [BasicWorker(f"http://sim-worker-{i}:8000") for i in range(workers)]
     first_token = [0.0] * n
     hit = [0] * n
     done = [-1.0] * n
@@ -252,13 +271,19 @@ def simulate(
                 push(heap, (eng.next_time, seq, e, eng.version))
         else:
             r = reqs[i]
-            if listeners and events is not None and delay is not None:
+            clock[0] = r.arrival
+            if (listeners or feed is not None) and events is not None and delay is not None:
                 arrival = r.arrival
-                while sent < len(events) and events[sent].time + delay <= arrival:
-                    event = events[sent]
-                    for deliver in listeners:
-                        deliver(event)
-                    sent += 1
+                due = sent
+                while due < len(events) and events[due].time + delay <= arrival:
+                    due += 1
+                if due > sent:
+                    for event in events[sent:due]:
+                        for deliver in listeners:
+                            deliver(event)
+                    if feed is not None:
+                        feed.deliver(events[sent:due])
+                    sent = due
             lease = acquire(replicas[i % routers], pool, r.blocks, prompt_tokens=r.input_tokens)
             leases[i] = lease
             routed[i] = lease.index
@@ -284,6 +309,8 @@ def simulate(
         progress(n)
     for pol in replicas:
         pol.close()
+    if feed is not None:
+        feed.close()
     return RunResult(
         policy=str(spec),
         workload=workload,
@@ -317,6 +344,7 @@ def compare(
     show_progress: bool | None = None,
     routers: int = 1,
     kv_event_delay_s: float | None = None,
+    index: str = "approximate",
 ) -> list[RunResult]:
     """:func:`simulate` ``workload`` once per policy (each with a fresh policy object).
 
@@ -332,6 +360,7 @@ def compare(
         raise fail("policies", "a list of PolicySpec", policies, TypeError)
     _check_args(workload, workers, engine, seed, timeline_points, routers)
     _check_delay(kv_event_delay_s)
+    check_choice("index", index, INDEX_MODES)
     for spec in policies:
         _check_policy(spec)
     if show_progress is not None and not isinstance(show_progress, bool):
@@ -351,6 +380,7 @@ def compare(
                     progress=bar.update,
                     routers=routers,
                     kv_event_delay_s=kv_event_delay_s,
+                    index=index,
                 )
             )
         finally:
