@@ -1079,6 +1079,8 @@ EXEMPT: dict[str, str] = {
     "cacheroute.policies.prefix.PrefixPolicy.choose": "the rule hook decide() calls with its view",
     "cacheroute.policies.cache_aware.CacheAwarePolicy.choose": "the rule hook decide() calls",
     "cacheroute.sim.engine.Engine": _BUILT + " (simulate() builds one per worker)",
+    "cacheroute.sim.precise.EventFeed": _BUILT + " (simulate() builds it for --index)",
+    "cacheroute.sim.precise.EventFeed.deliver": _BUILT + " (simulate() calls it)",
     "cacheroute.sim.cli.add_simulate_parser": "argparse plumbing of `cacheroute simulate`",
     "cacheroute.sim.cli.run_simulate": "argparse plumbing: takes the parsed Namespace",
     "cacheroute.sim.report.plot_results": "needs matplotlib (the plot extra), not installed in CI",

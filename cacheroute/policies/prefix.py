@@ -253,6 +253,7 @@ class PrefixPolicy(LoadBalancingPolicy):
                 "index", "None or a KV-event index (match, urls, stale_urls)", index, TypeError
             )
         check_choice("index_mode", index_mode, ("precise", "hybrid"))
+        check_callable("clock", clock, none_ok=True)
         claim_ttl_s = check_real("claim_ttl_s", claim_ttl_s, minimum=0.0, min_open=True)
         if index_namespace is not None and not isinstance(index_namespace, Mapping):
             raise fail("index_namespace", "None or a mapping", index_namespace, TypeError)
@@ -275,7 +276,7 @@ class PrefixPolicy(LoadBalancingPolicy):
                 claim_ttl_s,
                 lambda: Tree(max_size=max_tree_size, max_size_per_tenant=max_tree_size_per_worker),
                 index_namespace,
-                time.monotonic if clock is None else check_callable("clock", clock),
+                time.monotonic if clock is None else clock,
             )
         )
 
