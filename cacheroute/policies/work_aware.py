@@ -1,0 +1,428 @@
+"""``work_aware``: route each request to the engine where it costs the system least time.
+
+Per eligible worker the policy estimates, in seconds, what sending this request there would
+cost, and takes the least (``docs/policies/work_aware.md`` has the derivation and the
+measurements):
+
+* **time to first token** ``T = Q + p + A``:
+
+  - ``Q``, the prefill work queued ahead of it: the worker's pending prefill tokens, priced
+    by a *ledger* of the prefills this policy sent there (each with its own estimate,
+    attention included), kept in step with the worker's pending-token total;
+  - ``p``, its own prefill there: ``u * prefill_token_s + u * (c + u / 2) *
+    attention_token_s`` for the ``u`` tokens not cached there after the ``c`` that are
+    (the tree's match);
+  - ``A``, waiting to be admitted: for a batch slot when the worker already runs
+    ``max_batch`` requests, and for KV memory when its in-flight contexts plus this prompt
+    exceed ``kv_capacity_tokens``; both as the part of a decode run (``reply_tokens``
+    steps) that must complete first;
+
+* **decode pressure**: ``decode_horizon`` decode steps of this request on that worker, each
+  ``decode_token_s`` per context token of the batch it joins (in-flight contexts plus its
+  own);
+* **recompute waste**: ``(p - p_min) * in_flight`` -- prefilling more than the best placement
+  would (``p_min``) stalls every request in flight on that worker for the difference
+  (engines run prefill before decode steps), so recompute is priced by the work queued
+  behind it: free on an idle engine, decisive on a busy one;
+* **eviction** (with ``kv_capacity_tokens``): the prefill time of the other prefixes that
+  worker would have to evict to hold this request.
+
+Ties (equal estimates) go to the least load, then the smallest share of the tree, then the
+fewest processed, then the lowest index, so an idle cluster spreads new prefixes instead of
+sending them all to worker 0. Workers without work accounting (custom ``Worker`` objects
+without ``pending_prefill_tokens``) read as zero work: each request in flight then counts
+as one of this size, so the policy falls back to counts.
+
+Every weight is a physical quantity with a default derived from the engine of the
+simulator (Llama-3.1-8B in bf16 on one H100); ``docs/policies/work_aware.md`` shows how to
+derive them for another model and GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from cacheroute._validation import check_callable, check_int, check_real, fail
+from cacheroute.policies.base import DecisionReason
+from cacheroute.policies.prefix import DecisionObserver, PoolView, PrefixPolicy, _Pool
+from cacheroute.tree import Tree
+
+__all__ = ["WorkAwareConfig", "WorkAwarePolicy"]
+
+_EXACT_UP_TO = 16
+"""Eligible workers up to which every worker is priced exactly (see :meth:`choose`)."""
+_SHORTLIST = 8
+"""Beyond that, the non-holders priced: those with the least pending plus decode tokens."""
+
+
+@dataclass(frozen=True)
+class WorkAwareConfig:
+    """Validated settings of :class:`WorkAwarePolicy` (frozen; nothing is clamped).
+
+    Defaults are Llama-3.1-8B in bf16 on one H100 SXM (989 TFLOP/s bf16, 3.35 TB/s), the
+    engine of ``cacheroute simulate``; for another deployment derive them the same way
+    (``docs/policies/work_aware.md``).
+
+    Args:
+        prefill_token_s: real > 0. Seconds of prefill per uncached prompt token, the
+            linear layers: 2 x 8.03e9 FLOP at 50 % of 989 TFLOP/s = 3.25e-5 (~31k
+            tokens/s).
+        attention_token_s: real >= 0. Seconds per (new token x context token) pair of
+            prefill attention: 4 x 4,096 hidden x 32 layers FLOP at 50 % of peak =
+            1.06e-9. A 100k-token context costs ~3x its linear prefill.
+        decode_step_s: real >= 0. Seconds of one decode step with an empty batch, reading
+            the weights: 16.06 GB at 80 % of 3.35 TB/s = 0.006.
+        decode_token_s: real >= 0. Seconds per decode step per context token in the batch,
+            reading its KV (128 KiB per token at 80 % of 3.35 TB/s) = 4.89e-8.
+        reply_tokens: int >= 1. Mean reply length: how many decode steps a running
+            request keeps its batch slot and KV memory. Default 256.
+        decode_horizon: int >= 0. Decode steps of this request charged with the decode
+            pressure of the engine it joins. Default 512, a long reply: the end-to-end
+            tail is made of long replies. 0 ignores decode pressure.
+        max_batch: int >= 1. Requests an engine runs at once (vLLM ``max_num_seqs``,
+            SGLang ``max_running_requests``). Default 256 (vLLM's).
+        max_tree_size, max_tree_size_per_worker, tokens_per_unit, kv_capacity_tokens,
+            on_decision: as for every prefix policy
+            (:class:`~cacheroute.policies.prefix.PrefixPolicy`). ``kv_capacity_tokens``
+            (each engine's KV capacity) also enables the memory wait and the eviction
+            price; ``None`` (default) leaves both out.
+
+    Raises:
+        TypeError: a value of the wrong type (the message names the field and the value).
+        ValueError: a value out of range (the message names the field and the value).
+    """
+
+    prefill_token_s: float = 3.25e-5
+    attention_token_s: float = 1.06e-9
+    decode_step_s: float = 0.006
+    decode_token_s: float = 4.89e-8
+    reply_tokens: int = 256
+    decode_horizon: int = 512
+    max_batch: int = 256
+    max_tree_size: int = 2**24
+    max_tree_size_per_worker: int | None = None
+    tokens_per_unit: float | None = None
+    kv_capacity_tokens: int | None = None
+    on_decision: DecisionObserver | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        reals = {
+            "prefill_token_s": check_real(
+                "prefill_token_s", self.prefill_token_s, minimum=0.0, min_open=True
+            ),
+            "attention_token_s": check_real(
+                "attention_token_s", self.attention_token_s, minimum=0.0
+            ),
+            "decode_step_s": check_real("decode_step_s", self.decode_step_s, minimum=0.0),
+            "decode_token_s": check_real("decode_token_s", self.decode_token_s, minimum=0.0),
+        }
+        check_int("reply_tokens", self.reply_tokens, minimum=1)
+        check_int("decode_horizon", self.decode_horizon, minimum=0)
+        check_int("max_batch", self.max_batch, minimum=1)
+        check_int("max_tree_size", self.max_tree_size, minimum=1)
+        check_int(
+            "max_tree_size_per_worker", self.max_tree_size_per_worker, minimum=1, none_ok=True
+        )
+        tpu = check_real(
+            "tokens_per_unit", self.tokens_per_unit, minimum=0.0, min_open=True, none_ok=True
+        )
+        check_int("kv_capacity_tokens", self.kv_capacity_tokens, minimum=1, none_ok=True)
+        check_callable("on_decision", self.on_decision, none_ok=True)
+        for k, v in reals.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "tokens_per_unit", tpu)
+
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(WorkAwareConfig)}
+
+
+class _Ledger:
+    """The prefills this policy queued on one worker whose first token is not out yet.
+
+    Entries are ``(tokens, seconds, prompt_tokens)`` in routing order. Engines prefill
+    first come first served, so when the worker's pending-token total drops, the oldest
+    entries are the ones done: :meth:`sync` pops from the front while the rest still
+    covers the total. The total stays the authority; the ledger only says what its tokens
+    cost (seconds per token) and how many requests and prompt tokens they are.
+    """
+
+    __slots__ = ("n", "prompt", "q", "sec", "tok")
+
+    def __init__(self) -> None:
+        self.q: deque[tuple[float, float, float]] = deque()
+        self.tok = 0.0
+        self.sec = 0.0
+        self.prompt = 0.0
+        self.n = 0
+
+    def sync(self, pending: int) -> None:
+        q = self.q
+        if pending <= 0:
+            q.clear()
+            self.tok = self.sec = self.prompt = 0.0
+            self.n = 0
+            return
+        while self.n > 1 and self.tok - q[0][0] >= pending:
+            t, s, pr = q.popleft()
+            self.tok -= t
+            self.sec -= s
+            self.prompt -= pr
+            self.n -= 1
+
+    def push(self, tokens: float, seconds: float, prompt: float) -> None:
+        self.q.append((tokens, seconds, prompt))
+        self.tok += tokens
+        self.sec += seconds
+        self.prompt += prompt
+        self.n += 1
+
+
+class WorkAwarePolicy(PrefixPolicy):
+    """Least estimated cost in seconds: time to first token, decode pressure, recompute
+    waste and eviction (see the module doc). The default policy
+    (:data:`cacheroute.DEFAULT_POLICY`).
+
+    Build it with keyword settings (the fields of :class:`WorkAwareConfig`, validated the
+    same way) or with ``config=``; ``make_policy("work_aware", **settings)`` takes the same
+    keys. ``config=`` cannot be combined with settings that differ from their defaults,
+    except ``on_decision``, which then replaces ``config.on_decision``.
+
+    Use it with leases (:func:`cacheroute.acquire`, and ``lease.first_token()`` on the
+    first streamed byte): the pending prefill and decode tokens they keep on the workers
+    are what it prices. :attr:`Decision.cost <cacheroute.policies.base.Decision.cost>` is
+    the estimated time to first token on the chosen worker, in seconds.
+
+    >>> from cacheroute import BasicWorker, acquire
+    >>> ws = [BasicWorker("http://a"), BasicWorker("http://b")]
+    >>> p = WorkAwarePolicy()
+    >>> first = acquire(p, ws, "You are a helpful assistant. " * 40 + "Hi")
+    >>> acquire(p, ws, "You are a helpful assistant. " * 40 + "Bye").index == first.index
+    True
+
+    Trees, membership, observer and pairs: see
+    :class:`~cacheroute.policies.prefix.PrefixPolicy`. Thread-safe; no background thread.
+
+    Complexity of ``decide``: O(n) worker reads + one tree match and insert + O(n) pricing,
+    n the eligible workers; beyond 16 eligible workers only the longest-match holders and
+    the 8 others with the least pending plus decode tokens are priced.
+    """
+
+    name = "work_aware"
+    description = "least estimated seconds: queued + own prefill, decode pressure, recompute waste"
+    reads_work = True
+
+    def __init__(
+        self,
+        prefill_token_s: float = 3.25e-5,
+        attention_token_s: float = 1.06e-9,
+        decode_step_s: float = 0.006,
+        decode_token_s: float = 4.89e-8,
+        reply_tokens: int = 256,
+        decode_horizon: int = 512,
+        max_batch: int = 256,
+        max_tree_size: int = 2**24,
+        max_tree_size_per_worker: int | None = None,
+        on_decision: DecisionObserver | None = None,
+        *,
+        tokens_per_unit: float | None = None,
+        kv_capacity_tokens: int | None = None,
+        config: WorkAwareConfig | None = None,
+    ) -> None:
+        given: dict[str, object] = {
+            "prefill_token_s": prefill_token_s,
+            "attention_token_s": attention_token_s,
+            "decode_step_s": decode_step_s,
+            "decode_token_s": decode_token_s,
+            "reply_tokens": reply_tokens,
+            "decode_horizon": decode_horizon,
+            "max_batch": max_batch,
+            "max_tree_size": max_tree_size,
+            "max_tree_size_per_worker": max_tree_size_per_worker,
+            "tokens_per_unit": tokens_per_unit,
+            "kv_capacity_tokens": kv_capacity_tokens,
+        }
+        if config is None:
+            config = WorkAwareConfig(**given, on_decision=on_decision)  # type: ignore[arg-type]
+        else:
+            if not isinstance(config, WorkAwareConfig):
+                raise fail("config", "a WorkAwareConfig or None", config, TypeError)
+            clash = sorted(
+                k
+                for k, v in given.items()
+                if not (v is _DEFAULTS[k] or (type(v) is type(_DEFAULTS[k]) and v == _DEFAULTS[k]))
+            )
+            if clash:
+                raise TypeError(
+                    f"pass either config= or keyword settings, not both: got config= and "
+                    f"{', '.join(f'{k}={given[k]!r}' for k in clash)}"
+                )
+            if on_decision is not None:
+                config = replace(config, on_decision=on_decision)
+        self._config = config
+        self._ledgers: dict[str, _Ledger] = {}
+        self._aligned: dict[int, tuple[_Pool, list[_Ledger]]] = {}
+        self._state_lock = threading.Lock()
+        self._init_prefix(
+            config.max_tree_size,
+            config.max_tree_size_per_worker,
+            config.on_decision,
+            config.tokens_per_unit,
+            config.kv_capacity_tokens,
+        )
+
+    @property
+    def config(self) -> WorkAwareConfig:
+        """The validated settings. O(1)."""
+        return self._config
+
+    def _ledgers_of(self, pool: _Pool) -> list[_Ledger]:
+        """The ledgers of a pool's workers, by index (one per URL, shared across pools)."""
+        entry = self._aligned.get(id(pool))
+        if entry is not None and entry[0] is pool:
+            return entry[1]
+        ledgers = self._ledgers
+        aligned = []
+        for url in pool.urls:
+            lg = ledgers.get(url)
+            if lg is None:
+                lg = ledgers[url] = _Ledger()
+            aligned.append(lg)
+        if len(self._aligned) >= 16:
+            self._aligned.clear()
+        self._aligned[id(pool)] = (pool, aligned)
+        return aligned
+
+    def choose(
+        self, view: PoolView, lengths: dict[str, int], tree: Tree | None
+    ) -> tuple[int, str, float | None]:
+        """The worker of least estimated cost (see the module doc). O(n + t)."""
+        c = self._config
+        a = c.prefill_token_s
+        b = c.attention_token_s
+        d0 = c.decode_step_s
+        e = c.decode_token_s
+        reply = float(c.reply_tokens)
+        horizon = float(c.decode_horizon)
+        max_batch = c.max_batch
+        cap = c.kv_capacity_tokens
+        loads = view.loads
+        n_all = len(loads)
+        pre = view.prefill_tokens or [0] * n_all
+        dec = view.decode_tokens or [0] * n_all
+        tpu = self.tokens_per_unit("text" if tree is not None and tree.kind == "text" else "tokens")
+        prompt = view.units * tpu
+
+        # Cached tokens per holder (few), and the best placement's own prefill.
+        cached: dict[int, float] = {}
+        if lengths:
+            index_of = view.pool.index_of
+            for url, k in lengths.items():
+                for i in index_of.get(url, ()):
+                    if loads[i] >= 0:
+                        cached[i] = min(prompt, k * tpu)
+        p_cold = a * prompt + b * prompt * prompt / 2
+        eligible = view.eligible
+        p_min = p_cold if len(cached) < len(eligible) else float("inf")
+        for ci in cached.values():
+            u = prompt - ci
+            pi = a * u + b * u * (ci + u / 2)
+            if pi < p_min:
+                p_min = pi
+
+        cands = eligible
+        if len(eligible) > _EXACT_UP_TO:
+            others = [i for i in eligible if i not in cached]
+            others.sort(key=lambda i: pre[i] + dec[i])
+            cands = sorted({*cached, *others[:_SHORTLIST]})
+        sizes = tree.used_size_per_tenant() if cap is not None and tree is not None else None
+        urls = view.urls
+        hP = horizon * e * prompt  # this request's own context over the horizon
+        evict_rate = a + b * min(prompt, cap or 0) / 2
+
+        with self._state_lock:
+            ledgers = self._ledgers_of(view.pool)
+            best = -1
+            best_cost = 0.0
+            best_ttft = 0.0
+            best_p = 0.0
+            ties: list[int] | None = None
+            for i in cands:
+                ld = loads[i]
+                pw = pre[i]
+                dw = dec[i]
+                lg = ledgers[i]
+                if lg.n and (pw <= 0 or lg.tok > pw):
+                    lg.sync(pw)
+                if lg.n and lg.tok > 0:
+                    if pw >= lg.tok:
+                        queued = lg.sec + a * (pw - lg.tok)
+                        queued_n = float(lg.n)
+                        ctx = dw + lg.prompt
+                    else:
+                        f = pw / lg.tok
+                        queued = lg.sec * f
+                        queued_n = lg.n * f
+                        ctx = dw + lg.prompt * f
+                else:
+                    queued = a * pw
+                    queued_n = 0.0
+                    ctx = dw + pw
+                    if ld > 0 and pw == 0 and dw == 0:  # no work accounting: count it
+                        ctx = ld * prompt
+                ci = cached.get(i, 0.0)
+                if ci:
+                    u = prompt - ci
+                    p = a * u + b * u * (ci + u / 2)
+                else:
+                    u = prompt
+                    p = p_cold
+                step = d0 + e * ctx
+                ttft = queued + p
+                if dw:
+                    ttft += d0 + e * dw
+                if ld >= max_batch:
+                    running = ld - queued_n
+                    ttft += (ld + 1 - max_batch) * reply * step / (running if running > 1 else 1.0)
+                if cap is not None:
+                    over = ctx + prompt + reply - cap
+                    if over > 0 and ctx > 0:
+                        ttft += (over / ctx if over < ctx else 1.0) * reply * step
+                cost = ttft + horizon * e * ctx + hP + (p - p_min) * ld
+                if sizes is not None and cap is not None:
+                    held = sizes.get(urls[i], 0) * tpu - ci
+                    if held > 0:
+                        over = held + u + reply - cap
+                        if over > 0:
+                            cost += (over if over < held else held) * evict_rate
+                if best < 0 or cost < best_cost:
+                    best, best_cost, best_ttft, best_p, ties = i, cost, ttft, p, None
+                elif cost == best_cost:
+                    if ties is None:
+                        ties = [best]
+                    ties.append(i)
+            if ties is not None:
+                best = view.pick(ties, tree)
+                if best != ties[0]:
+                    ci = cached.get(best, 0.0)
+                    u = prompt - ci
+                    best_p = a * u + b * u * (ci + u / 2)
+                    lg = ledgers[best]
+                    pw = pre[best]
+                    best_ttft = (
+                        (lg.sec + a * max(0.0, pw - lg.tok)) if lg.n and lg.tok > 0 else a * pw
+                    ) + best_p
+            if prompt:
+                ledgers[best].push(prompt - cached.get(best, 0.0), best_p, prompt)
+        return best, DecisionReason.LEAST_COST, best_ttft
+
+    def _describe_config(self) -> str:
+        c = self._config
+        return (
+            f"prefill_token_s={c.prefill_token_s}, attention_token_s={c.attention_token_s}, "
+            f"decode_step_s={c.decode_step_s}, decode_token_s={c.decode_token_s}, "
+            f"reply_tokens={c.reply_tokens}, decode_horizon={c.decode_horizon}, "
+            f"max_batch={c.max_batch}, kv_capacity_tokens={c.kv_capacity_tokens}, "
+        )
