@@ -219,13 +219,17 @@ def test_removal_racing_the_insert_leaves_no_tenant_behind(monkeypatch: pytest.M
     policy = CacheAwarePolicy()
     workers = build_workers([0])
     tree = _tree(policy)
-    real_insert = Tree.insert
+    real = Tree.match_and_insert
 
-    def insert_then_removed(self: Tree, units: str, tenant: str) -> None:
-        policy.remove_worker(workers[0])  # lands between the decision and the insert
-        real_insert(self, units, tenant)
+    def decide_then_removed(self: Tree, units: str, choose):  # type: ignore[no-untyped-def]
+        def chosen(lengths):  # type: ignore[no-untyped-def]
+            tenant = choose(lengths)
+            policy.remove_worker(workers[0])  # lands between the decision and the insert
+            return tenant
 
-    monkeypatch.setattr(Tree, "insert", insert_then_removed)
+        return real(self, units, chosen)
+
+    monkeypatch.setattr(Tree, "match_and_insert", decide_then_removed)
     policy.select_worker(workers, "abc")
     assert workers[0].url not in tree.tenants()
 

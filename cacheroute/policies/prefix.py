@@ -259,7 +259,9 @@ class PrefixPolicy(LoadBalancingPolicy):
                 models. Nothing is recorded or counted when it raises.
 
         Complexity: O(n) worker reads + one tree descent (O(m) C-level compares for m
-        units) + O(t) for the t tenants matching + the insert.
+        units) + O(t) for the t tenants matching + the insert, which reuses the descent
+        (:meth:`Tree.match_and_insert <cacheroute.tree.Tree.match_and_insert>`; the rule
+        runs under the tree's lock).
         """
         if type(request_text) is not str:
             check_request_text(request_text)
@@ -269,22 +271,41 @@ class PrefixPolicy(LoadBalancingPolicy):
         n = len(units)
         kind: TreeKind = "text" if isinstance(units, str) else "tokens"
         tree: Tree | None = None
+        lengths: dict[str, int] = {}
         while True:
             pool = self._pool(key)
             view = self._view(pool, n)
             if view is None:
                 return None
-            if n and tree is None:
+            if not n:
+                index, reason, cost = self.choose(view, lengths, None)
+                if self._removed is pool.removed:
+                    break  # membership unchanged since the view: commit
+                continue
+            if tree is None:
                 tree = self._tree(pool.model, kind)
-            lengths = tree.match_lengths(units) if tree is not None else {}
-            index, reason, cost = self.choose(view, lengths, tree)
-            if self._removed is pool.removed:
-                break  # membership unchanged since the view: commit
+            # One descent: choose inside the tree's walk, insert for the chosen worker.
+            picked: list[tuple[dict[str, int], int, str, float | None]] = []
+
+            def chosen_url(
+                found: dict[str, int],
+                view: PoolView = view,
+                pool: _Pool = pool,
+                t: Tree = tree,
+                picked: list[tuple[dict[str, int], int, str, float | None]] = picked,
+            ) -> str | None:
+                i, r, c = self.choose(view, found, t)
+                if self._removed is not pool.removed:
+                    return None  # membership changed since the view: insert nothing, retry
+                picked.append((found, i, r, c))
+                return pool.urls[i]
+
+            if tree.match_and_insert(units, chosen_url)[0] is not None:
+                lengths, index, reason, cost = picked[0]
+                break
         url = pool.urls[index]
-        if tree is not None:
-            tree.insert(units, url)
-            if url in self._removed:  # removed while we inserted: take it out again
-                tree.remove_tenant(url)
+        if tree is not None and url in self._removed:
+            tree.remove_tenant(url)  # removed while we inserted: take it out again
         key[index].increment_processed()
         matched = lengths.get(url, 0)
         tpu = self._tpu(request_text)
