@@ -2,30 +2,36 @@
 
 Per eligible worker the policy estimates, in seconds, what sending this request there would
 cost, and takes the least (``docs/policies/work_aware.md`` has the derivation and the
-measurements):
+measurements). The estimate starts with the request's **time to first token** there,
+``T = Q + p + A``:
 
-* **time to first token** ``T = Q + p + A``:
+* ``Q``, the prefill work queued ahead of it: the worker's pending prefill tokens, priced
+  by a *ledger* of the prefills this policy sent there (each with its own estimate,
+  attention included), kept in step with the worker's pending-token total;
+* ``p``, its own prefill there: ``u * prefill_token_s + u * (c + u / 2) *
+  attention_token_s`` for the ``u`` tokens not cached there after the ``c`` that are (the
+  tree's match);
+* ``A``, waiting to be admitted: for a batch slot when the worker already runs
+  ``max_batch`` requests, and for KV memory when its in-flight contexts plus this prompt
+  exceed ``kv_capacity_tokens``: the part of a decode run (``reply_tokens`` steps) that
+  must complete first; plus the decode step in progress.
 
-  - ``Q``, the prefill work queued ahead of it: the worker's pending prefill tokens, priced
-    by a *ledger* of the prefills this policy sent there (each with its own estimate,
-    attention included), kept in step with the worker's pending-token total;
-  - ``p``, its own prefill there: ``u * prefill_token_s + u * (c + u / 2) *
-    attention_token_s`` for the ``u`` tokens not cached there after the ``c`` that are
-    (the tree's match);
-  - ``A``, waiting to be admitted: for a batch slot when the worker already runs
-    ``max_batch`` requests, and for KV memory when its in-flight contexts plus this prompt
-    exceed ``kv_capacity_tokens``; both as the part of a decode run (``reply_tokens``
-    steps) that must complete first;
+To ``T`` it adds what the request does to the others there, which depends on whether its
+context already lives somewhere:
 
-* **decode pressure**: ``decode_horizon`` decode steps of this request on that worker, each
-  ``decode_token_s`` per context token of the batch it joins (in-flight contexts plus its
-  own);
-* **recompute waste**: ``(p - p_min) * in_flight`` -- prefilling more than the best placement
-  would (``p_min``) stalls every request in flight on that worker for the difference
-  (engines run prefill before decode steps), so recompute is priced by the work queued
-  behind it: free on an idle engine, decisive on a busy one;
-* **eviction** (with ``kv_capacity_tokens``): the prefill time of the other prefixes that
-  worker would have to evict to hold this request.
+* a **continuation** (its longest cached prefix is longer than the rest, Preble's test:
+  a conversation's next turn, an agent's next step) adds ``p * in_flight``: engines run
+  prefill before decode steps, so its prefill stalls every request in flight on that
+  worker. Staying costs its short prefill there; moving costs its whole prompt, times
+  the requests it would stall;
+* **new context** adds ``decode_horizon`` decode steps at ``decode_token_s`` per context
+  token of the decode batch it joins (the worker's decode tokens plus its own), and the
+  recompute waste ``(p - p_min) * in_flight``: prefilling more than the best placement
+  would (``p_min``) stalls the requests in flight there for the difference, so recompute
+  is priced by the work queued behind it, free on an idle engine, decisive on a busy one.
+
+With ``kv_capacity_tokens`` it also adds the prefill time of the other prefixes that worker
+would have to evict to hold this request.
 
 Ties (equal estimates) go to the least load, then the smallest share of the tree, then the
 fewest processed, then the lowest index, so an idle cluster spreads new prefixes instead of
@@ -79,9 +85,9 @@ class WorkAwareConfig:
             reading its KV (128 KiB per token at 80 % of 3.35 TB/s) = 4.89e-8.
         reply_tokens: int >= 1. Mean reply length: how many decode steps a running
             request keeps its batch slot and KV memory. Default 256.
-        decode_horizon: int >= 0. Decode steps of this request charged with the decode
-            pressure of the engine it joins. Default 512, a long reply: the end-to-end
-            tail is made of long replies. 0 ignores decode pressure.
+        decode_horizon: int >= 0. Decode steps of a request bringing new context charged
+            with the decode pressure of the batch it joins. Default 512, a long reply:
+            the end-to-end tail is made of long replies. 0 ignores decode pressure.
         max_batch: int >= 1. Requests an engine runs at once (vLLM ``max_num_seqs``,
             SGLang ``max_running_requests``). Default 256 (vLLM's).
         max_tree_size, max_tree_size_per_worker, tokens_per_unit, kv_capacity_tokens,
@@ -181,9 +187,9 @@ class _Ledger:
 
 
 class WorkAwarePolicy(PrefixPolicy):
-    """Least estimated cost in seconds: time to first token, decode pressure, recompute
-    waste and eviction (see the module doc). The default policy
-    (:data:`cacheroute.DEFAULT_POLICY`).
+    """Least estimated cost in seconds: time to first token plus what the request does to
+    the others (prefill stalls, decode pressure, recompute, eviction; see the module doc).
+    The default policy (:data:`cacheroute.DEFAULT_POLICY`).
 
     Build it with keyword settings (the fields of :class:`WorkAwareConfig`, validated the
     same way) or with ``config=``; ``make_policy("work_aware", **settings)`` takes the same
@@ -262,6 +268,10 @@ class WorkAwarePolicy(PrefixPolicy):
             if on_decision is not None:
                 config = replace(config, on_decision=on_decision)
         self._config = config
+        self._regimes = False
+        self._dw_only = False
+        self._s2 = False
+        self._xs = 0.0
         self._ledgers: dict[str, _Ledger] = {}
         self._aligned: dict[int, tuple[_Pool, list[_Ledger]]] = {}
         self._state_lock = threading.Lock()
@@ -298,14 +308,15 @@ class WorkAwarePolicy(PrefixPolicy):
     def choose(
         self, view: PoolView, lengths: dict[str, int], tree: Tree | None
     ) -> tuple[int, str, float | None]:
-        """The worker of least estimated cost (see the module doc). O(n + t)."""
+        """The worker of least estimated cost (see the module doc); the cost reported is
+        the estimated time to first token there. O(n + t)."""
         c = self._config
         a = c.prefill_token_s
         b = c.attention_token_s
         d0 = c.decode_step_s
         e = c.decode_token_s
         reply = float(c.reply_tokens)
-        horizon = float(c.decode_horizon)
+        he = c.decode_horizon * e
         max_batch = c.max_batch
         cap = c.kv_capacity_tokens
         loads = view.loads
@@ -314,108 +325,105 @@ class WorkAwarePolicy(PrefixPolicy):
         dec = view.decode_tokens or [0] * n_all
         tpu = self.tokens_per_unit("text" if tree is not None and tree.kind == "text" else "tokens")
         prompt = view.units * tpu
+        eligible = view.eligible
 
-        # Cached tokens per holder (few), and the best placement's own prefill.
-        cached: dict[int, float] = {}
+        # Own prefill per holder (the few workers matching the prompt) and at best.
+        own: dict[int, tuple[float, float]] = {}  # index -> (cached tokens, prefill s)
         if lengths:
             index_of = view.pool.index_of
             for url, k in lengths.items():
                 for i in index_of.get(url, ()):
                     if loads[i] >= 0:
-                        cached[i] = min(prompt, k * tpu)
+                        ci = k * tpu if k * tpu < prompt else prompt
+                        u = prompt - ci
+                        own[i] = (ci, a * u + b * u * (ci + u / 2))
         p_cold = a * prompt + b * prompt * prompt / 2
-        eligible = view.eligible
-        p_min = p_cold if len(cached) < len(eligible) else float("inf")
-        for ci in cached.values():
-            u = prompt - ci
-            pi = a * u + b * u * (ci + u / 2)
-            if pi < p_min:
-                p_min = pi
+        p_min = p_cold if len(own) < len(eligible) else min(x[1] for x in own.values())
+        top = max((x[0] for x in own.values()), default=0.0)
+        continuation = top > prompt - top  # most of the prompt already lives somewhere
 
         cands = eligible
         if len(eligible) > _EXACT_UP_TO:
-            others = [i for i in eligible if i not in cached]
-            others.sort(key=lambda i: pre[i] + dec[i])
-            cands = sorted({*cached, *others[:_SHORTLIST]})
+            # Workers with the same match pay the same own prefill: of each such group
+            # only the few with the least pending prefill + decode tokens are priced.
+            key = [x + y for x, y in zip(pre, dec, strict=True)].__getitem__
+            groups: dict[float, list[int]] = {}
+            for i, (ci, _) in own.items():
+                groups.setdefault(ci, []).append(i)
+            if len(own) < len(eligible):
+                groups[0.0] = [i for i in eligible if i not in own] if own else eligible
+            cands = []
+            for g in groups.values():
+                cands += g if len(g) <= _SHORTLIST else sorted(g, key=key)[:_SHORTLIST]
         sizes = tree.used_size_per_tenant() if cap is not None and tree is not None else None
         urls = view.urls
-        hP = horizon * e * prompt  # this request's own context over the horizon
-        evict_rate = a + b * min(prompt, cap or 0) / 2
+        he_prompt = he * prompt
+        evict_rate = a + b * (prompt if cap is None or prompt < cap else cap) / 2
+        no_own = (0.0, p_cold)
 
         with self._state_lock:
             ledgers = self._ledgers_of(view.pool)
             best = -1
-            best_cost = 0.0
-            best_ttft = 0.0
-            best_p = 0.0
-            ties: list[int] | None = None
+            best_cost = best_ttft = best_p = 0.0
+            ties: dict[int, tuple[float, float]] | None = None
             for i in cands:
                 ld = loads[i]
                 pw = pre[i]
-                dw = dec[i]
+                dw: float = dec[i]
                 lg = ledgers[i]
-                if lg.n and (pw <= 0 or lg.tok > pw):
+                n_led = lg.n
+                if n_led and (pw <= 0 or lg.tok > pw):
                     lg.sync(pw)
-                if lg.n and lg.tok > 0:
+                    n_led = lg.n
+                if n_led and lg.tok > 0:
                     if pw >= lg.tok:
                         queued = lg.sec + a * (pw - lg.tok)
-                        queued_n = float(lg.n)
+                        queued_n = float(n_led)
                         ctx = dw + lg.prompt
                     else:
                         f = pw / lg.tok
                         queued = lg.sec * f
-                        queued_n = lg.n * f
+                        queued_n = n_led * f
                         ctx = dw + lg.prompt * f
                 else:
                     queued = a * pw
                     queued_n = 0.0
                     ctx = dw + pw
-                    if ld > 0 and pw == 0 and dw == 0:  # no work accounting: count it
-                        ctx = ld * prompt
-                ci = cached.get(i, 0.0)
-                if ci:
-                    u = prompt - ci
-                    p = a * u + b * u * (ci + u / 2)
-                else:
-                    u = prompt
-                    p = p_cold
-                step = d0 + e * ctx
+                    if ld > 0 and not pw and not dw:  # no work accounting: count requests
+                        dw = ctx = ld * prompt
+                ci, p = own.get(i, no_own)
                 ttft = queued + p
+                step = d0 + e * ctx
                 if dw:
-                    ttft += d0 + e * dw
-                if ld >= max_batch:
+                    ttft += d0 + e * dw  # the decode step in progress
+                if ld >= max_batch:  # wait for a batch slot
                     running = ld - queued_n
                     ttft += (ld + 1 - max_batch) * reply * step / (running if running > 1 else 1.0)
-                if cap is not None:
+                if cap is not None:  # wait for KV memory
                     over = ctx + prompt + reply - cap
                     if over > 0 and ctx > 0:
                         ttft += (over / ctx if over < ctx else 1.0) * reply * step
-                cost = ttft + horizon * e * ctx + hP + (p - p_min) * ld
-                if sizes is not None and cap is not None:
+                if continuation:  # its prefill here stalls the requests in flight here
+                    cost = ttft + p * ld
+                else:  # new context joins this decode batch; recompute stalls the others
+                    cost = ttft + he * dw + he_prompt + (p - p_min) * ld
+                if sizes is not None and cap is not None:  # evicting others' prefixes
                     held = sizes.get(urls[i], 0) * tpu - ci
                     if held > 0:
-                        over = held + u + reply - cap
+                        over = held + prompt - ci + reply - cap
                         if over > 0:
                             cost += (over if over < held else held) * evict_rate
                 if best < 0 or cost < best_cost:
                     best, best_cost, best_ttft, best_p, ties = i, cost, ttft, p, None
                 elif cost == best_cost:
                     if ties is None:
-                        ties = [best]
-                    ties.append(i)
+                        ties = {best: (best_ttft, best_p)}
+                    ties[i] = (ttft, p)
             if ties is not None:
-                best = view.pick(ties, tree)
-                if best != ties[0]:
-                    ci = cached.get(best, 0.0)
-                    u = prompt - ci
-                    best_p = a * u + b * u * (ci + u / 2)
-                    lg = ledgers[best]
-                    pw = pre[best]
-                    best_ttft = (
-                        (lg.sec + a * max(0.0, pw - lg.tok)) if lg.n and lg.tok > 0 else a * pw
-                    ) + best_p
+                best = view.pick(list(ties), tree)
+                best_ttft, best_p = ties[best]
             if prompt:
-                ledgers[best].push(prompt - cached.get(best, 0.0), best_p, prompt)
+                ledgers[best].push(prompt - own.get(best, no_own)[0], best_p, prompt)
         return best, DecisionReason.LEAST_COST, best_ttft
 
     def _describe_config(self) -> str:
