@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from cacheroute._validation import check_callable, check_int, check_real, fail
-from cacheroute.policies.base import DecisionReason
+from cacheroute.policies.base import CHARS_PER_TOKEN, DecisionReason
 from cacheroute.policies.prefix import DecisionObserver, PoolView, PrefixPolicy, _Pool
 from cacheroute.tree import Tree
 
@@ -268,10 +268,19 @@ class WorkAwarePolicy(PrefixPolicy):
             if on_decision is not None:
                 config = replace(config, on_decision=on_decision)
         self._config = config
-        self._regimes = False
-        self._dw_only = False
-        self._s2 = False
-        self._xs = 0.0
+        self._consts = (
+            config.prefill_token_s,
+            config.attention_token_s,
+            config.decode_step_s,
+            config.decode_token_s,
+            float(config.reply_tokens),
+            config.decode_horizon * config.decode_token_s,
+            config.max_batch,
+            config.kv_capacity_tokens,
+        )
+        tpu = config.tokens_per_unit
+        self._tpu_text = 1.0 / CHARS_PER_TOKEN if tpu is None else tpu
+        self._tpu_tokens = 1.0 if tpu is None else tpu
         self._ledgers: dict[str, _Ledger] = {}
         self._aligned: dict[int, tuple[_Pool, list[_Ledger]]] = {}
         self._state_lock = threading.Lock()
@@ -310,36 +319,40 @@ class WorkAwarePolicy(PrefixPolicy):
     ) -> tuple[int, str, float | None]:
         """The worker of least estimated cost (see the module doc); the cost reported is
         the estimated time to first token there. O(n + t)."""
-        c = self._config
-        a = c.prefill_token_s
-        b = c.attention_token_s
-        d0 = c.decode_step_s
-        e = c.decode_token_s
-        reply = float(c.reply_tokens)
-        he = c.decode_horizon * e
-        max_batch = c.max_batch
-        cap = c.kv_capacity_tokens
+        a, b, d0, e, reply, he, max_batch, cap = self._consts
         loads = view.loads
         n_all = len(loads)
         pre = view.prefill_tokens or [0] * n_all
         dec = view.decode_tokens or [0] * n_all
-        tpu = self.tokens_per_unit("text" if tree is not None and tree.kind == "text" else "tokens")
+        tpu = self._tpu_text if tree is not None and tree.kind == "text" else self._tpu_tokens
         prompt = view.units * tpu
         eligible = view.eligible
 
         # Own prefill per holder (the few workers matching the prompt) and at best.
+        p_cold = a * prompt + b * prompt * prompt / 2
+        p_min = p_cold
+        top = 0.0
         own: dict[int, tuple[float, float]] = {}  # index -> (cached tokens, prefill s)
         if lengths:
             index_of = view.pool.index_of
+            p_hold = p_cold
             for url, k in lengths.items():
                 for i in index_of.get(url, ()):
                     if loads[i] >= 0:
-                        ci = k * tpu if k * tpu < prompt else prompt
+                        ci = k * tpu
+                        if ci > prompt:
+                            ci = prompt
                         u = prompt - ci
-                        own[i] = (ci, a * u + b * u * (ci + u / 2))
-        p_cold = a * prompt + b * prompt * prompt / 2
-        p_min = p_cold if len(own) < len(eligible) else min(x[1] for x in own.values())
-        top = max((x[0] for x in own.values()), default=0.0)
+                        pi = a * u + b * u * (ci + u / 2)
+                        own[i] = (ci, pi)
+                        if pi < p_hold:
+                            p_hold = pi
+                        if ci > top:
+                            top = ci
+            if own and len(own) == len(eligible):
+                p_min = p_hold  # every eligible worker holds some of it
+            elif p_hold < p_min:
+                p_min = p_hold
         continuation = top > prompt - top  # most of the prompt already lives somewhere
 
         cands = eligible
