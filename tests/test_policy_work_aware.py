@@ -431,3 +431,12 @@ def test_adding_queued_work_never_makes_a_worker_more_attractive(
 
 def test_shared_policy_invariants() -> None:
     check_policy(WorkAwarePolicy, max_examples=40, thread_iterations=150)
+
+
+def test_large_idle_cluster_spreads_new_prefixes_over_every_worker() -> None:
+    """Beyond 16 workers only a shortlist is priced; ties at its cut are kept, so an idle
+    cluster still spreads fresh prefixes over all of its workers."""
+    ws = _workers(40)
+    p = WorkAwarePolicy()
+    chosen = {p.select_worker(ws, _tokens(10_000 * g, 300)) for g in range(40)}
+    assert chosen == set(range(40))

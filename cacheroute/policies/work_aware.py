@@ -90,11 +90,18 @@ class WorkAwareConfig:
             the end-to-end tail is made of long replies. 0 ignores decode pressure.
         max_batch: int >= 1. Requests an engine runs at once (vLLM ``max_num_seqs``,
             SGLang ``max_running_requests``). Default 256 (vLLM's).
-        max_tree_size, max_tree_size_per_worker, tokens_per_unit, kv_capacity_tokens,
-            on_decision: as for every prefix policy
-            (:class:`~cacheroute.policies.prefix.PrefixPolicy`). ``kv_capacity_tokens``
-            (each engine's KV capacity) also enables the memory wait and the eviction
-            price; ``None`` (default) leaves both out.
+        max_tree_size: int > 0, units per tree (all workers), as for every prefix policy
+            (:class:`~cacheroute.policies.prefix.PrefixPolicy`). Default 2**24.
+        max_tree_size_per_worker: int > 0 or ``None``: units per worker per tree.
+        tokens_per_unit: real > 0 or ``None`` (1 for token ids, 1/4 for text): tokens one
+            request unit stands for (a block id of 16 tokens: 16).
+        kv_capacity_tokens: int > 0 or ``None``: each engine's KV capacity in tokens
+            (vLLM: ``num_gpu_blocks x block_size``). Caps each worker's share of the tree
+            and enables the memory wait and the eviction price; ``None`` (default) leaves
+            both out.
+        on_decision: ``None`` or a callable receiving each
+            :class:`~cacheroute.policies.base.Decision`; its exceptions are logged
+            (logger ``cacheroute.policies``), never raised.
 
     Raises:
         TypeError: a value of the wrong type (the message names the field and the value).
@@ -367,7 +374,11 @@ class WorkAwarePolicy(PrefixPolicy):
                 groups[0.0] = [i for i in eligible if i not in own] if own else eligible
             cands = []
             for g in groups.values():
-                cands += g if len(g) <= _SHORTLIST else sorted(g, key=key)[:_SHORTLIST]
+                if len(g) > _SHORTLIST:
+                    g = sorted(g, key=key)
+                    cut = key(g[_SHORTLIST - 1])
+                    g = [i for i in g if key(i) <= cut]  # keep the ties at the cut
+                cands += g
         sizes = tree.used_size_per_tenant() if cap is not None and tree is not None else None
         urls = view.urls
         he_prompt = he * prompt
@@ -406,16 +417,20 @@ class WorkAwarePolicy(PrefixPolicy):
                         dw = ctx = ld * prompt
                 ci, p = own.get(i, no_own)
                 ttft = queued + p
-                step = d0 + e * ctx
                 if dw:
                     ttft += d0 + e * dw  # the decode step in progress
                 if ld >= max_batch:  # wait for a batch slot
                     running = ld - queued_n
-                    ttft += (ld + 1 - max_batch) * reply * step / (running if running > 1 else 1.0)
+                    ttft += (
+                        (ld + 1 - max_batch)
+                        * reply
+                        * (d0 + e * ctx)
+                        / (running if running > 1 else 1.0)
+                    )
                 if cap is not None:  # wait for KV memory
                     over = ctx + prompt + reply - cap
                     if over > 0 and ctx > 0:
-                        ttft += (over / ctx if over < ctx else 1.0) * reply * step
+                        ttft += (over / ctx if over < ctx else 1.0) * reply * (d0 + e * ctx)
                 if continuation:  # its prefill here stalls the requests in flight here
                     cost = ttft + p * ld
                 else:  # new context joins this decode batch; recompute stalls the others
