@@ -224,7 +224,7 @@ class WorkAwarePolicy(PrefixPolicy):
     """
 
     name = "work_aware"
-    description = "least estimated seconds: queued + own prefill, decode pressure, recompute waste"
+    description = "least estimated seconds: queued and own prefill, stalls, decode pressure"
     reads_work = True
 
     def __init__(
