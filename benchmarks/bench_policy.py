@@ -1,4 +1,5 @@
-"""Decision latency of the ``cache_aware`` policy, against the Tree's own match + insert.
+"""Decision latency of the ``cache_aware`` and ``work_aware`` policies, against the Tree's
+own match + insert.
 
 Workloads (the Tree issue's, seed 0):
 
@@ -9,13 +10,16 @@ Workloads (the Tree issue's, seed 0):
   characters + 300 random reply characters; conversations interleaved in a seeded random
   order that keeps each one's turn order (2,000 decisions).
 
-For each workload, 8 and 64 idle workers (every load 0: the worst case for tie-breaks on a
-miss), ``select_worker`` is timed per call, in one thread and in two threads sharing the
-policy. The Tree baseline replays, on a fresh ``Tree`` with the same bound, the same
-prompts with ``match`` + ``insert_match`` for the tenant the policy chose: the tree's own share
-of the work. ``ratio`` = policy p50 / tree p50 (target <= 2).
+For each policy and workload, 8 and 64 workers, either idle (every load 0: the worst case
+for tie-breaks on a miss) or busy (fixed, seeded loads, pending prefill and decode tokens,
+as a loaded cluster shows them to the policy), ``select_worker`` is timed per call, in one
+thread and in two threads sharing the policy. The Tree baseline replays, on a fresh
+``Tree`` with the same bound, the same prompts with ``match`` + ``insert_match`` for the tenant
+the policy chose: the tree's own share of the work. ``ratio`` = policy p50 / tree p50
+(target <= 2).
 
-Run: ``python benchmarks/bench_policy.py`` (``--quick`` for a smoke run).
+Run: ``python benchmarks/bench_policy.py`` (``--quick`` for a smoke run; ``--policies
+work_aware`` for one policy).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from cacheroute import BasicWorker, CacheAwarePolicy
+from cacheroute import BasicWorker, CacheAwarePolicy, make_policy
 from cacheroute.tree import Tree
 
 ALPHABET = string.ascii_letters + string.digits + " "
@@ -69,12 +73,24 @@ def _pct(xs: list[int], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] / 1000.0
 
 
+def make_workers(n_workers: int, busy: bool) -> list[BasicWorker]:
+    """Idle workers, or busy ones: seeded loads (0-12), pending prefill and decode tokens."""
+    workers = [BasicWorker(f"http://w{i}:8000") for i in range(n_workers)]
+    if busy:
+        rng = random.Random(1)
+        for w in workers:
+            for _ in range(rng.randint(0, 12)):
+                w.increment_load()
+            w.add_work(rng.randint(0, 20_000), rng.randint(0, 200_000))
+    return workers
+
+
 def run_policy(
-    prompts: list[str], n_workers: int, threads: int
+    name: str, prompts: list[str], n_workers: int, threads: int, busy: bool
 ) -> tuple[list[int], float, list[str]]:
     """Per-call ns, decisions/s, and the chosen url per prompt."""
-    workers = [BasicWorker(f"http://w{i}:8000") for i in range(n_workers)]
-    policy = CacheAwarePolicy()
+    workers = make_workers(n_workers, busy)
+    policy = make_policy(name)
     select = policy.select_worker
     chosen: list[str] = [""] * len(prompts)
     lat: list[list[int]] = [[] for _ in range(threads)]
@@ -122,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke run)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; medians are printed")
+    ap.add_argument(
+        "--policies", default="cache_aware,work_aware", help="comma-separated policy names"
+    )
     args = ap.parse_args(argv)
     repeat = 1 if args.quick else max(1, args.repeat)
     workloads: dict[str, Callable[[bool], list[str]]] = {"W1": w1, "W2": w2}
@@ -130,35 +149,43 @@ def main(argv: list[str] | None = None) -> int:
         f"{'quick' if args.quick else 'full'}  repeat={repeat} (median shown)"
     )
     print(
-        f"{'load':4} {'workers':>7} {'thr':>3} {'decisions':>9} "
+        f"{'policy':12} {'load':4} {'state':5} {'workers':>7} {'thr':>3} {'decisions':>9} "
         f"{'p50 us':>8} {'p99 us':>8} {'dec/s':>9} "
         f"{'tree p50':>9} {'tree p99':>9} {'ratio':>6}"
     )
-    worst = 0.0
-    for wname, gen in workloads.items():
-        prompts = gen(args.quick)
-        for n_workers in (8, 64):
-            for threads in (1, 2):
-                p50s, p99s, rates, t50s, t99s = [], [], [], [], []
-                for _ in range(repeat):
-                    lat, rate, chosen = run_policy(prompts, n_workers, threads)
-                    tl = run_tree(prompts, chosen)
-                    p50s.append(_pct(lat, 0.5))
-                    p99s.append(_pct(lat, 0.99))
-                    rates.append(rate)
-                    t50s.append(_pct(tl, 0.5))
-                    t99s.append(_pct(tl, 0.99))
-                p50, p99 = statistics.median(p50s), statistics.median(p99s)
-                t50, t99 = statistics.median(t50s), statistics.median(t99s)
-                ratio = p50 / t50
-                if threads == 1:
-                    worst = max(worst, ratio)
-                print(
-                    f"{wname:4} {n_workers:7d} {threads:3d} {len(prompts):9d} "
-                    f"{p50:8.2f} {p99:8.2f} {statistics.median(rates):9.0f} "
-                    f"{t50:9.2f} {t99:9.2f} {ratio:6.2f}"
-                )
-    print(f"worst single-thread ratio (policy p50 / tree match+insert p50): {worst:.2f}")
+    worst: dict[str, float] = {}
+    for name in args.policies.split(","):
+        for wname, gen in workloads.items():
+            prompts = gen(args.quick)
+            for busy in (False, True):
+                for n_workers in (8, 64):
+                    for threads in (1, 2):
+                        p50s, p99s, rates, t50s, t99s = [], [], [], [], []
+                        for _ in range(repeat):
+                            lat, rate, chosen = run_policy(name, prompts, n_workers, threads, busy)
+                            tl = run_tree(prompts, chosen)
+                            p50s.append(_pct(lat, 0.5))
+                            p99s.append(_pct(lat, 0.99))
+                            rates.append(rate)
+                            t50s.append(_pct(tl, 0.5))
+                            t99s.append(_pct(tl, 0.99))
+                        p50, p99 = statistics.median(p50s), statistics.median(p99s)
+                        t50, t99 = statistics.median(t50s), statistics.median(t99s)
+                        ratio = p50 / t50
+                        if threads == 1 and n_workers == 64:
+                            worst[name] = max(worst.get(name, 0.0), ratio)
+                        state = "busy" if busy else "idle"
+                        print(
+                            f"{name:12} {wname:4} {state:5} {n_workers:7d} {threads:3d} "
+                            f"{len(prompts):9d} "
+                            f"{p50:8.2f} {p99:8.2f} {statistics.median(rates):9.0f} "
+                            f"{t50:9.2f} {t99:9.2f} {ratio:6.2f}"
+                        )
+    for name, ratio in worst.items():
+        print(
+            f"{name}: worst single-thread ratio at 64 workers "
+            f"(policy p50 / tree match+insert p50): {ratio:.2f}"
+        )
     print(
         "2-thread p50/p99 include waiting for the GIL and the tree lock; "
         "dec/s is the total over both threads."

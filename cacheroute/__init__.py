@@ -1,6 +1,8 @@
 """cacheroute: cache-aware, load-aware routing policies for LLM serving gateways.
 
->>> from cacheroute import BasicWorker, acquire, make_policy
+>>> from cacheroute import DEFAULT_POLICY, BasicWorker, acquire, make_policy
+>>> DEFAULT_POLICY
+'work_aware'
 >>> workers = [BasicWorker("http://w1:8000"), BasicWorker("http://w2:8000")]
 >>> policy = make_policy("shortest_queue")
 >>> with acquire(policy, workers, "You are a helpful assistant. Hi!") as lease:
@@ -17,6 +19,9 @@ from cacheroute.policies import (
     DecisionReason,
     LoadBalancingPolicy,
     PairPolicy,
+    PrefixHashPolicy,
+    WorkAwareConfig,
+    WorkAwarePolicy,
     available_policies,
     make_policy,
     register_policy,
@@ -24,7 +29,14 @@ from cacheroute.policies import (
 from cacheroute.tree import Tree
 from cacheroute.worker import BasicWorker, LoadUnderflowError, WorkAccounting, Worker, WorkerType
 
+DEFAULT_POLICY = "work_aware"
+"""Registry name of the recommended policy,
+:class:`~cacheroute.policies.work_aware.WorkAwarePolicy`: it estimates, in seconds, each
+engine's time to first token, decode pressure and recompute waste for the request.
+``make_policy(DEFAULT_POLICY)`` builds it; ``cacheroute policies`` lists it first."""
+
 __all__ = [
+    "DEFAULT_POLICY",
     "BasicWorker",
     "CacheAwareConfig",
     "CacheAwarePolicy",
@@ -36,8 +48,11 @@ __all__ = [
     "NoHealthyWorkerError",
     "PairLease",
     "PairPolicy",
+    "PrefixHashPolicy",
     "Tree",
     "WorkAccounting",
+    "WorkAwareConfig",
+    "WorkAwarePolicy",
     "Worker",
     "WorkerType",
     "__version__",

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from cacheroute import DEFAULT_POLICY
 from cacheroute._version import __version__
 from cacheroute.policies import policy_descriptions
 from cacheroute.sim.cli import add_simulate_parser
@@ -14,10 +15,13 @@ __all__ = ["build_parser", "main"]
 
 
 def _cmd_policies(args: argparse.Namespace) -> int:
+    """List the registered policies, the default first (marked), the others by name."""
     descriptions = policy_descriptions()
-    width = max(map(len, descriptions), default=0)
-    for name, description in descriptions.items():
-        print(f"{name:<{width}}  {description}")
+    names = sorted(descriptions, key=lambda n: (n != DEFAULT_POLICY, n))
+    width = max(map(len, names), default=0)
+    for name in names:
+        mark = "  (default)" if name == DEFAULT_POLICY else ""
+        print(f"{name:<{width}}  {descriptions[name]}{mark}")
     return 0
 
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from cacheroute import __version__, available_policies
+from cacheroute import DEFAULT_POLICY, __version__, available_policies
 from cacheroute.cli import main
 
 
@@ -17,7 +17,11 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_policies_lists_every_registered_policy(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policies"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == available_policies()
+    names = [line.split()[0] for line in lines]
+    # the default first, marked; then the others by name
+    assert names[0] == DEFAULT_POLICY and lines[0].endswith("(default)")
+    assert names[1:] == [n for n in available_policies() if n != DEFAULT_POLICY]
+    assert not any(line.endswith("(default)") for line in lines[1:])
     assert all(len(line.split(maxsplit=1)) == 2 for line in lines)  # every one described
 
 

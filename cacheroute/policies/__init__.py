@@ -20,6 +20,7 @@ from cacheroute.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from cacheroute.policies.pair import PairPolicy
 from cacheroute.policies.power_of_two import PowerOfTwoPolicy
 from cacheroute.policies.prefix import PoolView, PrefixPolicy
+from cacheroute.policies.prefix_hash import PrefixHashConfig, PrefixHashPolicy
 from cacheroute.policies.random import RandomPolicy
 from cacheroute.policies.registry import (
     available_policies,
@@ -30,13 +31,16 @@ from cacheroute.policies.registry import (
 )
 from cacheroute.policies.round_robin import RoundRobinPolicy
 from cacheroute.policies.shortest_queue import ShortestQueuePolicy
+from cacheroute.policies.work_aware import WorkAwareConfig, WorkAwarePolicy
 
 for _cls in (
+    WorkAwarePolicy,
     CacheAwarePolicy,
     RoundRobinPolicy,
     RandomPolicy,
     ShortestQueuePolicy,
     PowerOfTwoPolicy,
+    PrefixHashPolicy,
 ):
     register_policy(_cls.name, _cls)
 del _cls
@@ -51,11 +55,15 @@ __all__ = [
     "PairPolicy",
     "PoolView",
     "PowerOfTwoPolicy",
+    "PrefixHashConfig",
+    "PrefixHashPolicy",
     "PrefixPolicy",
     "RandomPolicy",
     "RequestText",
     "RoundRobinPolicy",
     "ShortestQueuePolicy",
+    "WorkAwareConfig",
+    "WorkAwarePolicy",
     "available_policies",
     "check_request_text",
     "check_workers",

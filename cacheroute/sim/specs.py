@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from cacheroute import DEFAULT_POLICY
 from cacheroute._validation import check_str
 from cacheroute.policies import (
     LoadBalancingPolicy,
@@ -167,9 +168,10 @@ class PolicySpec:
 
 
 def default_specs() -> list[PolicySpec]:
-    """Every registered policy, once per mode for the policies in :data:`MODE_KEYS`."""
+    """Every registered policy, once per mode for the policies in :data:`MODE_KEYS`; the
+    default policy (:data:`cacheroute.DEFAULT_POLICY`) first, the others by name."""
     specs: list[PolicySpec] = []
-    for name in available_policies():
+    for name in sorted(available_policies(), key=lambda n: (n != DEFAULT_POLICY, n)):
         if name in MODE_KEYS:
             specs.extend(PolicySpec.parse(f"{name}:{mode}") for mode in MODE_KEYS[name][1])
         else:

@@ -1,0 +1,308 @@
+"""Ours vs theirs: every routing policy over the evaluation matrix, in the simulator.
+
+Cells: the two development traces (Mooncake conversations, Claude-Code sessions) and the
+built-in workloads (``default``, ``shared_prefix``, ``bursty``), each at 8 workers, at 4
+workers, and at 8 workers with arrivals twice as fast (``--speed 2``). Policies: every
+policy registered by ``cacheroute`` (``cache_aware`` in both imbalance modes) and every
+peer re-implementation in ``benchmarks/peers/``. Each cell prints TTFT p50/p99, E2E p99
+and the token hit rate per policy, the best of each column marked with ``*``; the cell's
+verdict line says whether the default policy (``cacheroute.DEFAULT_POLICY``) has the best
+TTFT p99 and E2E p99 and how far its hit rate is from the best load-aware policy's.
+
+Runs are sequential (one core each); a full run takes about an hour on a 2-core machine,
+most of it the Claude-Code cells. Every number is deterministic for the seed.
+
+    python benchmarks/compare_policies.py                      # the full matrix
+    python benchmarks/compare_policies.py --quick              # built-ins, small, ~1 min
+    python benchmarks/compare_policies.py --cells mooncake/8w,default/4w \
+        --policies work_aware,dynamo
+    python benchmarks/compare_policies.py --trace mine.jsonl.gz --format mooncake   # your trace
+    python benchmarks/compare_policies.py --json results.json --markdown results.md
+
+Peers that keep time (Dynamo's 120 s TTL index, Preble's 3-minute load window) are given
+the simulated arrival time of each request (:class:`ArrivalClock`); in a gateway they use
+``time.monotonic``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import peers  # noqa: E402
+
+from cacheroute import DEFAULT_POLICY  # noqa: E402
+from cacheroute.policies import available_policies, policy_class  # noqa: E402
+from cacheroute.sim import (  # noqa: E402
+    WORKLOADS,
+    EngineConfig,
+    PolicySpec,
+    Summary,
+    Workload,
+    ideal_hit_tokens,
+    load_trace,
+    parse_policy_list,
+    simulate,
+    summarize,
+)
+
+TRACES = HERE.parent.parent / "shared" / "traces"
+DEV_TRACES = {
+    "mooncake": (TRACES / "mooncake" / "conversation_trace.jsonl.gz", "mooncake"),
+    "claude_code": (TRACES / "claude_code" / "claude_code_traces.jsonl.gz", "claude_code"),
+}
+BUILTINS = ("default", "shared_prefix", "bursty")
+CONFIGS = {"8w": (8, 1.0), "4w": (4, 1.0), "8w-x2": (8, 2.0)}
+
+NOT_LOAD_AWARE = frozenset({"random", "round_robin", "vllm_router"})
+"""Policies that never read load; the hit-rate criterion compares with the others."""
+
+
+class ArrivalClock:
+    """A clock for policies that keep time: the k-th call returns the k-th arrival.
+
+    The simulator routes every request exactly once, in arrival order, and the peers
+    call their clock exactly once per decision, so the k-th call is the k-th request.
+    """
+
+    def __init__(self, workload: Workload) -> None:
+        self._times = [r.arrival for r in workload.requests]
+        self._k = 0
+
+    def __call__(self) -> float:
+        k = min(self._k, len(self._times) - 1)
+        self._k += 1
+        return self._times[k] if self._times else 0.0
+
+
+@dataclass
+class Cell:
+    """One workload at one cluster configuration."""
+
+    workload: str
+    config: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.workload}/{self.config}"
+
+
+def default_policies() -> list[str]:
+    """Ours (the default first, then every registered policy) and then the peers."""
+    peer_names = list(peers.register_all())
+    ours = [n for n in available_policies() if n not in peer_names]
+    specs = [DEFAULT_POLICY]
+    for name in ours:
+        if name == DEFAULT_POLICY:
+            continue
+        if name == "cache_aware":
+            specs += ["cache_aware:locality", "cache_aware:least_load"]
+        else:
+            specs.append(name)
+    return specs + peer_names
+
+
+def _spec(text: str, workload: Workload) -> PolicySpec:
+    spec = PolicySpec.parse(text)
+    params = inspect.signature(policy_class(spec.name)).parameters
+    if "clock" in params and "clock" not in dict(spec.config):
+        spec = PolicySpec(spec.name, (*spec.config, ("clock", ArrivalClock(workload))), spec.label)
+    return spec
+
+
+def load_workload(name: str, limit: int | None, traces: dict[str, tuple[Path, str]]) -> Workload:
+    """A built-in workload (seed 0) or a trace by its name in ``traces``."""
+    if name in traces:
+        path, fmt = traces[name]
+        return load_trace(path, fmt, limit=limit)
+    return WORKLOADS[name](0).limited(limit)
+
+
+def run_cell(
+    workload: Workload,
+    workers: int,
+    speed: float,
+    policies: Sequence[str],
+    progress: Callable[[str], None] | None = None,
+) -> list[Summary]:
+    """Every policy on one workload, sequentially; summaries in ``policies`` order."""
+    w = workload.scaled(speed)
+    ideal = ideal_hit_tokens(w.requests)
+    out = []
+    for text in policies:
+        t0 = time.perf_counter()
+        result = simulate(w, _spec(text, w), workers=workers, engine=EngineConfig())
+        out.append(summarize(result, ideal))
+        if progress is not None:
+            progress(f"  {text}: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _best(values: list[float]) -> float:
+    return min(values)
+
+
+def format_cell(cell: Cell, summaries: list[Summary], default: str) -> str:
+    """The cell's table and its verdict line."""
+    ttft99 = _best([s.ttft_p99 for s in summaries])
+    ttft50 = _best([s.ttft_p50 for s in summaries])
+    e2e99 = _best([s.e2e_p99 for s in summaries])
+    hit = max(s.hit_rate for s in summaries)
+    width = max(len(s.policy) for s in summaries)
+    lines = [
+        f"{cell.label}",
+        f"  {'policy':<{width}}  {'TTFT p50':>9}  {'TTFT p99':>9}  {'E2E p99':>9}  {'hit':>6}",
+    ]
+    for s in summaries:
+
+        def mark(x: float, best: float) -> str:
+            return "*" if x == best else " "
+
+        lines.append(
+            f"  {s.policy:<{width}}  {s.ttft_p50:8.3f}{mark(s.ttft_p50, ttft50)}"
+            f"  {s.ttft_p99:8.3f}{mark(s.ttft_p99, ttft99)}"
+            f"  {s.e2e_p99:8.3f}{mark(s.e2e_p99, e2e99)}"
+            f"  {100 * s.hit_rate:5.1f}{'*' if s.hit_rate == hit else ' '}"
+        )
+    lines.append("  " + verdict(summaries, default))
+    return "\n".join(lines)
+
+
+def verdict(summaries: list[Summary], default: str) -> str:
+    """Whether ``default`` is best on TTFT p99 and E2E p99, and its hit-rate gap."""
+    ours = next((s for s in summaries if s.policy == default), None)
+    if ours is None:
+        return f"({default} not run)"
+    others = [s for s in summaries if s is not ours]
+    if not others:
+        return f"{default}: alone"
+    bt = min(others, key=lambda s: s.ttft_p99)
+    be = min(others, key=lambda s: s.e2e_p99)
+    aware = [s for s in summaries if s.policy.split(":")[0].split("[")[0] not in NOT_LOAD_AWARE]
+    bh = max(aware, key=lambda s: s.hit_rate)
+    parts = [
+        _relation("TTFT p99", ours.ttft_p99, bt.ttft_p99, bt.policy),
+        _relation("E2E p99", ours.e2e_p99, be.e2e_p99, be.policy),
+        f"hit {100 * ours.hit_rate:.1f}% vs best load-aware {100 * bh.hit_rate:.1f}% "
+        f"({bh.policy}): {100 * (ours.hit_rate - bh.hit_rate):+.1f} pt",
+    ]
+    return f"{default}: " + "; ".join(parts)
+
+
+def _relation(what: str, ours: float, theirs: float, who: str) -> str:
+    if ours <= theirs:
+        return f"{what} best ({ours:.3f} vs {theirs:.3f} {who}, {ours / theirs:.2f}x)"
+    return f"{what} NOT best ({ours:.3f} vs {theirs:.3f} {who}, +{100 * (ours / theirs - 1):.1f}%)"
+
+
+def markdown(results: dict[str, list[Summary]], default: str) -> str:
+    """One markdown table for the whole matrix: TTFT p99 / E2E p99 / hit per cell."""
+    cells = list(results)
+    if not cells:
+        return ""
+    names = [s.policy for s in results[cells[0]]]
+    head = "| policy | " + " | ".join(cells) + " |"
+    rule = "|---|" + "---|" * len(cells)
+    rows = [head, rule]
+    for k, name in enumerate(names):
+        row = [f"`{name}`" if name != default else f"**`{name}`**"]
+        for c in cells:
+            ss = results[c]
+            s = ss[k]
+            bt = min(x.ttft_p99 for x in ss)
+            be = min(x.e2e_p99 for x in ss)
+            t = f"**{s.ttft_p99:.3g}**" if s.ttft_p99 == bt else f"{s.ttft_p99:.3g}"
+            e = f"**{s.e2e_p99:.3g}**" if s.e2e_p99 == be else f"{s.e2e_p99:.3g}"
+            row.append(f"{t} / {e} / {100 * s.hit_rate:.0f}%")
+        rows.append("| " + " | ".join(row) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="built-ins only, 400 requests each")
+    ap.add_argument("--cells", help="comma-separated WORKLOAD/CONFIG (configs: 8w, 4w, 8w-x2)")
+    ap.add_argument("--policies", help="comma-separated policy specs (default: every policy)")
+    ap.add_argument("--limit", type=int, help="only the first N requests of each workload")
+    ap.add_argument("--trace", help="run your own trace instead of the development traces")
+    ap.add_argument("--format", choices=("mooncake", "claude_code"), help="format of --trace")
+    ap.add_argument("--json", help="write every summary to this file")
+    ap.add_argument("--markdown", help="write the matrix as a markdown table to this file")
+    args = ap.parse_args(argv)
+
+    traces = dict(DEV_TRACES)
+    if args.trace:
+        if not args.format:
+            ap.error("--trace needs --format")
+        traces = {Path(args.trace).name: (Path(args.trace), args.format)}
+    if args.policies:
+        peers.register_all()
+        policies = [spec.label for spec in parse_policy_list(args.policies)]
+    else:
+        policies = default_policies()
+    if DEFAULT_POLICY not in policies:
+        print(f"note: the default policy {DEFAULT_POLICY!r} is not among --policies")
+    limit = args.limit
+    if args.cells:
+        cells = [Cell(*c.split("/", 1)) for c in args.cells.split(",")]
+    elif args.quick:
+        cells = [Cell(w, c) for w in BUILTINS for c in CONFIGS]
+        limit = limit or 400
+    else:
+        workloads = [*traces, *BUILTINS] if not args.trace else list(traces)
+        cells = [Cell(w, c) for w in workloads for c in CONFIGS]
+    for c in cells:
+        if c.config not in CONFIGS:
+            ap.error(f"unknown config {c.config!r} in --cells; configs: {', '.join(CONFIGS)}")
+        if c.workload not in traces and c.workload not in WORKLOADS:
+            ap.error(f"unknown workload {c.workload!r}; known: {', '.join([*traces, *WORKLOADS])}")
+
+    print(
+        f"compare_policies: {len(cells)} cells x {len(policies)} policies, default "
+        f"{DEFAULT_POLICY!r}, engine {EngineConfig().to_dict()}"
+    )
+    results: dict[str, list[Summary]] = {}
+    loaded: dict[str, Workload] = {}
+    started = time.perf_counter()
+    for cell in cells:
+        if cell.workload not in loaded:
+            loaded[cell.workload] = load_workload(cell.workload, limit, traces)
+        workers, speed = CONFIGS[cell.config]
+        print(f"[{time.perf_counter() - started:7.0f} s] {cell.label}", file=sys.stderr)
+        summaries = run_cell(
+            loaded[cell.workload],
+            workers,
+            speed,
+            policies,
+            progress=lambda m: print(m, file=sys.stderr),
+        )
+        results[cell.label] = summaries
+        print(format_cell(cell, summaries, DEFAULT_POLICY))
+        print()
+        sys.stdout.flush()
+    if args.json:
+        doc: dict[str, Any] = {
+            "default": DEFAULT_POLICY,
+            "policies": policies,
+            "limit": limit,
+            "engine": EngineConfig().to_dict(),
+            "cells": {k: [s.to_dict() for s in v] for k, v in results.items()},
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(results, DEFAULT_POLICY) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,499 @@
+"""``work_aware``: route each request to the engine where it costs the system least time.
+
+Per eligible worker the policy estimates, in seconds, what sending this request there would
+cost, and takes the least (``docs/policies/work_aware.md`` has the derivation and the
+measurements). The estimate starts with the request's **time to first token** there,
+``T = Q + p + A``:
+
+* ``Q``, the prefill work queued ahead of it: the worker's pending prefill tokens, priced
+  by a *ledger* of the prefills this policy sent there (each with its own estimate,
+  attention included), kept in step with the worker's pending-token total;
+* ``p``, its own prefill there: ``u * prefill_token_s + u * (c + u / 2) *
+  attention_token_s`` for the ``u`` tokens not cached there after the ``c`` that are (the
+  tree's match);
+* ``A``, waiting to be admitted: for a batch slot when the worker already runs
+  ``max_batch`` requests, and for KV memory when its in-flight contexts plus this prompt
+  exceed ``kv_capacity_tokens``: the part of a decode run (``reply_tokens`` steps) that
+  must complete first; plus the decode step in progress.
+
+To ``T`` it adds what the request does to the others there, which depends on whether its
+context already lives somewhere:
+
+* a **continuation** (its longest cached prefix is longer than the rest, Preble's test:
+  a conversation's next turn, an agent's next step) adds ``p * in_flight``: engines run
+  prefill before decode steps, so its prefill stalls every request in flight on that
+  worker. Staying costs its short prefill there; moving costs its whole prompt, times
+  the requests it would stall;
+* **new context** adds ``decode_horizon`` decode steps at ``decode_token_s`` per context
+  token of the decode batch it joins (the worker's decode tokens plus its own), and the
+  recompute waste ``(p - p_min) * in_flight``: prefilling more than the best placement
+  would (``p_min``) stalls the requests in flight there for the difference, so recompute
+  is priced by the work queued behind it, free on an idle engine, decisive on a busy one.
+
+With ``kv_capacity_tokens`` it also adds the prefill time of the other prefixes that worker
+would have to evict to hold this request.
+
+Ties (equal estimates) go to the least load, then the smallest share of the tree, then the
+fewest processed, then the lowest index, so an idle cluster spreads new prefixes instead of
+sending them all to worker 0. Workers without work accounting (custom ``Worker`` objects
+without ``pending_prefill_tokens``) read as zero work: each request in flight then counts
+as one of this size, so the policy falls back to counts.
+
+Every weight is a physical quantity with a default derived from the engine of the
+simulator (Llama-3.1-8B in bf16 on one H100); ``docs/policies/work_aware.md`` shows how to
+derive them for another model and GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from cacheroute._validation import check_callable, check_choice, check_int, check_real, fail
+from cacheroute.policies.base import CHARS_PER_TOKEN, DecisionReason
+from cacheroute.policies.precise import IndexMode, KVIndex
+from cacheroute.policies.prefix import DecisionObserver, PoolView, PrefixPolicy, _Pool
+from cacheroute.tree import Tree
+
+__all__ = ["WorkAwareConfig", "WorkAwarePolicy"]
+
+_EXACT_UP_TO = 16
+"""Eligible workers up to which every worker is priced exactly (see :meth:`choose`)."""
+_SHORTLIST = 8
+"""Beyond that, the non-holders priced: those with the least pending plus decode tokens."""
+
+
+@dataclass(frozen=True)
+class WorkAwareConfig:
+    """Validated settings of :class:`WorkAwarePolicy` (frozen; nothing is clamped).
+
+    Defaults are Llama-3.1-8B in bf16 on one H100 SXM (989 TFLOP/s bf16, 3.35 TB/s), the
+    engine of ``cacheroute simulate``; for another deployment derive them the same way
+    (``docs/policies/work_aware.md``).
+
+    Args:
+        prefill_token_s: real > 0. Seconds of prefill per uncached prompt token, the
+            linear layers: 2 x 8.03e9 FLOP at 50 % of 989 TFLOP/s = 3.25e-5 (~31k
+            tokens/s).
+        attention_token_s: real >= 0. Seconds per (new token x context token) pair of
+            prefill attention: 4 x 4,096 hidden x 32 layers FLOP at 50 % of peak =
+            1.06e-9. A 100k-token context costs ~3x its linear prefill.
+        decode_step_s: real >= 0. Seconds of one decode step with an empty batch, reading
+            the weights: 16.06 GB at 80 % of 3.35 TB/s = 0.006.
+        decode_token_s: real >= 0. Seconds per decode step per context token in the batch,
+            reading its KV (128 KiB per token at 80 % of 3.35 TB/s) = 4.89e-8.
+        reply_tokens: int >= 1. Mean reply length: how many decode steps a running
+            request keeps its batch slot and KV memory. Default 256.
+        decode_horizon: int >= 0. Decode steps of a request bringing new context charged
+            with the decode pressure of the batch it joins. Default 512, a long reply:
+            the end-to-end tail is made of long replies. 0 ignores decode pressure.
+        max_batch: int >= 1. Requests an engine runs at once (vLLM ``max_num_seqs``,
+            SGLang ``max_running_requests``). Default 256 (vLLM's).
+        max_tree_size: int > 0, units per tree (all workers), as for every prefix policy
+            (:class:`~cacheroute.policies.prefix.PrefixPolicy`). Default 2**24.
+        max_tree_size_per_worker: int > 0 or ``None``: units per worker per tree.
+        tokens_per_unit: real > 0 or ``None`` (1 for token ids, 1/4 for text): tokens one
+            request unit stands for (a block id of 16 tokens: 16).
+        kv_capacity_tokens: int > 0 or ``None``: each engine's KV capacity in tokens
+            (vLLM: ``num_gpu_blocks x block_size``). Caps each worker's share of the tree
+            and enables the memory wait and the eviction price; ``None`` (default) leaves
+            both out.
+        index, index_mode, claim_ttl_s, index_namespace: precise mode, matching token-id
+            requests against what the engines report (see
+            :class:`~cacheroute.policies.prefix.PrefixPolicy`); default ``None``: the
+            routed history only.
+        on_decision: ``None`` or a callable receiving each
+            :class:`~cacheroute.policies.base.Decision`; its exceptions are logged
+            (logger ``cacheroute.policies``), never raised.
+
+    Raises:
+        TypeError: a value of the wrong type (the message names the field and the value).
+        ValueError: a value out of range (the message names the field and the value).
+    """
+
+    prefill_token_s: float = 3.25e-5
+    attention_token_s: float = 1.06e-9
+    decode_step_s: float = 0.006
+    decode_token_s: float = 4.89e-8
+    reply_tokens: int = 256
+    decode_horizon: int = 512
+    max_batch: int = 256
+    max_tree_size: int = 2**24
+    max_tree_size_per_worker: int | None = None
+    tokens_per_unit: float | None = None
+    kv_capacity_tokens: int | None = None
+    index: KVIndex | None = field(default=None, compare=False)
+    index_mode: IndexMode = "hybrid"
+    claim_ttl_s: float = 30.0
+    index_namespace: Mapping[str, Any] | None = field(default=None, compare=False)
+    on_decision: DecisionObserver | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        reals = {
+            "prefill_token_s": check_real(
+                "prefill_token_s", self.prefill_token_s, minimum=0.0, min_open=True
+            ),
+            "attention_token_s": check_real(
+                "attention_token_s", self.attention_token_s, minimum=0.0
+            ),
+            "decode_step_s": check_real("decode_step_s", self.decode_step_s, minimum=0.0),
+            "decode_token_s": check_real("decode_token_s", self.decode_token_s, minimum=0.0),
+        }
+        check_int("reply_tokens", self.reply_tokens, minimum=1)
+        check_int("decode_horizon", self.decode_horizon, minimum=0)
+        check_int("max_batch", self.max_batch, minimum=1)
+        check_int("max_tree_size", self.max_tree_size, minimum=1)
+        check_int(
+            "max_tree_size_per_worker", self.max_tree_size_per_worker, minimum=1, none_ok=True
+        )
+        tpu = check_real(
+            "tokens_per_unit", self.tokens_per_unit, minimum=0.0, min_open=True, none_ok=True
+        )
+        check_int("kv_capacity_tokens", self.kv_capacity_tokens, minimum=1, none_ok=True)
+        check_callable("on_decision", self.on_decision, none_ok=True)
+        if self.index is not None and not isinstance(self.index, KVIndex):
+            raise fail(
+                "index", "None or a KV-event index (match, urls, stale_urls)", self.index, TypeError
+            )
+        check_choice("index_mode", self.index_mode, ("precise", "hybrid"))
+        if self.index_namespace is not None and not isinstance(self.index_namespace, Mapping):
+            raise fail("index_namespace", "None or a mapping", self.index_namespace, TypeError)
+        reals["claim_ttl_s"] = check_real(
+            "claim_ttl_s", self.claim_ttl_s, minimum=0.0, min_open=True
+        )
+        for k, v in reals.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "tokens_per_unit", tpu)
+
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(WorkAwareConfig)}
+
+
+class _Ledger:
+    """The prefills this policy queued on one worker whose first token is not out yet.
+
+    Entries are ``(tokens, seconds, prompt_tokens)`` in routing order. Engines prefill
+    first come first served, so when the worker's pending-token total drops, the oldest
+    entries are the ones done: :meth:`sync` pops from the front while the rest still
+    covers the total. The total stays the authority; the ledger only says what its tokens
+    cost (seconds per token) and how many requests and prompt tokens they are.
+    """
+
+    __slots__ = ("n", "prompt", "q", "sec", "tok")
+
+    def __init__(self) -> None:
+        self.q: deque[tuple[float, float, float]] = deque()
+        self.tok = 0.0
+        self.sec = 0.0
+        self.prompt = 0.0
+        self.n = 0
+
+    def sync(self, pending: int) -> None:
+        q = self.q
+        if pending <= 0:
+            q.clear()
+            self.tok = self.sec = self.prompt = 0.0
+            self.n = 0
+            return
+        while self.n > 1 and self.tok - q[0][0] >= pending:
+            t, s, pr = q.popleft()
+            self.tok -= t
+            self.sec -= s
+            self.prompt -= pr
+            self.n -= 1
+
+    def push(self, tokens: float, seconds: float, prompt: float) -> None:
+        self.q.append((tokens, seconds, prompt))
+        self.tok += tokens
+        self.sec += seconds
+        self.prompt += prompt
+        self.n += 1
+
+
+class WorkAwarePolicy(PrefixPolicy):
+    """Least estimated cost in seconds: time to first token plus what the request does to
+    the others (prefill stalls, decode pressure, recompute, eviction; see the module doc).
+    The default policy (:data:`cacheroute.DEFAULT_POLICY`).
+
+    Build it with keyword settings (the fields of :class:`WorkAwareConfig`, validated the
+    same way) or with ``config=``; ``make_policy("work_aware", **settings)`` takes the same
+    keys. ``config=`` cannot be combined with settings that differ from their defaults,
+    except ``on_decision``, which then replaces ``config.on_decision``. ``clock`` (not a
+    setting): the clock of hybrid claims, for simulations.
+
+    Use it with leases (:func:`cacheroute.acquire`, and ``lease.first_token()`` on the
+    first streamed byte): the pending prefill and decode tokens they keep on the workers
+    are what it prices. :attr:`Decision.cost <cacheroute.policies.base.Decision.cost>` is
+    the estimated time to first token on the chosen worker, in seconds.
+
+    >>> from cacheroute import BasicWorker, acquire
+    >>> ws = [BasicWorker("http://a"), BasicWorker("http://b")]
+    >>> p = WorkAwarePolicy()
+    >>> first = acquire(p, ws, "You are a helpful assistant. " * 40 + "Hi")
+    >>> acquire(p, ws, "You are a helpful assistant. " * 40 + "Bye").index == first.index
+    True
+
+    Trees, membership, observer and pairs: see
+    :class:`~cacheroute.policies.prefix.PrefixPolicy`. Thread-safe; no background thread.
+
+    Complexity of ``decide``: O(n) worker reads + one tree match and insert + O(n) pricing,
+    n the eligible workers; beyond 16 eligible workers only the longest-match holders and
+    the 8 others with the least pending plus decode tokens are priced.
+    """
+
+    name = "work_aware"
+    description = "least estimated seconds: queued and own prefill, stalls, decode pressure"
+    reads_work = True
+
+    def __init__(
+        self,
+        prefill_token_s: float = 3.25e-5,
+        attention_token_s: float = 1.06e-9,
+        decode_step_s: float = 0.006,
+        decode_token_s: float = 4.89e-8,
+        reply_tokens: int = 256,
+        decode_horizon: int = 512,
+        max_batch: int = 256,
+        max_tree_size: int = 2**24,
+        max_tree_size_per_worker: int | None = None,
+        on_decision: DecisionObserver | None = None,
+        *,
+        tokens_per_unit: float | None = None,
+        kv_capacity_tokens: int | None = None,
+        index: KVIndex | None = None,
+        index_mode: IndexMode = "hybrid",
+        claim_ttl_s: float = 30.0,
+        index_namespace: Mapping[str, Any] | None = None,
+        config: WorkAwareConfig | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        given: dict[str, object] = {
+            "prefill_token_s": prefill_token_s,
+            "attention_token_s": attention_token_s,
+            "decode_step_s": decode_step_s,
+            "decode_token_s": decode_token_s,
+            "reply_tokens": reply_tokens,
+            "decode_horizon": decode_horizon,
+            "max_batch": max_batch,
+            "max_tree_size": max_tree_size,
+            "max_tree_size_per_worker": max_tree_size_per_worker,
+            "tokens_per_unit": tokens_per_unit,
+            "kv_capacity_tokens": kv_capacity_tokens,
+            "index": index,
+            "index_mode": index_mode,
+            "claim_ttl_s": claim_ttl_s,
+            "index_namespace": index_namespace,
+        }
+        if config is None:
+            config = WorkAwareConfig(**given, on_decision=on_decision)  # type: ignore[arg-type]
+        else:
+            if not isinstance(config, WorkAwareConfig):
+                raise fail("config", "a WorkAwareConfig or None", config, TypeError)
+            clash = sorted(
+                k
+                for k, v in given.items()
+                if not (v is _DEFAULTS[k] or (type(v) is type(_DEFAULTS[k]) and v == _DEFAULTS[k]))
+            )
+            if clash:
+                raise TypeError(
+                    f"pass either config= or keyword settings, not both: got config= and "
+                    f"{', '.join(f'{k}={given[k]!r}' for k in clash)}"
+                )
+            if on_decision is not None:
+                config = replace(config, on_decision=on_decision)
+        self._config = config
+        self._consts = (
+            config.prefill_token_s,
+            config.attention_token_s,
+            config.decode_step_s,
+            config.decode_token_s,
+            float(config.reply_tokens),
+            config.decode_horizon * config.decode_token_s,
+            config.max_batch,
+            config.kv_capacity_tokens,
+        )
+        tpu = config.tokens_per_unit
+        self._tpu_text = 1.0 / CHARS_PER_TOKEN if tpu is None else tpu
+        self._tpu_tokens = 1.0 if tpu is None else tpu
+        self._ledgers: dict[str, _Ledger] = {}
+        self._aligned: dict[int, tuple[_Pool, list[_Ledger]]] = {}
+        self._state_lock = threading.Lock()
+        self._init_prefix(
+            config.max_tree_size,
+            config.max_tree_size_per_worker,
+            config.on_decision,
+            config.tokens_per_unit,
+            config.kv_capacity_tokens,
+            config.index,
+            config.index_mode,
+            config.claim_ttl_s,
+            config.index_namespace,
+            clock,
+        )
+
+    @property
+    def config(self) -> WorkAwareConfig:
+        """The validated settings. O(1)."""
+        return self._config
+
+    def _ledgers_of(self, pool: _Pool) -> list[_Ledger]:
+        """The ledgers of a pool's workers, by index (one per URL, shared across pools)."""
+        entry = self._aligned.get(id(pool))
+        if entry is not None and entry[0] is pool:
+            return entry[1]
+        ledgers = self._ledgers
+        aligned = []
+        for url in pool.urls:
+            lg = ledgers.get(url)
+            if lg is None:
+                lg = ledgers[url] = _Ledger()
+            aligned.append(lg)
+        if len(self._aligned) >= 16:
+            self._aligned.clear()
+        self._aligned[id(pool)] = (pool, aligned)
+        return aligned
+
+    def choose(
+        self, view: PoolView, lengths: dict[str, int], tree: Tree | None
+    ) -> tuple[int, str, float | None]:
+        """The worker of least estimated cost (see the module doc); the cost reported is
+        the estimated time to first token there. O(n + t)."""
+        a, b, d0, e, reply, he, max_batch, cap = self._consts
+        loads = view.loads
+        n_all = len(loads)
+        pre = view.prefill_tokens or [0] * n_all
+        dec = view.decode_tokens or [0] * n_all
+        tpu = self._tpu_text if tree is not None and tree.kind == "text" else self._tpu_tokens
+        prompt = view.units * tpu
+        eligible = view.eligible
+
+        # Own prefill per holder (the few workers matching the prompt) and at best.
+        p_cold = a * prompt + b * prompt * prompt / 2
+        p_min = p_cold
+        top = 0.0
+        own: dict[int, tuple[float, float]] = {}  # index -> (cached tokens, prefill s)
+        if lengths:
+            index_of = view.pool.index_of
+            p_hold = p_cold
+            for url, k in lengths.items():
+                for i in index_of.get(url, ()):
+                    if loads[i] >= 0:
+                        ci = k * tpu
+                        if ci > prompt:
+                            ci = prompt
+                        u = prompt - ci
+                        pi = a * u + b * u * (ci + u / 2)
+                        own[i] = (ci, pi)
+                        if pi < p_hold:
+                            p_hold = pi
+                        if ci > top:
+                            top = ci
+            if own and len(own) == len(eligible):
+                p_min = p_hold  # every eligible worker holds some of it
+            elif p_hold < p_min:
+                p_min = p_hold
+        continuation = top > prompt - top  # most of the prompt already lives somewhere
+
+        cands = eligible
+        if len(eligible) > _EXACT_UP_TO:
+            # Workers with the same match pay the same own prefill: of each such group
+            # only the few with the least pending prefill + decode tokens are priced.
+            key = [x + y for x, y in zip(pre, dec, strict=True)].__getitem__
+            groups: dict[float, list[int]] = {}
+            for i, (ci, _) in own.items():
+                groups.setdefault(ci, []).append(i)
+            if len(own) < len(eligible):
+                groups[0.0] = [i for i in eligible if i not in own] if own else eligible
+            cands = []
+            for g in groups.values():
+                if len(g) > _SHORTLIST:
+                    g = sorted(g, key=key)
+                    cut = key(g[_SHORTLIST - 1])
+                    g = [i for i in g if key(i) <= cut]  # keep the ties at the cut
+                cands += g
+        sizes = tree.used_size_per_tenant() if cap is not None and tree is not None else None
+        urls = view.urls
+        he_prompt = he * prompt
+        evict_rate = a + b * (prompt if cap is None or prompt < cap else cap) / 2
+        no_own = (0.0, p_cold)
+
+        with self._state_lock:
+            ledgers = self._ledgers_of(view.pool)
+            best = -1
+            best_cost = best_ttft = best_p = 0.0
+            ties: dict[int, tuple[float, float]] | None = None
+            for i in cands:
+                ld = loads[i]
+                pw = pre[i]
+                dw: float = dec[i]
+                lg = ledgers[i]
+                n_led = lg.n
+                if n_led and (pw <= 0 or lg.tok > pw):
+                    lg.sync(pw)
+                    n_led = lg.n
+                if n_led and lg.tok > 0:
+                    if pw >= lg.tok:
+                        queued = lg.sec + a * (pw - lg.tok)
+                        queued_n = float(n_led)
+                        ctx = dw + lg.prompt
+                    else:
+                        f = pw / lg.tok
+                        queued = lg.sec * f
+                        queued_n = n_led * f
+                        ctx = dw + lg.prompt * f
+                else:
+                    queued = a * pw
+                    queued_n = 0.0
+                    ctx = dw + pw
+                    if ld > 0 and not pw and not dw:  # no work accounting: count requests
+                        dw = ctx = ld * prompt
+                ci, p = own.get(i, no_own)
+                ttft = queued + p
+                if dw:
+                    ttft += d0 + e * dw  # the decode step in progress
+                if ld >= max_batch:  # wait for a batch slot
+                    running = ld - queued_n
+                    ttft += (
+                        (ld + 1 - max_batch)
+                        * reply
+                        * (d0 + e * ctx)
+                        / (running if running > 1 else 1.0)
+                    )
+                if cap is not None:  # wait for KV memory
+                    over = ctx + prompt + reply - cap
+                    if over > 0 and ctx > 0:
+                        ttft += (over / ctx if over < ctx else 1.0) * reply * (d0 + e * ctx)
+                if continuation:  # its prefill here stalls the requests in flight here
+                    cost = ttft + p * ld
+                else:  # new context joins this decode batch; recompute stalls the others
+                    cost = ttft + he * dw + he_prompt + (p - p_min) * ld
+                if sizes is not None and cap is not None:  # evicting others' prefixes
+                    held = sizes.get(urls[i], 0) * tpu - ci
+                    if held > 0:
+                        over = held + prompt - ci + reply - cap
+                        if over > 0:
+                            cost += (over if over < held else held) * evict_rate
+                if best < 0 or cost < best_cost:
+                    best, best_cost, best_ttft, best_p, ties = i, cost, ttft, p, None
+                elif cost == best_cost:
+                    if ties is None:
+                        ties = {best: (best_ttft, best_p)}
+                    ties[i] = (ttft, p)
+            if ties is not None:
+                best = view.pick(list(ties), tree)
+                best_ttft, best_p = ties[best]
+            if prompt:
+                ledgers[best].push(prompt - own.get(best, no_own)[0], best_p, prompt)
+        return best, DecisionReason.LEAST_COST, best_ttft
+
+    def _describe_config(self) -> str:
+        c = self._config
+        return (
+            f"prefill_token_s={c.prefill_token_s}, attention_token_s={c.attention_token_s}, "
+            f"decode_step_s={c.decode_step_s}, decode_token_s={c.decode_token_s}, "
+            f"reply_tokens={c.reply_tokens}, decode_horizon={c.decode_horizon}, "
+            f"max_batch={c.max_batch}, kv_capacity_tokens={c.kv_capacity_tokens}, "
+        )

@@ -1,0 +1,442 @@
+"""``work_aware``: the default policy. Config, the decisive cases, the estimate, properties."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cacheroute
+from cacheroute import (
+    DEFAULT_POLICY,
+    BasicWorker,
+    Decision,
+    WorkerType,
+    acquire,
+    available_policies,
+    make_policy,
+)
+from cacheroute.policies import WorkAwareConfig, WorkAwarePolicy
+from cacheroute.testing import check_policy
+
+A = 3.25e-5  # default prefill seconds per token
+B = 1.06e-9  # default attention seconds per token pair
+
+
+def _workers(n: int) -> list[BasicWorker]:
+    return [BasicWorker(f"http://w{i}:8000") for i in range(n)]
+
+
+def _tokens(start: int, n: int) -> list[int]:
+    return list(range(start, start + n))
+
+
+def _prefill(u: float, c: float = 0.0) -> float:
+    return A * u + B * u * (c + u / 2)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_is_the_registered_default() -> None:
+    assert DEFAULT_POLICY == "work_aware" == cacheroute.DEFAULT_POLICY
+    assert DEFAULT_POLICY in available_policies()
+    p = make_policy(DEFAULT_POLICY)
+    assert isinstance(p, WorkAwarePolicy) and p.reads_work and p.needs_request_text
+    assert p.description
+
+
+def test_defaults_are_the_engine_facts() -> None:
+    c = WorkAwarePolicy().config
+    assert c == WorkAwareConfig()
+    assert (c.prefill_token_s, c.attention_token_s) == (A, B)
+    assert (c.decode_step_s, c.decode_token_s) == (0.006, 4.89e-8)
+    assert (c.reply_tokens, c.decode_horizon, c.max_batch) == (256, 512, 256)
+    assert c.kv_capacity_tokens is None and c.on_decision is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "exc"),
+    [
+        ("prefill_token_s", 0.0, ValueError),
+        ("prefill_token_s", "1", TypeError),
+        ("attention_token_s", -1.0, ValueError),
+        ("decode_step_s", float("nan"), ValueError),
+        ("decode_token_s", True, TypeError),
+        ("reply_tokens", 0, ValueError),
+        ("decode_horizon", -1, ValueError),
+        ("decode_horizon", 2.5, TypeError),
+        ("max_batch", 0, ValueError),
+        ("kv_capacity_tokens", 0, ValueError),
+        ("tokens_per_unit", 0.0, ValueError),
+        ("on_decision", 3, TypeError),
+    ],
+)
+def test_config_validated(key: str, value: object, exc: type[Exception]) -> None:
+    with pytest.raises(exc, match=key):
+        WorkAwarePolicy(**{key: value})  # type: ignore[arg-type]
+    with pytest.raises(exc, match=key):
+        make_policy("work_aware", **{key: value})
+
+
+def test_config_object_clash_and_observer_replacement() -> None:
+    cfg = WorkAwareConfig(max_batch=64)
+    seen: list[Decision] = []
+    p = WorkAwarePolicy(config=cfg, on_decision=seen.append)
+    assert p.config.max_batch == 64 and p.config.on_decision is not None
+    p.select_worker(_workers(2), "hi")
+    assert len(seen) == 1
+    with pytest.raises(TypeError, match="either config= or keyword"):
+        WorkAwarePolicy(decode_horizon=3, config=cfg)
+    with pytest.raises(TypeError, match="config"):
+        WorkAwarePolicy(config={"max_batch": 3})  # type: ignore[arg-type]
+    assert "decode_horizon=512" in repr(WorkAwarePolicy())
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def test_burst_at_t0_spreads_evenly() -> None:
+    """64 fresh prompts at once: the leases' pending work spreads them, no pile-up."""
+    ws = _workers(4)
+    p = WorkAwarePolicy()
+    leases = [acquire(p, ws, _tokens(1000 * k, 500)) for k in range(64)]
+    counts = [sum(1 for lease in leases if lease.index == i) for i in range(4)]
+    assert counts == [16, 16, 16, 16]
+    for lease in leases:
+        lease.release()
+
+
+def test_burst_of_groups_spreads_groups_and_keeps_their_hits() -> None:
+    """Groups sharing a long prefix, all at t=0: each group on one worker, groups spread."""
+    ws = _workers(4)
+    p = WorkAwarePolicy()
+    leases = []
+    for k in range(8 * 16):
+        group = k % 8
+        prompt = _tokens(10_000 * group, 2048) + _tokens(10_000 * group + 5000 + 100 * k, 100)
+        leases.append(acquire(p, ws, prompt))
+    by_group = [{lease.index for lease in leases[g::8]} for g in range(8)]
+    assert all(len(s) == 1 for s in by_group)  # no group split: every follower hit
+    per_worker = [sum(1 for s in by_group if i in s) for i in range(4)]
+    assert per_worker == [2, 2, 2, 2]
+    for lease in leases:
+        lease.release()
+
+
+def test_idle_cluster_spreads_new_groups_without_leases() -> None:
+    """No leases at all (loads read zero): ties go to the smallest tree, then processed."""
+    ws = _workers(4)
+    p = WorkAwarePolicy()
+    first = [p.select_worker(ws, _tokens(10_000 * g, 300)) for g in range(8)]
+    assert sorted(first) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # and each group's follow-up goes home
+    again = [p.select_worker(ws, [*_tokens(10_000 * g, 300), 7]) for g in range(8)]
+    assert again == first
+
+
+def test_session_stays_while_staying_is_cheaper() -> None:
+    ws = _workers(2)
+    p = WorkAwarePolicy()
+    convo = _tokens(0, 8000)
+    home = acquire(p, ws, convo)
+    home.first_token()
+    home.release()
+    other = 1 - home.index
+    # the holder has a little queued work (another request's 2k-token prefill)
+    queued = acquire(p, [ws[home.index]], _tokens(50_000, 2000))
+    d = p.decide(ws, [*convo, *_tokens(9000, 200)])
+    assert d is not None and d.index == home.index  # 0.07 s of queue < an 8k re-prefill
+    assert d.cached_tokens == 8000
+    queued.release()
+    assert other != home.index
+
+
+def test_session_moves_when_the_holder_is_saturated() -> None:
+    ws = _workers(2)
+    p = WorkAwarePolicy()
+    convo = _tokens(0, 2000)
+    home = acquire(p, ws, convo)
+    home.first_token()
+    home.release()
+    # the holder has 100k tokens of prefill queued (~10 s): re-prefilling 2k elsewhere wins
+    queued = acquire(p, [ws[home.index]], _tokens(900_000, 100_000))
+    d = p.decide(ws, [*convo, *_tokens(5000, 100)])
+    assert d is not None and d.index != home.index
+    queued.release()
+
+
+def test_hot_prefix_gets_a_second_holder_when_its_holder_saturates() -> None:
+    """One shared system prompt, a stream of requests: replicated once the queue at the
+    holder costs more than re-prefilling the prompt, and then both holders are used."""
+    ws = _workers(4)
+    p = WorkAwarePolicy()
+    system = _tokens(0, 4000)
+    leases = [acquire(p, ws, [*system, *_tokens(100_000 + 1000 * k, 400)]) for k in range(40)]
+    holders = {lease.index for lease in leases}
+    assert 2 <= len(holders) <= 4
+    first = leases[0].index
+    assert sum(lease.index == first for lease in leases) < 40
+    # every request after the first is a hit on a holder of the system prompt
+    assert all(lease.decision is not None for lease in leases)
+    hits = [lease.decision.cached_tokens >= 4000 for lease in leases[1:] if lease.decision]
+    assert sum(hits) >= 30
+    for lease in leases:
+        lease.release()
+
+
+def test_ledger_prices_the_queue_in_seconds_and_follows_first_tokens() -> None:
+    w = BasicWorker("http://solo")
+    p = WorkAwarePolicy(decode_horizon=0)
+    big = acquire(p, [w], _tokens(0, 100_000))  # ~8.5 s with attention, 3.25 s linear
+    small = acquire(p, [w], _tokens(200_000, 1000))
+    probe = acquire(p, [w], _tokens(300_000, 10))
+    assert probe.decision is not None and probe.decision.cost is not None
+    queued = _prefill(100_000) + _prefill(1000)
+    assert probe.decision.cost == pytest.approx(queued + _prefill(10), rel=1e-6)
+    big.first_token()  # the oldest prefill is done: the ledger drops it
+    d = p.decide([w], _tokens(400_000, 10))
+    assert d is not None and d.cost is not None
+    # queued now: small and the probe; plus the decode step in progress (100k of context)
+    step = 0.006 + 4.89e-8 * 100_000
+    assert d.cost == pytest.approx(_prefill(1000) + 2 * _prefill(10) + step, rel=1e-6)
+    for lease in (big, small, probe):
+        lease.release()
+    # work the ledger does not know (leased by another gateway) is priced linearly
+    w.add_work(2000, 0)
+    d = WorkAwarePolicy().decide([w], _tokens(500_000, 10))
+    assert d is not None and d.cost == pytest.approx(A * 2000 + _prefill(10), rel=1e-6)
+
+
+def test_slot_limit_is_priced() -> None:
+    ws = _workers(2)
+    p = WorkAwarePolicy(max_batch=4, decode_horizon=0)
+    prompt = _tokens(0, 4000)
+    home = acquire(p, ws, prompt)
+    home.first_token()
+    # fill the holder's batch with decoding requests that share the prompt
+    busy = [acquire(p, [ws[home.index]], [*prompt, k]) for k in range(3)]
+    for lease in busy:
+        lease.first_token()
+    d = p.decide(ws, [*prompt, 99])  # the holder runs 4 = max_batch: a slot wait
+    assert d is not None and d.index != home.index
+    for lease in (home, *busy):
+        lease.release()
+
+
+def test_memory_wait_and_eviction_keep_long_contexts_at_home() -> None:
+    cap = 100_000
+    ws = _workers(2)
+    p = WorkAwarePolicy(kv_capacity_tokens=cap)
+    a = acquire(p, ws, _tokens(0, 60_000))
+    a.first_token()
+    a.release()
+    b = acquire(p, ws, _tokens(1_000_000, 60_000))
+    b.first_token()
+    b.release()
+    assert a.index != b.index  # the second context went to the empty worker
+    # the first context's next turn: staying evicts nothing; moving would evict 60k tokens
+    d = p.decide(ws, [*_tokens(0, 60_000), *_tokens(70_000, 500)])
+    assert d is not None and d.index == a.index
+
+
+def test_custom_workers_without_work_totals_fall_back_to_counts() -> None:
+    class CountOnly:
+        """A Worker with load and processed counts only (no WorkAccounting)."""
+
+        worker_type = WorkerType.REGULAR
+        model_id = "default"
+
+        def __init__(self, url: str) -> None:
+            self.url = url
+            self._load = 0
+            self._processed = 0
+
+        def is_healthy(self) -> bool:
+            return True
+
+        def load(self) -> int:
+            return self._load
+
+        def increment_load(self) -> None:
+            self._load += 1
+
+        def decrement_load(self) -> None:
+            self._load -= 1
+
+        def processed(self) -> int:
+            return self._processed
+
+        def increment_processed(self) -> None:
+            self._processed += 1
+
+    ws = [CountOnly(f"http://c{i}") for i in range(3)]
+    p = WorkAwarePolicy()
+    leases = [acquire(p, ws, _tokens(10_000 * k, 1000)) for k in range(9)]  # type: ignore[arg-type]
+    assert sorted(w.load() for w in ws) == [3, 3, 3]  # misses spread by count
+    # a hit stays on its holder while its count is not far above the others'
+    home = leases[0].index
+    d = p.decide(ws, [*_tokens(0, 1000), 5])  # type: ignore[arg-type]
+    assert d is not None and d.index == home
+    for lease in leases:
+        lease.release()
+
+
+def test_no_text_and_text_requests() -> None:
+    ws = _workers(3)
+    ws[0].add_work(5000, 0)
+    ws[2].add_work(0, 90_000)
+    p = WorkAwarePolicy()
+    assert p.select_worker(ws, None) == 1
+    assert p.select_worker(ws, "") == 1
+    d = p.decide(ws, "x" * 400)
+    assert d is not None and d.prompt_tokens == 100  # 4 characters per token
+
+
+def test_decision_fields_and_observer() -> None:
+    seen: list[Decision] = []
+    ws = _workers(2)
+    p = WorkAwarePolicy(on_decision=seen.append)
+    d = p.decide(ws, _tokens(0, 1000))
+    assert d is not None and seen == [d]
+    assert d.reason == "least_cost" and d.cost == pytest.approx(_prefill(1000))
+    assert (d.request_units, d.prompt_tokens, d.cached_tokens) == (1000, 1000, 0)
+
+
+def test_tokens_per_unit_scales_blocks_to_tokens() -> None:
+    ws = _workers(2)
+    p = WorkAwarePolicy(tokens_per_unit=16.0)
+    d = p.decide(ws, _tokens(0, 10))  # 10 blocks of 16 tokens
+    assert d is not None and d.prompt_tokens == 160
+    assert d.cost == pytest.approx(_prefill(160))
+
+
+def test_ties_are_deterministic() -> None:
+    def run() -> list[int | None]:
+        ws = _workers(5)
+        p = WorkAwarePolicy()
+        return [p.select_worker(ws, _tokens(1000 * (k % 7), 50 + k)) for k in range(40)]
+
+    assert run() == run()
+
+
+def test_unhealthy_and_removed_workers_are_never_chosen() -> None:
+    ws = _workers(3)
+    p = WorkAwarePolicy()
+    home = p.select_worker(ws, _tokens(0, 500))
+    assert home is not None
+    ws[home].set_healthy(False)
+    assert p.select_worker(ws, _tokens(0, 501)) != home
+    ws[home].set_healthy(True)
+    p.remove_worker(ws[home])
+    assert all(p.select_worker(ws, _tokens(0, 500 + k)) != home for k in range(5))
+    for w in ws:
+        w.set_healthy(False)
+    assert p.select_worker(ws, _tokens(0, 5)) is None
+    assert p.select_worker([], _tokens(0, 5)) is None
+
+
+def test_large_pools_price_holders_and_a_shortlist() -> None:
+    ws = _workers(40)
+    for i, w in enumerate(ws):
+        w.add_work(1000 * (i % 9), 10_000 * (i % 5))
+    p = WorkAwarePolicy()
+    d = p.decide(ws, _tokens(0, 2000))
+    assert d is not None
+    # the cheapest by pending + decode tokens (ties to the lowest index) is idle: it wins
+    assert d.index == 0
+
+
+# ----------------------------------------------------------------------------- properties
+
+_ops = st.lists(
+    st.tuples(st.integers(0, 5), st.integers(0, 3), st.integers(0, 20_000), st.integers(0, 3)),
+    max_size=12,
+)
+
+
+def _state(
+    n: int, history: list[tuple[int, int, int, int]]
+) -> tuple[WorkAwarePolicy, list[BasicWorker]]:
+    """A policy and workers in a state made by a history of prompts and work."""
+    ws = _workers(n)
+    p = WorkAwarePolicy(kv_capacity_tokens=50_000, max_batch=6)
+    tree = p.tree("default", "tokens", create=True)
+    assert tree is not None
+    for group, worker, work, load in history:
+        w = ws[worker % n]
+        tree.insert(_tokens(10_000 * group, 3000), w.url)
+        w.add_work(work, work // 2)
+        for _ in range(load):
+            w.increment_load()
+    return p, ws
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), _ops, st.integers(0, 5), st.lists(st.booleans(), min_size=6))
+def test_only_eligible_and_none_exactly_when_none_eligible(
+    n: int, history: list[tuple[int, int, int, int]], group: int, health: list[bool]
+) -> None:
+    p, ws = _state(n, history)
+    for w, ok in zip(ws, health, strict=False):
+        w.set_healthy(ok)
+    i = p.select_worker(ws, [*_tokens(10_000 * group, 3000), 1])
+    if not any(w.is_healthy() for w in ws):
+        assert i is None
+    else:
+        assert i is not None and ws[i].is_healthy()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), _ops, st.integers(0, 5))
+def test_deterministic_for_equal_state(
+    n: int, history: list[tuple[int, int, int, int]], group: int
+) -> None:
+    prompt = [*_tokens(10_000 * group, 3000), 1]
+    p1, ws1 = _state(n, history)
+    p2, ws2 = _state(n, history)
+    assert p1.select_worker(ws1, prompt) == p2.select_worker(ws2, prompt)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(2, 6),
+    _ops,
+    st.integers(0, 5),
+    st.integers(0, 5),
+    st.integers(1, 200_000),
+    st.integers(0, 200_000),
+)
+def test_adding_queued_work_never_makes_a_worker_more_attractive(
+    n: int,
+    history: list[tuple[int, int, int, int]],
+    group: int,
+    target: int,
+    prefill: int,
+    decode: int,
+) -> None:
+    """If worker v is not chosen, giving v more pending prefill or decode work keeps it
+    unchosen, and the choice among the others does not change."""
+    prompt = [*_tokens(10_000 * group, 3000), 1]
+    p1, ws1 = _state(n, history)
+    chosen = p1.select_worker(ws1, prompt)
+    assert chosen is not None
+    v = target % n
+    if v == chosen:
+        v = (v + 1) % n
+    p2, ws2 = _state(n, history)
+    ws2[v].add_work(prefill, decode)
+    assert p2.select_worker(ws2, prompt) == chosen
+
+
+def test_shared_policy_invariants() -> None:
+    check_policy(WorkAwarePolicy, max_examples=40, thread_iterations=150)
+
+
+def test_large_idle_cluster_spreads_new_prefixes_over_every_worker() -> None:
+    """Beyond 16 workers only a shortlist is priced; ties at its cut are kept, so an idle
+    cluster still spreads fresh prefixes over all of its workers."""
+    ws = _workers(40)
+    p = WorkAwarePolicy()
+    chosen = {p.select_worker(ws, _tokens(10_000 * g, 300)) for g in range(40)}
+    assert chosen == set(range(40))
