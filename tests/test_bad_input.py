@@ -46,6 +46,8 @@ from cacheroute import (
 )
 from cacheroute.policies import registry
 from cacheroute.policies.base import LoadBalancingPolicy
+from cacheroute.policies.prefix_hash import PrefixHashConfig, PrefixHashPolicy
+from cacheroute.policies.work_aware import WorkAwareConfig, WorkAwarePolicy
 
 # --------------------------------------------------------------------------- wrong values
 
@@ -195,6 +197,8 @@ POLICY_FACTORIES: dict[str, Callable[[], LoadBalancingPolicy]] = {
     # the base classes' own methods, on a subclass that does not override them
     "cacheroute.policies.base.LoadBalancingPolicy": lambda: make_policy("shortest_queue"),
     "cacheroute.policies.prefix.PrefixPolicy": CacheAwarePolicy,
+    "cacheroute.policies.work_aware.WorkAwarePolicy": WorkAwarePolicy,
+    "cacheroute.policies.prefix_hash.PrefixHashPolicy": PrefixHashPolicy,
 }
 
 
@@ -538,6 +542,18 @@ TABLE: dict[str, Entry] = {
         lambda: Case(CacheAwarePolicy, {}),
         {"config": "instance|None"},
     ),
+    "cacheroute.policies.work_aware.WorkAwareConfig": Entry(
+        lambda: Case(WorkAwareConfig, {}), {"index_mode": "choice"}
+    ),
+    "cacheroute.policies.work_aware.WorkAwarePolicy": Entry(
+        lambda: Case(WorkAwarePolicy, {}),
+        {"config": "instance|None"},
+    ),
+    "cacheroute.policies.prefix_hash.PrefixHashConfig": Entry(lambda: Case(PrefixHashConfig, {})),
+    "cacheroute.policies.prefix_hash.PrefixHashPolicy": Entry(
+        lambda: Case(PrefixHashPolicy, {}),
+        {"config": "instance|None"},
+    ),
     "cacheroute.policies.pair.PairPolicy": _fn(
         PairPolicy, prefill=make_policy("random"), decode=make_policy("random")
     ),
@@ -823,128 +839,6 @@ KNOWN: dict[str, dict[str, str]] = {
             "naming argv: 'bool' object is not iterable"
         ),
     },
-    "cacheroute.lease.acquire[cache_aware]": {
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.cache_aware.CacheAwarePolicy.decide": {
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.cache_aware.CacheAwarePolicy.decide_pair": {
-        "prefill_workers": (
-            "policy (prefix.py): TypeError not naming prefill_workers: workers must be a "
-            "list; TypeError not naming prefill_workers: workers[0] must be a W"
-        ),
-        "decode_workers": (
-            "policy (prefix.py): TypeError not naming decode_workers: workers must be a "
-            "list ; TypeError not naming decode_workers: workers[0] must be a Wo"
-        ),
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.cache_aware.CacheAwarePolicy.select_worker": {
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.cache_aware.CacheAwarePolicy.select_worker_pair": {
-        "prefill_workers": (
-            "policy (prefix.py): TypeError not naming prefill_workers: workers must be a "
-            "list; TypeError not naming prefill_workers: workers[0] must be a W"
-        ),
-        "decode_workers": (
-            "policy (prefix.py): TypeError not naming decode_workers: workers must be a "
-            "list ; TypeError not naming decode_workers: workers[0] must be a Wo"
-        ),
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.cache_aware.CacheAwarePolicy.tokens_per_unit": {
-        "kind": ("policy (prefix.py): accepts None, int, bool, str, bytes, nested, dict"),
-    },
-    "cacheroute.policies.cache_aware.CacheAwarePolicy.worker_tree_limit": {
-        "kind": ("policy (prefix.py): accepts None, int, bool, str, bytes, nested, dict"),
-    },
-    "cacheroute.policies.pair.PairPolicy.decide": {
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.pair.PairPolicy.decide_pair": {
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.pair.PairPolicy.select_worker": {
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.pair.PairPolicy.select_worker_pair": {
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.prefix.PrefixPolicy.decide": {
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.prefix.PrefixPolicy.decide_pair": {
-        "prefill_workers": (
-            "policy (prefix.py): TypeError not naming prefill_workers: workers must be a "
-            "list; TypeError not naming prefill_workers: workers[0] must be a W"
-        ),
-        "decode_workers": (
-            "policy (prefix.py): TypeError not naming decode_workers: workers must be a "
-            "list ; TypeError not naming decode_workers: workers[0] must be a Wo"
-        ),
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.prefix.PrefixPolicy.select_worker": {
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.prefix.PrefixPolicy.select_worker_pair": {
-        "prefill_workers": (
-            "policy (prefix.py): TypeError not naming prefill_workers: workers must be a "
-            "list; TypeError not naming prefill_workers: workers[0] must be a W"
-        ),
-        "decode_workers": (
-            "policy (prefix.py): TypeError not naming decode_workers: workers must be a "
-            "list ; TypeError not naming decode_workers: workers[0] must be a Wo"
-        ),
-        "request_text": (
-            "policy (prefix.py) + tree: request_text=[[1]] raises TypeError naming `units` "
-            "(the tree's parameter), not request_text"
-        ),
-    },
-    "cacheroute.policies.prefix.PrefixPolicy.tokens_per_unit": {
-        "kind": ("policy (prefix.py): accepts None, int, bool, str, bytes, nested, dict"),
-    },
-    "cacheroute.policies.prefix.PrefixPolicy.worker_tree_limit": {
-        "kind": ("policy (prefix.py): accepts None, int, bool, str, bytes, nested, dict"),
-    },
     "cacheroute.sim.engine.Engine.boundary": {
         "now": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
     },
@@ -1078,6 +972,7 @@ EXEMPT: dict[str, str] = {
     "cacheroute.policies.prefix.PoolView.pick": _BUILT + " (called by choose() on its view)",
     "cacheroute.policies.prefix.PrefixPolicy.choose": "the rule hook decide() calls with its view",
     "cacheroute.policies.cache_aware.CacheAwarePolicy.choose": "the rule hook decide() calls",
+    "cacheroute.policies.work_aware.WorkAwarePolicy.choose": "the rule hook decide() calls",
     "cacheroute.sim.engine.Engine": _BUILT + " (simulate() builds one per worker)",
     "cacheroute.sim.precise.EventFeed": _BUILT + " (simulate() builds it for --index)",
     "cacheroute.sim.precise.EventFeed.deliver": _BUILT + " (simulate() calls it)",

@@ -384,3 +384,24 @@ def test_decision_carries_tokens_and_the_lease_takes_uncached_work() -> None:
         lease.first_token()
         assert lease.worker.decode_tokens() == 120  # type: ignore[attr-defined]
     assert all(w.decode_tokens() == 0 for w in workers)
+
+
+def test_sync_knows_workers_seen_while_none_was_eligible() -> None:
+    policy = CacheAwarePolicy()
+    a, b = build_workers([0, 0], healthy=[False, False])
+    assert policy.select_worker([a, b], "x") is None
+    policy.sync_workers([a])
+    a.set_healthy(True)
+    b.set_healthy(True)
+    b.increment_processed()
+    a.increment_load()  # b would win on load if it were still in the pool
+    for _ in range(3):
+        assert policy.select_worker([a, b], "x") == 0
+
+
+def test_a_call_that_raises_leaves_no_trace() -> None:
+    policy = CacheAwarePolicy()
+    workers = build_workers([0, 0])
+    with pytest.raises(TypeError, match=r"request_text\[0\]"):
+        policy.select_worker(workers, [[1]])  # type: ignore[list-item]
+    assert policy.tree_sizes() == {} and policy._known == frozenset()

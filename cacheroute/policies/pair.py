@@ -11,6 +11,7 @@ from cacheroute.policies.base import (
     _check_all_workers,
     _renamed,
     check_request_text,
+    check_token_ids,
 )
 from cacheroute.worker import Worker, WorkerType
 
@@ -64,8 +65,11 @@ class PairPolicy(LoadBalancingPolicy):
     ) -> tuple[Decision, Decision] | None:
         """The decode policy's decision, then the prefill policy's (what
         :func:`cacheroute.acquire_pair` calls); ``None`` if either finds no healthy worker."""
-        check_request_text(request_text)
-        # Whole check before the decode leg is decided (and counted as processed).
+        # Whole checks before the decode leg is decided (and counted as processed).
+        if self.prefill.needs_request_text:
+            check_token_ids(request_text)
+        else:
+            check_request_text(request_text)
         _check_all_workers(prefill_workers, "prefill_workers")
         try:
             decode = self.decode.decide(decode_workers, request_text)

@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from itertools import compress
 from typing import Any, ClassVar, Literal
 
@@ -69,11 +70,12 @@ _POOL_CACHE = 8  # distinct worker lists whose derived data is kept
 class _Pool:
     """What a policy derives once per distinct worker list (and removed set)."""
 
-    __slots__ = ("all", "basic", "index_of", "key", "mask", "model", "removed", "urls")
+    __slots__ = ("all", "basic", "cached", "index_of", "key", "mask", "model", "removed", "urls")
 
     def __init__(self, key: tuple[Worker, ...], removed: frozenset[str]) -> None:
         self.key = key
         self.removed = removed
+        self.cached = False  # kept (and its workers known) once a decision used it
         try:
             self.urls: tuple[str, ...] = tuple(w.url for w in key)
             models = {w.model_id for w in key}
@@ -195,6 +197,18 @@ def _match(tree: Tree, units: str | Sequence[int]) -> TreeMatch:
         if not text.startswith("units"):
             raise
         raise type(exc)("request_text" + text[len("units") :]) from None
+
+
+@contextmanager
+def _naming(param: str) -> Iterator[None]:
+    """Errors about ``workers`` inside name ``param`` instead (a pair's two lists)."""
+    try:
+        yield
+    except TypeError as exc:
+        text = str(exc)
+        if not text.startswith("workers"):
+            raise
+        raise TypeError(param + text[len("workers") :]) from None
 
 
 class PrefixPolicy(LoadBalancingPolicy):
@@ -331,9 +345,14 @@ class PrefixPolicy(LoadBalancingPolicy):
             pool = self._pool(key)
             view = self._view(pool, n)
             if view is None:
+                if not pool.cached:
+                    self._keep(pool)  # its workers are known even if none is eligible now
                 return None
             if n and tree is None:
-                tree = self._tree(pool.model, kind)
+                tree = self._trees.get((pool.model, kind))
+                if tree is None:  # the first request of its kind: validate before creating
+                    _match(Tree(), units)
+                    tree = self._tree(pool.model, kind)
             if tree is None:
                 match, lengths = None, {}
             else:
@@ -345,6 +364,8 @@ class PrefixPolicy(LoadBalancingPolicy):
             if self._removed is pool.removed:
                 break  # membership unchanged since the view: commit
         url = pool.urls[index]
+        if not pool.cached:
+            self._keep(pool)
         if tree is not None and match is not None:
             tree.insert_match(match, url)  # reuses the descent unless the tree changed since
             if self._precise is not None and kind == "tokens":
@@ -375,11 +396,14 @@ class PrefixPolicy(LoadBalancingPolicy):
         return None if decision is None else decision.index
 
     def _tpu(self, request_text: RequestText) -> float:
-        return self.tokens_per_unit("text" if isinstance(request_text, str) else "tokens")
+        if self._tokens_per_unit is not None:
+            return self._tokens_per_unit
+        return 1.0 / CHARS_PER_TOKEN if isinstance(request_text, str) else 1.0
 
     def tokens_per_unit(self, kind: TreeKind) -> float:
         """Tokens one unit of a ``kind`` tree stands for: ``tokens_per_unit`` when set,
         else 1 for token ids and ``1 / CHARS_PER_TOKEN`` for text. O(1)."""
+        check_choice("kind", kind, ("text", "tokens"))
         if self._tokens_per_unit is not None:
             return self._tokens_per_unit
         return 1.0 / CHARS_PER_TOKEN if kind == "text" else 1.0
@@ -388,6 +412,7 @@ class PrefixPolicy(LoadBalancingPolicy):
         """Units of a ``kind`` tree one worker may hold: its KV capacity in units
         (``kv_capacity_tokens / tokens_per_unit``), within ``max_tree_size_per_worker``;
         ``None`` when neither is set. O(1)."""
+        check_choice("kind", kind, ("text", "tokens"))
         caps = []
         if self._kv_capacity_tokens is not None:
             caps.append(max(1, int(self._kv_capacity_tokens / self.tokens_per_unit(kind))))
@@ -399,18 +424,23 @@ class PrefixPolicy(LoadBalancingPolicy):
         """The derived data of this worker list: a hit costs one C-level tuple compare.
 
         The few most recent lists are kept (a gateway serving several models alternates
-        between per-model lists). Copy-on-write: a racing thread builds its own entry.
+        between per-model lists; see :meth:`_keep`). Copy-on-write: a racing thread builds
+        its own entry.
         """
         removed = self._removed
         pools = self._pools
         for p in pools:
             if p.key == key and p.removed is removed:
                 return p
-        p = _Pool(key, removed)
+        return _Pool(key, removed)
+
+    def _keep(self, pool: _Pool) -> None:
+        """A decision used ``pool``: cache it and know its workers (not before: a call
+        that raises leaves no trace)."""
+        pool.cached = True
         with self._lock:
-            self._known = self._known | set(p.urls)
-        self._pools = [p, *pools[: _POOL_CACHE - 1]]
-        return p
+            self._known = self._known | set(pool.urls)
+        self._pools = [pool, *self._pools[: _POOL_CACHE - 1]]
 
     def _view(self, pool: _Pool, units: int) -> PoolView | None:
         if self.reads_work:
@@ -455,15 +485,19 @@ class PrefixPolicy(LoadBalancingPolicy):
         (ties by fewest processed, then index). The decode leg is chosen first: when none
         is eligible, ``None`` is returned and no tree is touched."""
         check_request_text(request_text)
-        check_workers(decode_workers)
-        key = decode_workers if type(decode_workers) is tuple else tuple(decode_workers)
-        view = self._view(self._pool(key), 0)
+        with _naming("decode_workers"):
+            check_workers(decode_workers)
+            key = decode_workers if type(decode_workers) is tuple else tuple(decode_workers)
+            view = self._view(self._pool(key), 0)
         if view is None:
             return None
         d = view.pick(view.eligible)
-        prefill = self.decide(prefill_workers, request_text)
+        with _naming("prefill_workers"):
+            prefill = self.decide(prefill_workers, request_text)
         if prefill is None:
             return None
+        if not view.pool.cached:
+            self._keep(view.pool)
         key[d].increment_processed()
         leg = Decision(
             d, view.urls[d], DecisionReason.POLICY, prefill.request_units, 0, prefill.prompt_tokens

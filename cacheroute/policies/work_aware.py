@@ -232,7 +232,8 @@ class WorkAwarePolicy(PrefixPolicy):
     >>> from cacheroute import BasicWorker, acquire
     >>> ws = [BasicWorker("http://a"), BasicWorker("http://b")]
     >>> p = WorkAwarePolicy()
-    >>> first = acquire(p, ws, "You are a helpful assistant. " * 40 + "Hi")
+    >>> with acquire(p, ws, "You are a helpful assistant. " * 40 + "Hi") as first:
+    ...     pass  # the engine answers; its cache now holds the prompt
     >>> acquire(p, ws, "You are a helpful assistant. " * 40 + "Bye").index == first.index
     True
 
