@@ -1209,8 +1209,9 @@ class _LeasedStream:
             watch.stop()
             lease.release(success=outcome == "completed")
             gateway.record(lease.worker, outcome, detail)
-            if outcome == "completed":
-                gateway._record_usage(lease.worker, self._usage)
+            # The engine's report holds however the stream ended (a client that leaves
+            # right after [DONE] included): its prefill was served from what it had cached.
+            gateway._record_usage(lease.worker, self._usage)
             # Closing the upstream connection is how the engine learns to stop generating;
             # a stream read to its end goes back to the pool.
             if outcome == "completed":

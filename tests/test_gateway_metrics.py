@@ -176,3 +176,28 @@ def test_engine_usage_is_read_from_the_answer(
         " 2.0"
     ]
     assert _samples(text, "cacheroute_tree_size") == []  # round_robin keeps no tree
+
+
+def test_engine_usage_is_recorded_when_the_client_leaves_mid_stream(
+    tmp_path: Path, started: list[Any]
+) -> None:
+    # 500 ms a token: the client is gone long before the stream ends.
+    engine = Publisher("engine-0", tmp_path, "--decode-ms-per-token", "500")
+    started.append(engine)
+    gw = PreciseGateway([engine])
+    started.append(gw)
+    prompt = _prompt("P", 3)
+    body = {"prompt": prompt, "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=10.0) as r:
+        assert r.headers["x-prompt-tokens"] == "48"
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    _wait_until(lambda: gw.loads() == [0], 10.0, "the lease released")
+    assert gw.gateway.stats()["requests"]["client_disconnects"] == 1
+    text = httpx.get(gw.url + "/metrics", timeout=5.0).text
+    # The engine prefilled 48 tokens, none cached, whatever the client did afterwards.
+    assert _samples(text, "cacheroute_engine_prompt_tokens_total") == [
+        f'cacheroute_engine_prompt_tokens_total{{worker="{engine.url}"}} 48.0'
+    ]
+    assert _samples(text, "cacheroute_engine_cached_tokens_total") == [
+        f'cacheroute_engine_cached_tokens_total{{worker="{engine.url}"}} 0.0'
+    ]
