@@ -351,14 +351,16 @@ class RouterMetrics:
              "lag_seconds": {"http://w1:8000": 0.02, "http://w2:8000": 0.4}}
 
         Raises:
-            TypeError: ``index`` has no callable ``stats``, or ``row_gauges`` is not a
-                collection of ``str``.
+            TypeError: ``index`` has no callable ``stats``, or ``row_gauges`` is not a set,
+                list or tuple of ``str``.
             ValueError: another tracked index already has this name.
         """
         if not callable(getattr(index, "stats", None)):
             raise TypeError(f"index must have a stats() method, got {type(index).__name__}")
-        if isinstance(row_gauges, str) or not all(isinstance(g, str) for g in row_gauges):
-            raise fail("row_gauges", "a collection of field names", row_gauges, TypeError)
+        if not isinstance(row_gauges, (set, frozenset, list, tuple)) or not all(
+            isinstance(g, str) for g in row_gauges
+        ):
+            raise fail("row_gauges", "a set, list or tuple of field names", row_gauges, TypeError)
         self._state.add_index(check_str("name", name), index, frozenset(row_gauges))
 
     def __repr__(self) -> str:
