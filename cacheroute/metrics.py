@@ -23,7 +23,8 @@ scrape time.
 **At scrape time** (a custom collector, nothing per request): every tracked worker's in-flight
 load, pending prefill tokens, decode tokens, health and processed count; every tracked
 policy's tree sizes per (model, kind) and per worker; and the counters of any tracked index
-(an object with ``stats() -> dict``, e.g. the KV-event index).
+(an object with ``stats() -> dict``: the KV-event index's ``{url: WorkerStats}`` becomes one
+metric per counter with a ``worker`` label).
 
 **Predicted versus actual.** :meth:`RouterMetrics.record_engine_usage` counts the cached
 tokens an engine reports for a request (``usage.prompt_tokens_details.cached_tokens``), next
@@ -36,12 +37,13 @@ scrape and logged (logger ``cacheroute.metrics``); the scrape itself never fails
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 from cacheroute._validation import check_int, check_sequence, check_str, fail
@@ -62,7 +64,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "cacheroute.metrics needs prometheus_client: pip install 'cacheroute[metrics]'"
     ) from exc
 
-__all__ = ["MATCH_RATIO_BUCKETS", "RouterMetrics", "StatsSource", "WorkerSource"]
+__all__ = [
+    "INDEX_ROW_GAUGES",
+    "MATCH_RATIO_BUCKETS",
+    "RouterMetrics",
+    "StatsSource",
+    "WorkerSource",
+]
 
 _log = logging.getLogger("cacheroute.metrics")
 
@@ -75,6 +83,11 @@ that moment) or a callable returning the current workers."""
 
 StatsSource = Any
 """Any object with a ``stats() -> Mapping`` method (see :meth:`RouterMetrics.track_index`)."""
+
+INDEX_ROW_GAUGES = frozenset({"blocks", "last_seq", "stale", "connected", "seconds_since_heard"})
+"""Fields of a per-worker stats row that hold state, exported as gauges; every other numeric
+field of a row is a counter. These are the state fields of the KV-event index's
+:class:`~cacheroute.events.WorkerStats`; the rest of its fields count events."""
 
 _Family: TypeAlias = "GaugeMetricFamily | CounterMetricFamily"
 
@@ -307,26 +320,48 @@ class RouterMetrics:
         """The labels of the tracked policies, in tracking order."""
         return self._state.policy_labels()
 
-    def track_index(self, index: StatsSource, name: str = "kv_events") -> None:
+    def track_index(
+        self,
+        index: StatsSource,
+        name: str = "kv_events",
+        *,
+        row_gauges: Collection[str] = INDEX_ROW_GAUGES,
+    ) -> None:
         """Export the counters of ``index.stats()`` at every scrape, labelled ``index=<name>``.
 
-        ``stats()`` returns a mapping; each item is either ``key: number`` (one sample of
-        ``<namespace>_index_<key>``) or ``key: {label: number}`` (one sample per entry, with a
-        ``worker=<label>`` label). Keys ending in ``_total`` are exported as counters,
-        others as gauges; ``bool`` values as 0/1; anything else is skipped. Built for the
-        KV-event index (subscriber lag, sequence gaps, events applied), it accepts any
-        object with such a ``stats()``::
+        ``stats()`` returns a mapping; each item is one of
+
+        * ``key: number``: one sample of ``<namespace>_index_<key>``;
+        * ``key: {label: number}``: one sample per entry, with a ``worker=<label>`` label;
+        * ``worker: row``, where ``row`` is a dataclass instance of counters (what
+          :meth:`cacheroute.events.KVEventIndex.stats` returns, ``{url: WorkerStats}``):
+          transposed, one metric per numeric field, one sample per worker, labelled
+          ``worker=<worker>``. Fields in ``row_gauges`` (and ``bool`` fields) are gauges,
+          the others counters (``<namespace>_index_<field>_total``); ``None`` fields are
+          left out for that worker.
+
+        For the first two shapes, keys ending in ``_total`` are exported as counters,
+        others as gauges. ``bool`` values export as 0/1; anything else is skipped. The
+        KV-event index exports, per worker, ``batches_total``, ``events_total``,
+        ``gaps_total``, ``replays_total``, ``lost_batches_total``, ``resets_total``, ... and
+        the gauges ``blocks``, ``last_seq``, ``stale``, ``connected``,
+        ``seconds_since_heard``. Any object with such a ``stats()`` works::
 
             {"events_applied_total": 120, "gaps_total": 1,
              "lag_seconds": {"http://w1:8000": 0.02, "http://w2:8000": 0.4}}
 
         Raises:
-            TypeError: ``index`` has no callable ``stats``.
+            TypeError: ``index`` has no callable ``stats``, or ``row_gauges`` is not a set,
+                list or tuple of ``str``.
             ValueError: another tracked index already has this name.
         """
         if not callable(getattr(index, "stats", None)):
             raise TypeError(f"index must have a stats() method, got {type(index).__name__}")
-        self._state.add_index(check_str("name", name), index)
+        if not isinstance(row_gauges, (set, frozenset, list, tuple)) or not all(
+            isinstance(g, str) for g in row_gauges
+        ):
+            raise fail("row_gauges", "a set, list or tuple of field names", row_gauges, TypeError)
+        self._state.add_index(check_str("name", name), index, frozenset(row_gauges))
 
     def __repr__(self) -> str:
         return f"RouterMetrics(namespace={self.namespace!r}, {self._state!r})"
@@ -341,7 +376,7 @@ class _Collector(Collector):
         self._lock = threading.Lock()
         self._workers: list[WorkerSource] = []
         self._policies: list[tuple[str, LoadBalancingPolicy]] = []
-        self._indexes: list[tuple[str, StatsSource]] = []
+        self._indexes: list[tuple[str, StatsSource, frozenset[str]]] = []
 
     def add_workers(self, source: WorkerSource) -> None:
         with self._lock:
@@ -356,11 +391,11 @@ class _Collector(Collector):
     def policy_labels(self) -> list[str]:
         return [label for label, _ in self._policies]
 
-    def add_index(self, name: str, index: StatsSource) -> None:
+    def add_index(self, name: str, index: StatsSource, row_gauges: frozenset[str]) -> None:
         with self._lock:
-            if any(name == known for known, _ in self._indexes):
+            if any(name == known for known, _, _ in self._indexes):
                 raise ValueError(f"an index named {name!r} is already tracked")
-            self._indexes = [*self._indexes, (name, index)]
+            self._indexes = [*self._indexes, (name, index, row_gauges)]
 
     def describe(self) -> list[Metric]:
         # The fixed families (empty), so that a second RouterMetrics on the same registry
@@ -509,7 +544,7 @@ class _Collector(Collector):
 
     def _collect_indexes(self) -> Iterator[Metric]:
         families: dict[str, _Family] = {}
-        for name, index in self._indexes:
+        for name, index, row_gauges in self._indexes:
             try:
                 stats = index.stats()
                 if not isinstance(stats, Mapping):
@@ -520,6 +555,9 @@ class _Collector(Collector):
                 continue
             for key, value in items:
                 if not isinstance(key, str):
+                    continue
+                if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                    self._index_row(families, name, key, value, row_gauges)
                     continue
                 if isinstance(value, Mapping):
                     samples = []
@@ -540,19 +578,47 @@ class _Collector(Collector):
                     family.add_metric(values, number)
         yield from families.values()
 
+    def _index_row(
+        self,
+        families: dict[str, _Family],
+        name: str,
+        worker: str,
+        row: Any,
+        gauges: frozenset[str],
+    ) -> None:
+        """One worker's row of counters (a dataclass): one sample per numeric field."""
+        labels = ["index", "worker"]
+        for f in dataclasses.fields(row):
+            raw = getattr(row, f.name)
+            number = _number(raw)
+            if number is None:
+                continue
+            counter = f.name not in gauges and not isinstance(raw, bool)
+            family = self._index_family(families, f.name, labels, counter)
+            if family is not None:
+                family.add_metric([name, worker], number)
+
     def _index_family(
-        self, families: dict[str, _Family], key: str, labels: list[str]
+        self,
+        families: dict[str, _Family],
+        key: str,
+        labels: list[str],
+        counter: bool | None = None,
     ) -> _Family | None:
+        """The family of ``key`` (a counter if ``counter``, or by a ``_total`` suffix when
+        ``None``); ``None`` when the name is taken by a family of another shape."""
         base = _metric_name(key)
-        counter = base.endswith("_total")
-        if counter:
+        if base.endswith("_total"):
             base = base[: -len("_total")]
+            counter = True if counter is None else counter
+        counter = bool(counter)
         name = f"{self._ns}_index_{base}"
         family = families.get(name)
         if family is not None:
             # The same key with another shape (in another index): keep the first shape.
             same = tuple(getattr(family, "_labelnames", labels)) == tuple(labels)
-            return family if same else None
+            kind = isinstance(family, CounterMetricFamily) == counter
+            return family if same and kind else None
         doc = f"{key} from a tracked index's stats()."
         new: _Family = (
             CounterMetricFamily(name, doc, labels=labels)
@@ -565,5 +631,5 @@ class _Collector(Collector):
     def __repr__(self) -> str:
         return (
             f"workers={len(self._workers)} sources, policies={self.policy_labels()}, "
-            f"indexes={[n for n, _ in self._indexes]}"
+            f"indexes={[n for n, _, _ in self._indexes]}"
         )

@@ -2,11 +2,25 @@
 
 It behaves like an SGLang or vLLM replica where it matters for routing:
 
-* **Prefix cache.** Prompts are cut into approximate tokens (4 characters each, or the ids
-  themselves for token-id prompts), grouped into blocks of 16 tokens, and each block is keyed
-  by a hash chained over every block before it (the vLLM automatic-prefix-cache scheme). A
-  prompt's cached tokens are its leading blocks already in the cache. The cache is an LRU of at
-  most ``cache_blocks`` blocks.
+* **Tokens.** :func:`token_ids` is the engine's tokenizer: a text is cut into 4-character
+  pieces and each piece becomes a deterministic id (the same in every process, so a gateway
+  that imports it, ``examples/gateway.py --tokenizer fake``, computes exactly the engine's
+  ids). Token-id prompts are used as they are. Chat requests go through
+  :func:`chat_prompt`, a minimal chat template, first.
+* **Prefix cache.** Token ids are grouped into blocks of 16, and each block is keyed by a
+  hash chained over every block before it (the vLLM automatic-prefix-cache scheme). A
+  prompt's cached tokens are its leading blocks already in the cache. The cache is an LRU of
+  at most ``cache_blocks`` blocks.
+* **KV events** (off by default). With ``--kv-events-endpoint`` the engine publishes every
+  change of its cache in vLLM's wire format through
+  :class:`cacheroute.events.KVEventPublisher`: ``BlockStored`` (hashes, parent hash, token
+  ids, block size) when a prefill caches new blocks, ``BlockRemoved`` when the LRU evicts
+  them, ``AllBlocksCleared`` on ``POST /reset_prefix_cache``. With
+  ``--kv-events-replay-endpoint`` it answers replay requests from its last 10,000 batches.
+  Sequence numbers start at 0 in every process, so a restart shows as the sequence going
+  down. ``GET /kv_events`` says where it publishes. ``--kv-events-drop-seq N`` (a test
+  knob) keeps batch ``N`` off the PUB socket but in the replay buffer, as a message lost on
+  the wire.
 * **Time to first token** grows with the *uncached* part of the prompt: prefill costs
   ``prefill_ms_per_token`` per uncached token and prefills run one at a time (one compute
   stream), so cache misses also delay the requests queued behind them.
@@ -31,11 +45,12 @@ import json
 import socket
 import time
 import uuid
+import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
-from contextlib import suppress
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -43,24 +58,62 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-__all__ = ["EngineConfig", "PrefixCache", "create_app", "main", "tokenize"]
+if TYPE_CHECKING:
+    from cacheroute.events import KVEvent, KVEventPublisher
+
+__all__ = [
+    "BLOCK_TOKENS",
+    "VOCAB_SIZE",
+    "EngineConfig",
+    "PrefixCache",
+    "chat_prompt",
+    "create_app",
+    "main",
+    "token_ids",
+    "tokenize",
+]
 
 CHARS_PER_TOKEN = 4
 BLOCK_TOKENS = 16
+VOCAB_SIZE = 1 << 20
+"""Ids of :func:`token_ids` are below this (and so below 0x110000, the KV-event index's
+limit; real vocabularies are smaller still)."""
 _WORDS = ("the", "cache", "router", "sends", "each", "prefix", "home", "and", "tokens", "flow")
 
-Token = str | int
+
+def token_ids(text: str) -> list[int]:
+    """The fake engine's tokenizer: one id per 4-character piece of ``text``.
+
+    Deterministic across processes and Python versions (CRC-32 of the piece's UTF-8, below
+    :data:`VOCAB_SIZE`), so a gateway that imports this function routes on exactly the ids
+    the engine caches and reports in its KV events. Two pieces may share an id, as two
+    strings may share a hash: harmless for a stand-in.
+
+    >>> token_ids("abcdabcdxy")
+    [183569, 183569, 403609]
+    """
+    mask = VOCAB_SIZE - 1
+    crc = zlib.crc32
+    return [
+        crc(text[i : i + CHARS_PER_TOKEN].encode("utf-8", "surrogatepass")) & mask
+        for i in range(0, len(text), CHARS_PER_TOKEN)
+    ]
 
 
-def tokenize(prompt: str | Sequence[int]) -> list[Token]:
-    """Approximate tokens: 4-character pieces of a text, or the ids of a token-id prompt."""
+def tokenize(prompt: str | Sequence[int]) -> list[int]:
+    """The tokens of a prompt: :func:`token_ids` of a text, or the ids of a token-id prompt."""
     if isinstance(prompt, str):
-        return [prompt[i : i + CHARS_PER_TOKEN] for i in range(0, len(prompt), CHARS_PER_TOKEN)]
+        return token_ids(prompt)
     return list(prompt)
 
 
 class PrefixCache:
     """An LRU-bounded prefix cache of token blocks keyed by chained hashes.
+
+    A block's key covers it and every block before it, and eviction takes the least
+    recently used block first; a prompt's head is always touched after its tail, so a
+    block is never evicted before a block that extends it (what the cache holds of a chain
+    is always a prefix of it, as in vLLM, whose freed blocks are evicted tail first).
 
     Not thread-safe: the engine only touches it from its event loop.
     """
@@ -74,8 +127,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._blocks
+
     @staticmethod
-    def block_keys(tokens: Sequence[Token]) -> list[int]:
+    def block_keys(tokens: Sequence[int]) -> list[int]:
         """One key per *full* block; each key covers the block and everything before it."""
         keys: list[int] = []
         key = 0
@@ -93,15 +149,30 @@ class PrefixCache:
             n += 1
         return n
 
-    def insert(self, keys: Sequence[int]) -> None:
-        """Cache (or refresh) every block of a prompt that was just prefilled."""
+    def insert(self, keys: Sequence[int]) -> tuple[int, list[int]]:
+        """Cache (or refresh) every block of a prompt that was just prefilled.
+
+        Returns ``(already, evicted)``: how many leading blocks of ``keys`` were cached
+        before (the new blocks are ``keys[already:]``), and the keys evicted to make room,
+        in eviction order (possibly some of this prompt's own tail, if it is longer than
+        the cache).
+        """
+        already = self.match(keys)
         # Touch the last block first so a prompt's head is the most recently used:
         # eviction then drops tails before the shared prefixes everything depends on.
         for key in reversed(keys):
             self._blocks[key] = None
             self._blocks.move_to_end(key)
+        evicted = []
         while len(self._blocks) > self.capacity_blocks:
-            self._blocks.popitem(last=False)
+            evicted.append(self._blocks.popitem(last=False)[0])
+        return already, evicted
+
+    def clear(self) -> int:
+        """Drop every block (``/reset_prefix_cache``); returns how many were held."""
+        n = len(self._blocks)
+        self._blocks.clear()
+        return n
 
 
 @dataclass
@@ -119,6 +190,15 @@ class EngineConfig:
     cache_blocks: int = 1024
     """Prefix-cache capacity in blocks of 16 tokens (1024 blocks: 16,384 tokens, so a
     handful of long system prompts fill it, as they fill a real engine's KV cache)."""
+    kv_events_endpoint: str | None = None
+    """ZMQ PUB address to publish KV events on (``tcp://127.0.0.1:5557``; port ``*``: any
+    free port, see ``GET /kv_events``); ``None``: no events."""
+    kv_events_replay_endpoint: str | None = None
+    """ZMQ ROUTER address answering replay requests; ``None``: no replay."""
+    kv_events_topic: str = ""
+    kv_events_drop_seq: frozenset[int] = field(default_factory=frozenset)
+    """Sequence numbers of batches kept off the PUB socket (still replayable): a test knob
+    that loses a message on the wire on purpose."""
 
 
 class _Engine:
@@ -130,20 +210,88 @@ class _Engine:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.running = 0
+        self.batches_published = 0
+        self.batches_dropped = 0
+        self.publisher: KVEventPublisher | None = None
+        if config.kv_events_endpoint is not None:
+            from cacheroute.events import KVEventPublisher
 
-    def lookup(self, prompt: str | Sequence[int]) -> tuple[list[int], int, int]:
-        """(block keys, prompt tokens, cached tokens) of a prompt."""
+            self.publisher = KVEventPublisher(
+                config.kv_events_endpoint,
+                config.kv_events_replay_endpoint,
+                topic=config.kv_events_topic,
+            )
+
+    def lookup(self, prompt: str | Sequence[int]) -> tuple[list[int], list[int], int]:
+        """(tokens, block keys, cached tokens) of a prompt."""
         tokens = tokenize(prompt)
         keys = PrefixCache.block_keys(tokens)
         cached = min(self.cache.match(keys) * BLOCK_TOKENS, len(tokens))
-        return keys, len(tokens), cached
+        return tokens, keys, cached
 
-    async def prefill(self, keys: list[int], prompt_tokens: int, cached: int) -> None:
+    async def prefill(self, tokens: list[int], keys: list[int], cached: int) -> None:
         cfg = self.config
         await asyncio.sleep(cfg.base_latency_ms / 1000)
         async with self.prefill_lock:
-            await asyncio.sleep((prompt_tokens - cached) * cfg.prefill_ms_per_token / 1000)
-            self.cache.insert(keys)
+            await asyncio.sleep((len(tokens) - cached) * cfg.prefill_ms_per_token / 1000)
+            already, evicted = self.cache.insert(keys)
+            self._publish_changes(tokens, keys, already, evicted)
+
+    def _publish_changes(
+        self, tokens: list[int], keys: list[int], already: int, evicted: list[int]
+    ) -> None:
+        """One batch per cache change, as vLLM publishes one per scheduler step."""
+        if self.publisher is None:
+            return
+        from cacheroute.events import BlockRemoved, BlockStored
+
+        events: list[KVEvent] = []
+        if already < len(keys):  # blocks already cached were stored (and published) before
+            events.append(
+                BlockStored(
+                    block_hashes=keys[already:],
+                    parent_block_hash=keys[already - 1] if already else None,
+                    token_ids=tokens[already * BLOCK_TOKENS : len(keys) * BLOCK_TOKENS],
+                    block_size=BLOCK_TOKENS,
+                    medium="GPU",
+                )
+            )
+        if evicted:
+            events.append(BlockRemoved(evicted, medium="GPU"))
+        self.publish(events)
+
+    def publish(self, events: Iterable[KVEvent]) -> None:
+        events = list(events)
+        if self.publisher is None or not events:
+            return
+        drop = self.publisher.next_seq in self.config.kv_events_drop_seq
+        self.publisher.publish(events, send=not drop)
+        self.batches_published += 1
+        self.batches_dropped += drop
+
+    def reset_prefix_cache(self) -> int:
+        from cacheroute.events import AllBlocksCleared
+
+        n = self.cache.clear()
+        self.publish([AllBlocksCleared()])
+        return n
+
+    def kv_events(self) -> dict[str, Any]:
+        pub = self.publisher
+        return {
+            "enabled": pub is not None,
+            "endpoint": pub.endpoint if pub else None,
+            "replay_endpoint": pub.replay_endpoint if pub else None,
+            "topic": self.config.kv_events_topic,
+            "block_size": BLOCK_TOKENS,
+            "next_seq": pub.next_seq if pub else None,
+            "batches_published": self.batches_published,
+            "batches_dropped": self.batches_dropped,
+        }
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -167,7 +315,15 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def chat_prompt(messages: Sequence[Any]) -> str:
-    """A minimal chat template: every message in order, then the assistant's turn."""
+    r"""A minimal chat template: every message in order, then the assistant's turn.
+
+    Each message is ``<|{role}|>\n{content}\n`` (text content parts joined, other parts
+    left out), and the prompt ends with ``<|assistant|>\n``. Tools and tool calls are not
+    part of it.
+
+    >>> chat_prompt([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
+    '<|system|>\nS\n<|user|>\nQ\n<|assistant|>\n'
+    """
     parts = []
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
@@ -180,7 +336,11 @@ def chat_prompt(messages: Sequence[Any]) -> str:
 
 
 def create_app(config: EngineConfig | None = None) -> Starlette:
-    """Build the engine's ASGI app; ``app.state.engine`` holds its cache and counters."""
+    """Build the engine's ASGI app; ``app.state.engine`` holds its cache and counters.
+
+    With ``config.kv_events_endpoint`` the publisher's sockets are bound here (a port in use
+    fails at once) and closed when the app shuts down.
+    """
     engine = _Engine(config or EngineConfig())
     cfg = engine.config
 
@@ -212,7 +372,8 @@ def create_app(config: EngineConfig | None = None) -> Starlette:
             return _error(400, "'max_tokens' must be a positive integer")
         model = str(body.get("model") or "fake-model")
 
-        keys, prompt_tokens, cached = engine.lookup(prompt)
+        tokens, keys, cached = engine.lookup(prompt)
+        prompt_tokens = len(tokens)
         engine.requests += 1
         engine.prompt_tokens += prompt_tokens
         engine.cached_tokens += cached
@@ -243,7 +404,7 @@ def create_app(config: EngineConfig | None = None) -> Starlette:
         if not body.get("stream"):
             engine.running += 1
             try:
-                await engine.prefill(keys, prompt_tokens, cached)
+                await engine.prefill(tokens, keys, cached)
                 await asyncio.sleep(max_tokens * cfg.decode_ms_per_token / 1000)
             finally:
                 engine.running -= 1
@@ -272,7 +433,7 @@ def create_app(config: EngineConfig | None = None) -> Starlette:
             # A client that disconnects cancels this generator, which stops the "decode".
             engine.running += 1
             try:
-                await engine.prefill(keys, prompt_tokens, cached)
+                await engine.prefill(tokens, keys, cached)
                 for i, word in enumerate(words):
                     if i:
                         await asyncio.sleep(cfg.decode_ms_per_token / 1000)
@@ -300,6 +461,21 @@ def create_app(config: EngineConfig | None = None) -> Starlette:
     async def stats(request: Request) -> Response:
         return JSONResponse(engine.stats())
 
+    async def reset_prefix_cache(request: Request) -> Response:
+        # vLLM's endpoint of the same name (POST, 200 when done): every block is dropped,
+        # and an AllBlocksCleared event says so.
+        return JSONResponse({"status": "ok", "blocks_cleared": engine.reset_prefix_cache()})
+
+    async def kv_events(request: Request) -> Response:
+        return JSONResponse(engine.kv_events())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            engine.close()
+
     app = Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
@@ -307,7 +483,10 @@ def create_app(config: EngineConfig | None = None) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/stats", stats, methods=["GET"]),
-        ]
+            Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"]),
+            Route("/kv_events", kv_events, methods=["GET"]),
+        ],
+        lifespan=lifespan,
     )
     app.state.engine = engine
     return app
@@ -326,8 +505,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--base-latency-ms", type=float, default=d.base_latency_ms)
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     p.add_argument("--cache-blocks", type=int, default=d.cache_blocks)
+    p.add_argument(
+        "--kv-events-endpoint",
+        metavar="ADDR",
+        help="publish KV events (vLLM wire format) on this ZMQ PUB address, e.g. "
+        "tcp://127.0.0.1:5557 (port *: any free port); off by default",
+    )
+    p.add_argument(
+        "--kv-events-replay-endpoint",
+        metavar="ADDR",
+        help="answer replay requests on this ZMQ ROUTER address",
+    )
+    p.add_argument("--kv-events-topic", default="", help="topic frame of every message")
+    p.add_argument(
+        "--kv-events-drop-seq",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="test knob: keep batch N off the PUB socket (still replayable)",
+    )
     p.add_argument("--log-level", default="warning")
     a = p.parse_args(argv)
+    if a.kv_events_replay_endpoint and not a.kv_events_endpoint:
+        p.error("--kv-events-replay-endpoint needs --kv-events-endpoint")
     config = EngineConfig(
         name=a.name or f"engine-{a.port}",
         prefill_ms_per_token=a.prefill_ms_per_token,
@@ -335,6 +536,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         base_latency_ms=a.base_latency_ms,
         default_max_tokens=a.default_max_tokens,
         cache_blocks=a.cache_blocks,
+        kv_events_endpoint=a.kv_events_endpoint,
+        kv_events_replay_endpoint=a.kv_events_replay_endpoint,
+        kv_events_topic=a.kv_events_topic,
+        kv_events_drop_seq=frozenset(a.kv_events_drop_seq),
     )
     server = uvicorn.Server(
         uvicorn.Config(create_app(config), host=a.host, port=a.port, log_level=a.log_level)

@@ -12,7 +12,9 @@ for each request with any registered cacheroute policy:
   route on the whole conversation (tools, then every message in order), so turn ``k+1``
   of a conversation extends turn ``k`` and lands where its KV cache is.
 * **Bodies untouched.** The request body is forwarded byte for byte (it is parsed only to
-  find the routing text), and the engine's answer is relayed as it came.
+  find the routing text), and the engine's answer is relayed as it came. The one exception:
+  with a tokenizer, a completions request whose prompt is one text is forwarded with that
+  prompt replaced by its token ids.
 * **Health.** An engine is marked unhealthy when it refuses connections, after
   ``max_failures`` consecutive failed requests, or when a health check fails; it is used
   again as soon as a health check passes (every ``health_check_interval`` seconds).
@@ -22,7 +24,18 @@ for each request with any registered cacheroute policy:
   OpenAI-style JSON error body. A stream's status is sent only with its first whole event,
   so a failure before it is still a clean JSON error; a failure after it ends the stream
   with a ``data: {"error": ...}`` event of its own instead of ``data: [DONE]``.
-* ``GET /stats``: per-engine health, load, processed and outcome counters.
+* ``GET /stats``: per-engine health, load, processed and outcome counters (and the KV-event
+  index's per-engine counters when it follows the engines' events).
+* ``GET /metrics``: Prometheus text (:class:`cacheroute.metrics.RouterMetrics` on the
+  gateway's own registry): decisions, match ratio, predicted against engine-reported cached
+  tokens, worker load and work, tree sizes, KV-event index counters.
+* **Tokens** (``--tokenizer fake`` or ``--tokenizer path/to/tokenizer.json``): requests then
+  route on token ids. A completions text prompt is tokenized and *forwarded as its ids*, so
+  the engine caches exactly the ids the gateway routed on; chat requests route on the ids
+  of the templated conversation and are forwarded untouched. See :class:`Tokenizer`.
+* **KV events** (``--worker-events PUB[,REPLAY]`` per ``--worker``): a
+  :class:`cacheroute.events.KVEventIndex` follows what each engine reports it caches, and
+  prefix-aware policies match token-id requests on those reports (``--index-mode``).
 
 Run it::
 
@@ -35,12 +48,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
+import inspect
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
 
 import aiohttp
 import uvicorn
@@ -59,19 +77,33 @@ from cacheroute import (
     available_policies,
     make_policy,
 )
+from cacheroute.policies.registry import policy_class
 from cacheroute.worker import Worker
+
+try:  # the metrics extra (prometheus_client); /metrics says how to get it when missing
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    from cacheroute.metrics import RouterMetrics
+except ImportError:  # pragma: no cover - exercised only without the extra
+    RouterMetrics = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "DEFAULT_POLICY",
     "FALLBACK_POLICY",
     "BadRequest",
+    "FakeTokenizer",
     "Gateway",
+    "HFTokenizer",
+    "Tokenizer",
+    "TokenizerError",
     "build_parser",
     "chat_routing_text",
     "create_app",
     "default_policy_name",
+    "load_tokenizer",
     "main",
     "parse_request",
+    "parse_worker_events",
     "routing_text",
 ]
 
@@ -230,6 +262,125 @@ def parse_request(
     return body, None
 
 
+# --------------------------------------------------------------------------- tokenizers
+
+
+class TokenizerError(RuntimeError):
+    """A tokenizer that cannot be loaded (package or file missing, unreadable file)."""
+
+
+class Tokenizer(Protocol):
+    """What the gateway needs of a tokenizer: the ids of a text and of a chat request.
+
+    ``chat_ids`` must reproduce the ids the engine computes for the conversation (its chat
+    template, then its tokenizer): only then do the engine's KV events match the request.
+    """
+
+    name: str
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of a completions prompt, as the engine would tokenize it."""
+        ...
+
+    def chat_ids(self, body: Mapping[str, Any]) -> list[int]:
+        """The token ids of a chat request's templated conversation."""
+        ...
+
+
+_FAKE_ENGINE = "_cacheroute_gateway_fake_engine"
+
+
+def _fake_engine() -> ModuleType:
+    """``examples/fake_engine.py`` (next to this file), imported once."""
+    module = sys.modules.get(_FAKE_ENGINE)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(
+            _FAKE_ENGINE, Path(__file__).with_name("fake_engine.py")
+        )
+        if spec is None or spec.loader is None:  # pragma: no cover - file missing
+            raise TokenizerError(
+                "--tokenizer fake needs examples/fake_engine.py next to gateway.py"
+            )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_FAKE_ENGINE] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+class FakeTokenizer:
+    """``fake_engine.py``'s own tokenizer and chat template: the gateway's ids are exactly
+    the fake engine's (``fake_engine.token_ids`` of ``fake_engine.chat_prompt``)."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        engine = _fake_engine()
+        self._ids: Callable[[str], list[int]] = engine.token_ids
+        self._template: Callable[[Sequence[Any]], str] = engine.chat_prompt
+
+    def encode(self, text: str) -> list[int]:
+        return self._ids(text)
+
+    def chat_ids(self, body: Mapping[str, Any]) -> list[int]:
+        return self._ids(self._template(body.get("messages") or []))
+
+
+class HFTokenizer:
+    """A local Hugging Face ``tokenizer.json``, through the ``tokenizers`` package.
+
+    Nothing is ever downloaded: the file is read from disk. Completions prompts are encoded
+    with the tokenizer's special tokens (``add_special_tokens=True``, as vLLM and SGLang do
+    for completions); the ids are forwarded, so the engine uses exactly them.
+
+    A ``tokenizer.json`` holds no chat template (that lives in ``tokenizer_config.json``,
+    as Jinja). Chat requests are routed on the ids of the fake engine's plain template
+    (``<|role|>\\ncontent\\n`` per message, then ``<|assistant|>\\n``, see
+    ``fake_engine.chat_prompt``), which a real engine does not use: their ids match an
+    engine's KV events only if the engine runs the same template; otherwise chat
+    affinity comes from the routed history (and, in hybrid mode, the claims).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError:
+            raise TokenizerError(
+                f"--tokenizer {path} needs the 'tokenizers' package, which is not installed: "
+                "pip install tokenizers (or pip install -e '.[examples]')"
+            ) from None
+        file = Path(path)
+        if not file.is_file():
+            raise TokenizerError(f"--tokenizer {path}: no such file (give a local tokenizer.json)")
+        try:
+            self._tokenizer = _HFTokenizer.from_file(str(file))
+        except Exception as exc:  # the Rust side raises a plain Exception
+            raise TokenizerError(f"--tokenizer {path}: not a tokenizer.json: {exc}") from None
+        self.name = str(file)
+        self._template: Callable[[Sequence[Any]], str] = _fake_engine().chat_prompt
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text).ids
+        return ids
+
+    def chat_ids(self, body: Mapping[str, Any]) -> list[int]:
+        return self.encode(self._template(body.get("messages") or []))
+
+
+def load_tokenizer(spec: str | None) -> Tokenizer | None:
+    """``None`` (no tokenizer: route on text), ``"fake"`` (:class:`FakeTokenizer`), or the
+    path of a local ``tokenizer.json`` (:class:`HFTokenizer`).
+
+    Raises:
+        TokenizerError: the ``tokenizers`` package or the file is missing, or the file is
+            not a tokenizer.
+    """
+    if spec is None:
+        return None
+    if spec == "fake":
+        return FakeTokenizer()
+    return HFTokenizer(spec)
+
+
 # --------------------------------------------------------------------------- the gateway
 
 
@@ -252,6 +403,51 @@ def _error(status: int, kind: str, message: str, param: str | None = None) -> Re
 
 def _sse_error(status: int, kind: str, message: str) -> bytes:
     return b"data: " + _error_body(status, kind, message) + b"\n\n"
+
+
+_USAGE_MARK = b'"prompt_tokens"'
+
+
+def _header_usage(headers: Mapping[str, str]) -> tuple[int, int] | None:
+    """(prompt, cached) tokens from ``x-prompt-tokens`` / ``x-cached-tokens`` (the fake
+    engine sends them), or ``None``."""
+    p, c = headers.get("x-prompt-tokens", ""), headers.get("x-cached-tokens", "")
+    return (int(p), int(c)) if p.isdigit() and c.isdigit() else None
+
+
+def _usage_of(obj: Any) -> tuple[int, int] | None:
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    p = usage.get("prompt_tokens")
+    c = details.get("cached_tokens") if isinstance(details, dict) else None
+    if type(p) is int and type(c) is int and 0 <= c <= p:
+        return p, c
+    return None
+
+
+def _body_usage(data: bytes) -> tuple[int, int] | None:
+    """(prompt, cached) tokens from ``usage.prompt_tokens`` and
+    ``usage.prompt_tokens_details.cached_tokens`` of a JSON answer or of whole SSE events
+    (the last event that has them), or ``None``. Cheap when absent: one substring search."""
+    if _USAGE_MARK not in data:
+        return None
+    if data.lstrip()[:1] == b"{":
+        candidates = [data]
+    else:
+        candidates = [
+            line[5:]
+            for line in data.splitlines()
+            if line.startswith(b"data:") and _USAGE_MARK in line
+        ]
+    found = None
+    for candidate in candidates:
+        try:
+            found = _usage_of(json.loads(candidate)) or found
+        except ValueError:
+            continue
+    return found
 
 
 def _last_event_end(buf: bytes) -> int:
@@ -348,6 +544,17 @@ class Gateway:
         max_connections: upstream connection pool size.
         keepalive_timeout: seconds an idle upstream connection is kept for reuse; keep it
             below the engines' own keep-alive timeout (uvicorn's default is 5 s).
+        tokenizer: ``None`` (route on text), ``"fake"``, a ``tokenizer.json`` path, or a
+            :class:`Tokenizer`: requests then route on token ids (see :class:`Tokenizer`).
+        kv_events: ``{worker url: (PUB endpoint, replay endpoint or None)}`` of the engines
+            that publish KV events (an endpoint string alone: no replay). The gateway then
+            builds a :class:`cacheroute.events.KVEventIndex`, subscribes to each in its
+            lifespan, and passes ``index=`` to the policy, which must be prefix-aware
+            (given by name). Workers without an entry fall back to the routed history.
+        index_mode: ``"precise"`` or ``"hybrid"`` (the policy's default when ``None``).
+        kv_block_size: the engines' KV block size (each ``BlockStored`` carries its own).
+        kv_topic: the engines' ZMQ topic.
+        metrics: serve ``GET /metrics`` (needs ``prometheus_client``, the metrics extra).
     """
 
     def __init__(
@@ -365,6 +572,12 @@ class Gateway:
         max_retries: int = 2,
         max_connections: int = 1024,
         keepalive_timeout: float = 4.0,
+        tokenizer: Tokenizer | str | None = None,
+        kv_events: Mapping[str, str | tuple[str, str | None]] | None = None,
+        index_mode: str | None = None,
+        kv_block_size: int = 16,
+        kv_topic: str = "",
+        metrics: bool = True,
     ) -> None:
         urls = list(dict.fromkeys(u.rstrip("/") for u in worker_urls))
         if not urls:
@@ -377,16 +590,60 @@ class Gateway:
         self.workers = [BasicWorker(url) for url in urls]
         self._by_url = {w.url: w for w in self.workers}
         self.worker_stats = {url: WorkerStats() for url in urls}
+        self.tokenizer: Tokenizer | None = (
+            load_tokenizer(tokenizer)
+            if tokenizer is None or isinstance(tokenizer, str)
+            else tokenizer
+        )
+        self._feeds = self._check_feeds(kv_events or {})
+        self.index: Any = None
+        """The :class:`cacheroute.events.KVEventIndex` (``None`` without ``kv_events``)."""
         if isinstance(policy, LoadBalancingPolicy):
             if policy_config:
                 raise ValueError("policy_config is only for a policy given by name")
+            if self._feeds:
+                raise ValueError(
+                    "kv_events needs a policy given by name (the gateway passes it index=); "
+                    "for a policy object, build the KVEventIndex and pass it yourself"
+                )
             self.policy, self._owns_policy = policy, False
         else:
-            self.policy = make_policy(policy or default_policy_name(), **(policy_config or {}))
+            name = policy or default_policy_name()
+            config = dict(policy_config or {})
+            if self._feeds:
+                if "index" not in inspect.signature(policy_class(name)).parameters:
+                    raise ValueError(
+                        f"policy {name!r} does not read a KV-event index; KV events need a "
+                        "prefix-aware policy (e.g. cache_aware)"
+                    )
+                from cacheroute.events import KVEventIndex
+
+                self.index = KVEventIndex(block_size=kv_block_size)
+                config["index"] = self.index
+                if index_mode is not None:
+                    config["index_mode"] = index_mode
+            elif index_mode is not None:
+                raise ValueError("index_mode needs kv_events (the engines' event endpoints)")
+            try:
+                self.policy = make_policy(name, **config)
+            except BaseException:
+                if self.index is not None:
+                    self.index.close()
+                raise
             self._owns_policy = True
+        self.kv_topic = kv_topic
         # Policies with per-worker state (cache_aware's tree tenants) learn the pool here.
         self.policy.sync_workers(self.workers)
         self._route = bool(getattr(self.policy, "needs_request_text", True))
+        self.metrics: Any = None
+        """The :class:`cacheroute.metrics.RouterMetrics` behind ``/metrics`` (``None`` when
+        disabled or ``prometheus_client`` is missing)."""
+        if metrics and RouterMetrics is not None:
+            self.metrics = RouterMetrics(CollectorRegistry(), policy=self.policy.name)
+            self.metrics.track_workers(self.workers)
+            self.metrics.track_policy(self.policy)
+            if self.index is not None:
+                self.metrics.track_index(self.index)
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.request_timeout = request_timeout
@@ -413,6 +670,27 @@ class Gateway:
         self._recheck: asyncio.Task[None] | None = None
         self._last_recheck = float("-inf")
 
+    def _check_feeds(
+        self, kv_events: Mapping[str, str | tuple[str, str | None]]
+    ) -> dict[str, tuple[str, str | None]]:
+        feeds: dict[str, tuple[str, str | None]] = {}
+        for raw_url, feed in kv_events.items():
+            url = raw_url.rstrip("/")
+            if url not in self._by_url:
+                raise ValueError(f"kv_events names {raw_url!r}, which is not a worker")
+            endpoint, replay = (feed, None) if isinstance(feed, str) else feed
+            for addr in (endpoint, replay):
+                if addr is not None and "://" not in addr:
+                    raise ValueError(f"KV-event endpoint must look like tcp://host:port: {addr!r}")
+            feeds[url] = (endpoint, replay)
+        return feeds
+
+    def _subscribe(self) -> None:
+        """Follow every engine's KV events (background threads of the index)."""
+        for url, (endpoint, replay) in self._feeds.items():
+            self.index.subscribe(url, endpoint, replay=replay, topic=self.kv_topic)
+            log.info("following KV events of %s at %s (replay: %s)", url, endpoint, replay)
+
     # -- lifecycle ----------------------------------------------------------------------
 
     @asynccontextmanager
@@ -435,11 +713,13 @@ class Gateway:
         )
         async with session:
             self._session = session
-            await self.check_health()  # so engines that are down never get a request
-            task = (
-                asyncio.create_task(self._health_loop()) if self.health_check_interval > 0 else None
-            )
+            task: asyncio.Task[None] | None = None
             try:
+                if self.index is not None:
+                    self._subscribe()
+                await self.check_health()  # so engines that are down never get a request
+                if self.health_check_interval > 0:
+                    task = asyncio.create_task(self._health_loop())
                 yield
             finally:
                 if task is not None:
@@ -448,6 +728,9 @@ class Gateway:
                         await task
                 if self._owns_policy:
                     self.policy.close()
+                if self.index is not None:
+                    # Stops and joins the subscriber threads (each within one 50 ms poll).
+                    await asyncio.to_thread(self.index.close)
                 self._session = None
 
     @property
@@ -530,8 +813,9 @@ class Gateway:
                 )
 
     def stats(self) -> dict[str, Any]:
-        """Policy, per-engine health/load/processed/outcomes, and gateway counters."""
-        return {
+        """Policy, per-engine health/load/processed/outcomes, gateway counters, and (with KV
+        events) the index's counters per engine."""
+        out = {
             "policy": self.policy.name,
             "workers": [
                 {
@@ -545,6 +829,50 @@ class Gateway:
             ],
             "requests": dict(self.counters),
         }
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.name
+        if self.index is not None:
+            out["kv_events"] = {url: asdict(ws) for url, ws in self.index.stats().items()}
+        return out
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of :attr:`metrics` (read at call time)."""
+        out: bytes = generate_latest(self.metrics.registry)
+        return out
+
+    def _record_usage(self, worker: Worker, usage: tuple[int, int] | None) -> None:
+        if usage is not None and self.metrics is not None:
+            self.metrics.record_engine_usage(worker.url, usage[0], usage[1])
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def tokenize(
+        self, path: str, body: dict[str, Any], raw: bytes, text: RoutingText
+    ) -> tuple[bytes, RoutingText]:
+        """With a tokenizer: the body to forward and the token ids to route on.
+
+        Chat: routed on :meth:`Tokenizer.chat_ids`, forwarded as it came. Completions with
+        one text prompt: routed on its ids and forwarded with ``prompt`` replaced by them
+        (the rest of the body as parsed). Anything else (token ids already, a batch of
+        prompts) is left as it is.
+
+        Raises:
+            BadRequest: the tokenizer failed on the text.
+        """
+        tokenizer = self.tokenizer
+        if tokenizer is None or text is None:
+            return raw, text
+        try:
+            if path.endswith("/chat/completions"):
+                return raw, tokenizer.chat_ids(body) or None
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                return raw, text
+            ids = tokenizer.encode(prompt)
+        except Exception as exc:  # e.g. a lone surrogate the tokenizer refuses
+            raise BadRequest(f"the prompt could not be tokenized: {exc}", "prompt") from None
+        forwarded = json.dumps({**body, "prompt": ids}, separators=(",", ":")).encode()
+        return forwarded, ids or None
 
     # -- proxying -----------------------------------------------------------------------
 
@@ -563,6 +891,7 @@ class Gateway:
         path = scope["path"]
         try:
             body, text = parse_request(path, raw, route=self._route)
+            raw, text = self.tokenize(path, body, raw, text)
         except BadRequest as exc:
             self.counters["bad_requests"] += 1
             return _error(400, "invalid_request_error", exc.message, exc.param)
@@ -648,6 +977,8 @@ class Gateway:
                     return _error(503, "no_healthy_worker", str(exc))
             if error is not None:
                 self.counters["retries"] += 1
+            if self.metrics is not None and lease.decision is not None:
+                self.metrics.observe(lease.decision)
             worker = lease.worker
             self.worker_stats[worker.url].routed += 1
             try:
@@ -752,8 +1083,12 @@ class Gateway:
         upstream.release()  # read to the end: the connection goes back to the pool
         lease.release(success=True)
         self.record(lease.worker, "completed")
+        content = b"".join(chunks)
+        if self.metrics is not None:
+            usage = _header_usage(upstream.headers) or _body_usage(content)
+            self._record_usage(lease.worker, usage)
         headers = _response_headers(upstream, lease.worker)
-        return Response(b"".join(chunks), upstream.status, headers=headers)
+        return Response(content, upstream.status, headers=headers)
 
     async def _start_stream(
         self,
@@ -821,6 +1156,14 @@ class _LeasedStream:
         headers.append((b"x-cacheroute-worker", lease.worker.url.encode("latin-1")))
         self.status_code = upstream.status
         self.raw_headers = headers
+        # What the engine reports it had cached: its headers, else the stream's usage event.
+        self._usage = _header_usage(upstream.headers) if gateway.metrics is not None else None
+        self._scan = gateway.metrics is not None and self._usage is None
+
+    def _scan_usage(self, events: bytes) -> None:
+        usage = _body_usage(events)
+        if usage is not None:
+            self._usage = usage
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway, lease, upstream, watch = self._gateway, self._lease, self._upstream, self._watch
@@ -834,6 +1177,8 @@ class _LeasedStream:
             try:
                 while True:
                     end = _last_event_end(pending)
+                    if end and self._scan:
+                        self._scan_usage(pending[:end])
                     if end == len(pending):
                         await send({"type": "http.response.body", "body": pending,
                                     "more_body": True})  # fmt: skip
@@ -864,6 +1209,9 @@ class _LeasedStream:
             watch.stop()
             lease.release(success=outcome == "completed")
             gateway.record(lease.worker, outcome, detail)
+            # The engine's report holds however the stream ended (a client that leaves
+            # right after [DONE] included): its prefill was served from what it had cached.
+            gateway._record_usage(lease.worker, self._usage)
             # Closing the upstream connection is how the engine learns to stop generating;
             # a stream read to its end goes back to the pool.
             if outcome == "completed":
@@ -910,6 +1258,17 @@ def create_app(
                 return Response(content, status, media_type="application/json")
         return _error(503, "no_healthy_worker", "no healthy engine to list models")
 
+    async def metrics(request: Request) -> Response:
+        if gateway.metrics is None:
+            why = (
+                "metrics are disabled" if RouterMetrics is not None
+                else "metrics need prometheus_client: pip install 'cacheroute[metrics]'"
+            )  # fmt: skip
+            return Response(why + "\n", 404, media_type="text/plain")
+        # Read off the event loop: tree sizes and index counters take their own locks.
+        text = await asyncio.to_thread(gateway.metrics_text)
+        return Response(text, 200, headers={"content-type": CONTENT_TYPE_LATEST})
+
     app = Starlette(
         routes=[
             Route("/v1/completions", gateway, methods=["POST"]),
@@ -917,6 +1276,7 @@ def create_app(
             Route("/v1/models", models, methods=["GET"]),
             Route("/stats", stats, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=gateway.lifespan,
     )
@@ -934,6 +1294,39 @@ def _policy_arg(item: str) -> tuple[str, Any]:
         return key, value
 
 
+def parse_worker_events(
+    workers: Sequence[str], events: Sequence[str]
+) -> dict[str, tuple[str, str | None]]:
+    """``--worker-events`` values, matched to ``--worker`` values by position.
+
+    Each value is ``PUB``, ``PUB,REPLAY`` (ZMQ addresses, e.g.
+    ``tcp://10.0.0.1:5557,tcp://10.0.0.1:5558``) or ``none`` (that engine publishes
+    nothing). Give one per ``--worker``, in the same order, or none at all.
+
+    >>> parse_worker_events(["http://a", "http://b"], ["tcp://a:5557,tcp://a:5558", "none"])
+    {'http://a': ('tcp://a:5557', 'tcp://a:5558')}
+
+    Raises:
+        ValueError: not one value per worker, or a malformed value.
+    """
+    if not events:
+        return {}
+    if len(events) != len(workers):
+        raise ValueError(
+            f"give one --worker-events per --worker, in the same order (or 'none'): "
+            f"got {len(events)} for {len(workers)} workers"
+        )
+    out: dict[str, tuple[str, str | None]] = {}
+    for url, value in zip(workers, events, strict=True):
+        if value.strip().lower() == "none":
+            continue
+        parts = [part.strip() for part in value.split(",")]
+        if len(parts) > 2 or not all(parts):
+            raise ValueError(f"--worker-events must be PUB[,REPLAY] or none, got {value!r}")
+        out[url.rstrip("/")] = (parts[0], parts[1] if len(parts) == 2 else None)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags of :func:`main`."""
     p = argparse.ArgumentParser(
@@ -946,6 +1339,19 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{FALLBACK_POLICY}); see `cacheroute policies`")  # fmt: skip
     p.add_argument("--policy-arg", action="append", type=_policy_arg, default=[],
                    metavar="KEY=VALUE", help="policy config, e.g. cache_threshold=0.5")  # fmt: skip
+    p.add_argument("--tokenizer", metavar="fake|PATH",
+                   help="route on token ids: 'fake' (fake_engine.py's tokenizer) or a local "
+                        "tokenizer.json (needs the tokenizers package); completions text "
+                        "prompts are then forwarded as ids")  # fmt: skip
+    p.add_argument("--worker-events", action="append", default=[], metavar="PUB[,REPLAY]",
+                   help="the KV-event ZMQ endpoints of each --worker, in the same order "
+                        "('none' for an engine without events): precise mode")  # fmt: skip
+    p.add_argument("--index-mode", choices=("precise", "hybrid"), default=None,
+                   help="how the engines' reports combine with the routed history "
+                        "(default: the policy's, hybrid)")  # fmt: skip
+    p.add_argument("--kv-block-size", type=int, default=16,
+                   help="the engines' KV block size in tokens")  # fmt: skip
+    p.add_argument("--kv-events-topic", default="", help="the engines' KV-event topic")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--connect-timeout", type=float, default=5.0)
@@ -969,24 +1375,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the gateway (see ``--help``)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(
-        args.worker,
-        args.policy,
-        policy_config=dict(args.policy_arg),
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-        request_timeout=args.request_timeout,
-        health_check_interval=args.health_check_interval,
-        health_check_timeout=args.health_check_timeout,
-        max_failures=args.max_failures,
-        max_retries=args.max_retries,
-    )
+    try:
+        kv_events = parse_worker_events(args.worker, args.worker_events)
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (ValueError, TokenizerError) as exc:
+        parser.error(str(exc))
+    if args.index_mode is not None and not kv_events:
+        parser.error("--index-mode needs --worker-events (the engines' KV-event endpoints)")
+    if kv_events and tokenizer is None:
+        log.warning(
+            "KV events without --tokenizer: only requests that send token ids are matched on "
+            "the engines' reports; text requests use the routed history"
+        )
+    try:
+        app = create_app(
+            args.worker,
+            args.policy,
+            policy_config=dict(args.policy_arg),
+            tokenizer=tokenizer,
+            kv_events=kv_events,
+            index_mode=args.index_mode,
+            kv_block_size=args.kv_block_size,
+            kv_topic=args.kv_events_topic,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
+            request_timeout=args.request_timeout,
+            health_check_interval=args.health_check_interval,
+            health_check_timeout=args.health_check_timeout,
+            max_failures=args.max_failures,
+            max_retries=args.max_retries,
+        )
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
     gateway: Gateway = app.state.gateway
     log.info("routing with %r over %s", gateway.policy.name, [w.url for w in gateway.workers])
+    if gateway.tokenizer is not None:
+        log.info("routing on token ids (tokenizer: %s)", gateway.tokenizer.name)
+    if gateway.index is not None:
+        mode = getattr(gateway.policy, "config", None)
+        log.info("precise mode (%s) over KV events of %s", getattr(mode, "index_mode", "?"),
+                 sorted(kv_events))  # fmt: skip
     uvicorn.run(
         app,
         host=args.host,

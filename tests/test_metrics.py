@@ -236,6 +236,68 @@ def test_index_collector_exports_any_stats_object(
         metrics.track_index(object(), name="other")
 
 
+def test_kv_event_index_stats_are_exported_one_metric_per_counter(
+    registry: prometheus_client.CollectorRegistry,
+) -> None:
+    """KVEventIndex.stats() is {url: WorkerStats}: one metric per counter, a worker label."""
+    pytest.importorskip("msgpack")
+    from cacheroute.events import BlockRemoved, BlockStored, KVEventIndex, encode_batch
+
+    now = [100.0]
+    index = KVEventIndex(block_size=4, stale_after=30.0, clock=lambda: now[0])
+    w1, w2 = "http://w1:8000", "http://w2:8000"
+    # w1: 2 blocks stored (seq 0), then one removed at seq 2: seq 1 was lost (a gap).
+    assert index.apply(w1, 0, encode_batch([BlockStored([11, 12], None, list(range(8)), 4)]))
+    assert index.apply(w1, 2, encode_batch([BlockRemoved([12])]))
+    # w2: one block, the same batch twice (a duplicate), then a message that is not a batch.
+    stored = encode_batch([BlockStored([21], None, [1, 2, 3, 4], 4)])
+    assert index.apply(w2, 0, stored)
+    assert not index.apply(w2, 0, stored)
+    now[0] = 140.0  # w1 heard at 100, w2 at 140
+    assert not index.apply(w2, 1, b"not msgpack")
+    metrics = RouterMetrics(registry)
+    metrics.track_index(index)
+
+    def rows(counter: str) -> list[str]:
+        return family(registry, f"cacheroute_index_{counter}{{")
+
+    def row(counter: str, value: float) -> list[str]:
+        return [f'cacheroute_index_{counter}{{index="kv_events",worker="{w}"}} {value}'
+                for w in (w1, w2)]  # fmt: skip
+
+    for counter, v1, v2 in [
+        ("batches_total", 2.0, 1.0),
+        ("events_total", 2.0, 1.0),
+        ("blocks_stored_total", 2.0, 1.0),
+        ("blocks_removed_total", 1.0, 0.0),
+        ("gaps_total", 1.0, 0.0),
+        ("lost_batches_total", 1.0, 0.0),
+        ("duplicates_total", 0.0, 1.0),
+        ("bad_messages_total", 0.0, 1.0),
+        ("blocks", 1.0, 1.0),
+        ("last_seq", 2.0, 1.0),
+        ("stale", 1.0, 0.0),  # w1 silent for 40 s > stale_after
+        ("seconds_since_heard", 40.0, 0.0),
+    ]:
+        assert rows(counter) == [
+            f'cacheroute_index_{counter}{{index="kv_events",worker="{w1}"}} {v1}',
+            f'cacheroute_index_{counter}{{index="kv_events",worker="{w2}"}} {v2}',
+        ], counter
+    assert rows("resets_total") == row("resets_total", 0.0)
+    assert rows("connected") == []  # None: fed by apply(), not subscribed
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "# TYPE cacheroute_index_batches_total counter" in text
+    assert "# TYPE cacheroute_index_gaps_total counter" in text
+    assert "# TYPE cacheroute_index_blocks gauge" in text
+    assert "# TYPE cacheroute_index_stale gauge" in text
+    # Every counter of WorkerStats is exported, none twice.
+    names = {line.split("{")[0] for line in family(registry, "cacheroute_index_")}
+    assert len(names) == 19 + 4  # 19 counters; blocks, last_seq, stale, seconds_since_heard
+    with pytest.raises(TypeError, match="row_gauges"):
+        metrics.track_index(index, name="other", row_gauges="blocks")
+    index.close()
+
+
 def test_a_failing_source_is_skipped_not_the_scrape(
     registry: prometheus_client.CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
