@@ -69,12 +69,12 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from cacheroute import (
+    DEFAULT_POLICY,
     BasicWorker,
     Lease,
     LoadBalancingPolicy,
     NoHealthyWorkerError,
     acquire,
-    available_policies,
     make_policy,
 )
 from cacheroute.policies.registry import policy_class
@@ -88,8 +88,6 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     RouterMetrics = None  # type: ignore[assignment,misc]
 
 __all__ = [
-    "DEFAULT_POLICY",
-    "FALLBACK_POLICY",
     "BadRequest",
     "FakeTokenizer",
     "Gateway",
@@ -99,7 +97,6 @@ __all__ = [
     "build_parser",
     "chat_routing_text",
     "create_app",
-    "default_policy_name",
     "load_tokenizer",
     "main",
     "parse_request",
@@ -109,9 +106,6 @@ __all__ = [
 
 log = logging.getLogger("cacheroute.gateway")
 
-DEFAULT_POLICY = "cache_aware"
-FALLBACK_POLICY = "shortest_queue"
-"""Used when ``cache_aware`` is not registered (least load: safe for any traffic)."""
 
 # Headers that describe one hop, not the message; never forwarded either way.
 _HOP_BY_HOP = frozenset(
@@ -384,11 +378,6 @@ def load_tokenizer(spec: str | None) -> Tokenizer | None:
 # --------------------------------------------------------------------------- the gateway
 
 
-def default_policy_name() -> str:
-    """``cache_aware`` when it is registered, else ``shortest_queue``."""
-    return DEFAULT_POLICY if DEFAULT_POLICY in available_policies() else FALLBACK_POLICY
-
-
 def _error_body(status: int, kind: str, message: str, param: str | None = None) -> bytes:
     error = {"message": message, "type": kind, "param": param, "code": status}
     return json.dumps({"error": error}).encode()
@@ -530,7 +519,7 @@ class Gateway:
 
     Args:
         worker_urls: engine base URLs (``http://host:port``), all serving the same model.
-        policy: a policy name (``None``: :func:`default_policy_name`) or a policy object
+        policy: a policy name (``None``: ``cacheroute.DEFAULT_POLICY``) or a policy object
             (the caller then owns it and closes it).
         policy_config: keyword config for :func:`cacheroute.make_policy`.
         connect_timeout: seconds to open a connection to an engine.
@@ -608,7 +597,7 @@ class Gateway:
                 )
             self.policy, self._owns_policy = policy, False
         else:
-            name = policy or default_policy_name()
+            name = policy or DEFAULT_POLICY
             config = dict(policy_config or {})
             if self._feeds:
                 if "index" not in inspect.signature(policy_class(name)).parameters:
@@ -1335,8 +1324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="append", required=True, metavar="URL",
                    help="engine base URL; repeat for each engine")  # fmt: skip
     p.add_argument("--policy", default=None,
-                   help=f"routing policy (default: {DEFAULT_POLICY} when available, else "
-                        f"{FALLBACK_POLICY}); see `cacheroute policies`")  # fmt: skip
+                   help=f"routing policy (default: {DEFAULT_POLICY})")  # fmt: skip
     p.add_argument("--policy-arg", action="append", type=_policy_arg, default=[],
                    metavar="KEY=VALUE", help="policy config, e.g. cache_threshold=0.5")  # fmt: skip
     p.add_argument("--tokenizer", metavar="fake|PATH",

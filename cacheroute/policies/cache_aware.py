@@ -69,10 +69,12 @@ class CacheAwareConfig:
             tokens one request unit stands for (a block id of 16 tokens: 16).
         kv_capacity_tokens: int > 0 or ``None`` (default, as SGLang: no per-worker cap):
             each engine's KV capacity in tokens; caps each worker's share of a tree.
-        index, index_mode, claim_ttl_s, index_namespace: precise mode, matching token-id
-            requests against what the engines report (see
-            :class:`~cacheroute.policies.prefix.PrefixPolicy`); default ``None``: the
-            routed history only.
+        index: ``None`` (default: the routed history only) or a KV-event index
+            (e.g. :class:`cacheroute.events.KVEventIndex`): precise mode for token-id
+            requests (see :class:`~cacheroute.policies.prefix.PrefixPolicy`).
+        index_mode: ``"hybrid"`` (default) or ``"precise"``.
+        claim_ttl_s: real > 0: how long a hybrid claim counts. Default 30 s.
+        index_namespace: ``None`` or keyword arguments for the index's ``match``.
         on_decision: ``None`` (default) or a callable receiving each
             :class:`~cacheroute.policies.base.Decision`, outside every lock. Its exceptions
             are logged (logger ``cacheroute.policies``) and never fail the routing call.

@@ -101,10 +101,12 @@ class WorkAwareConfig:
             (vLLM: ``num_gpu_blocks x block_size``). Caps each worker's share of the tree
             and enables the memory wait and the eviction price; ``None`` (default) leaves
             both out.
-        index, index_mode, claim_ttl_s, index_namespace: precise mode, matching token-id
-            requests against what the engines report (see
-            :class:`~cacheroute.policies.prefix.PrefixPolicy`); default ``None``: the
-            routed history only.
+        index: ``None`` (default: the routed history only) or a KV-event index
+            (e.g. :class:`cacheroute.events.KVEventIndex`): precise mode for token-id
+            requests (see :class:`~cacheroute.policies.prefix.PrefixPolicy`).
+        index_mode: ``"hybrid"`` (default) or ``"precise"``.
+        claim_ttl_s: real > 0: how long a hybrid claim counts. Default 30 s.
+        index_namespace: ``None`` or keyword arguments for the index's ``match``.
         on_decision: ``None`` or a callable receiving each
             :class:`~cacheroute.policies.base.Decision`; its exceptions are logged
             (logger ``cacheroute.policies``), never raised.
