@@ -193,10 +193,12 @@ def test_orphans_and_bad_events_are_counted_not_applied(index: KVEventIndex) -> 
     feed = Feed(index, W1)
     feed(stored([2], 1, [2]))  # parent never seen
     feed(BlockStored([3, 4], None, toks(3), BS))  # 2 hashes, 1 block of tokens
-    feed(BlockStored([5], None, [0x110000] * BS, BS))  # an id the index cannot hold
+    feed(BlockStored([5], None, [2**32] * BS, BS))  # an id the index cannot hold
+    feed(BlockStored([6], None, [0x110000] * BS, BS))  # above Unicode's range: held
     assert index.match(toks(2)) == index.match(toks(3)) == {}
+    assert index.match([0x110000] * BS) == {W1: BS}
     s = index.stats()[W1]
-    assert (s.orphan_blocks, s.bad_events, s.blocks) == (1, 2, 0)
+    assert (s.orphan_blocks, s.bad_events, s.blocks) == (1, 2, 1)
 
 
 def test_bad_messages_are_counted_logged_and_skipped(

@@ -6,15 +6,15 @@ See ``docs/events.md`` for the design, what each event does and the memory bound
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice, repeat
+from operator import rshift
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cacheroute._validation import (
     check_bool,
@@ -24,16 +24,17 @@ from cacheroute._validation import (
     check_str,
     fail,
 )
-from cacheroute.events._store import Store, make_store
 from cacheroute.events.wire import (
-    AllBlocksCleared,
+    CLEARED,
+    REMOVED,
+    STORED,
     BlockHash,
-    BlockRemoved,
-    BlockStored,
-    KVEventBatch,
+    RawEvent,
     WireFormatError,
-    decode_batch,
+    _decode_raw,
+    _read_event,
 )
+from cacheroute.tree import Tree
 
 if TYPE_CHECKING:
     from cacheroute.events.subscriber import Subscription
@@ -42,10 +43,12 @@ __all__ = ["KVEventIndex", "WorkerStats"]
 
 log = logging.getLogger("cacheroute.events")
 
-_U32 = "I" if array("I").itemsize == 4 else "L"
-_CODEC = "utf-32-le" if sys.byteorder == "little" else "utf-32-be"
-_MAX_TOKEN = 0x110000  # ids below map to one code point (the Tree's narrow encoding)
+_U32 = "I" if array("I").itemsize == 4 else "L"  # the Tree's own 4-byte token code
 _GPU = "GPU"
+# A block's place: (chain id << _SHIFT) | end, one int (no per-block object for the
+# collector to track): the block's prefix is chain.buf[:end].
+_SHIFT = 32
+_END = (1 << _SHIFT) - 1
 
 Namespace = tuple[Any, tuple[Any, ...]]
 _DEFAULT_NS: Namespace = (None, ())
@@ -126,16 +129,17 @@ class WorkerStats:
     """Since the last message (or connection news) from the worker."""
 
 
-class _Block:
-    """Where a stored block's prefix lives: ``buf[:end]`` (tokens), in namespace ``ns``."""
+class _Chain:
+    """A token buffer shared by a chain of stored blocks, in namespace ``ns``: a block at
+    ``end`` has the prefix ``buf[:end]``. A block stored under the last one (decode)
+    appends in place; a branch copies its parent's prefix once."""
 
-    __slots__ = ("buf", "end", "media", "ns")
+    __slots__ = ("base", "buf", "ns")
 
-    def __init__(self, buf: array[int], end: int, ns: Namespace, media: str | set[str]):
+    def __init__(self, buf: array[int], ns: Namespace, cid: int) -> None:
         self.buf = buf
-        self.end = end
         self.ns = ns
-        self.media = media
+        self.base = cid << _SHIFT  # its blocks' codes are base | end
 
 
 class _Worker:
@@ -144,19 +148,29 @@ class _Worker:
         "block_size",
         "blocks",
         "c",
+        "chains",
         "connected",
         "down_since",
         "group",
         "key",
         "last_log",
         "last_seq",
+        "media",
         "namespaces",
+        "next_chain",
         "suppressed",
+        "sweep_at",
     )
 
     def __init__(self, key: str, block_size: int, now: float) -> None:
         self.key = key
-        self.blocks: OrderedDict[BlockHash, _Block] = OrderedDict()
+        # hash -> (chain id << _SHIFT) | end, in store order (the cap drops the oldest)
+        self.blocks: dict[BlockHash, int] = {}
+        # hash -> media of a block not on the GPU alone (absent: {"GPU"}): one str or a set
+        self.media: dict[BlockHash, str | set[str]] = {}
+        self.chains: dict[int, _Chain] = {}
+        self.next_chain = 0
+        self.sweep_at = 64  # chains count that triggers dropping unreferenced chains
         self.namespaces: set[Namespace] = set()
         self.block_size = block_size
         self.group: int | None = None
@@ -169,33 +183,27 @@ class _Worker:
         self.suppressed = 0
 
 
-def _units(buf: array[int], end: int) -> str:
-    """``buf[:end]`` as the store's units: one code point per token, one C-level copy."""
-    with memoryview(buf) as mv:
-        part = mv[:end]
+def _query(token_ids: object) -> array[int]:
+    """A request's tokens as the Tree's 4-byte ids, cut before the first id no engine
+    event can carry (negative, or >= 2**32)."""
+    if type(token_ids) is array and token_ids.typecode == _U32:
+        return token_ids
+    if not isinstance(token_ids, (str, bytes, bytearray)):
         try:
-            return str(part, _CODEC, "surrogatepass")
-        finally:
-            part.release()
-
-
-def _query_units(token_ids: Sequence[int]) -> str:
-    """A request's tokens as units, cut before the first id the index can never hold."""
-    try:
-        a = array(_U32, token_ids)
-    except OverflowError:
-        a = array(_U32)
-        for t in token_ids:
-            if not 0 <= t < _MAX_TOKEN:
-                break
-            a.append(t)
-    except TypeError:
-        raise fail("token_ids", "a sequence of int token ids", token_ids, TypeError) from None
-    raw = a.tobytes()
-    try:
-        return raw.decode(_CODEC, "surrogatepass")
-    except UnicodeDecodeError as exc:
-        return raw[: exc.start].decode(_CODEC, "surrogatepass")
+            return array(_U32, cast("Sequence[int]", token_ids))
+        except OverflowError:
+            a = array(_U32)
+            try:
+                for t in token_ids:  # type: ignore[attr-defined]
+                    if not 0 <= t <= 0xFFFFFFFF:
+                        break
+                    a.append(t)
+                return a
+            except TypeError:
+                pass
+        except TypeError:
+            pass
+    raise fail("token_ids", "a sequence of int token ids", token_ids, TypeError)
 
 
 def _freeze(x: Any) -> Any:
@@ -259,7 +267,8 @@ class KVEventIndex:
         self._clock: Callable[[], float] = check_callable("clock", clock)
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
-        self._trees: dict[Namespace, Store] = {}
+        self._trees: dict[Namespace, Tree] = {}
+        self._uniform_bs: int = self._bs  # every worker's block size, or 0 if they differ
         self._lora_alias: dict[int, str] = {}
         self._subs: dict[str, Subscription] = {}
         self._ctx: Any = None
@@ -367,6 +376,7 @@ class KVEventIndex:
             ws = self._workers.pop(url, None)
             if ws is not None:
                 self._clear(ws)
+                self._block_sizes_changed()
 
     # ---------------------------------------------------------------- querying
 
@@ -393,23 +403,28 @@ class KVEventIndex:
         Thread-safe. Complexity: one walk of the namespace's tree, O(len(token_ids)) in C
         comparisons.
         """
-        ns = self._request_namespace(lora_id, lora_name, extra_keys)
-        check_bool("include_stale", include_stale)
-        if isinstance(token_ids, (str, bytes, bytearray)):
-            raise fail("token_ids", "a sequence of int token ids", token_ids, TypeError)
-        units = _query_units(token_ids)
+        if lora_id is None and lora_name is None and extra_keys is None:
+            ns = _DEFAULT_NS
+        else:
+            ns = self._request_namespace(lora_id, lora_name, extra_keys)
+        if include_stale is not True:
+            check_bool("include_stale", include_stale)
+        units = _query(token_ids)
         with self._lock:
             tree = self._trees.get(ns)
             if tree is None or not units:
                 return {}
             raw = tree.match_lengths(units)
+            bs = self._uniform_bs
+            if include_stale and bs:
+                # one block size for all: floor to whole blocks, drop those below one
+                return {w: n - n % bs for w, n in raw.items() if n >= bs}
             out: dict[str, int] = {}
             now = self._clock() if not include_stale else 0.0
             workers = self._workers
             for w, n in raw.items():
                 ws = workers.get(w)
-                bs = ws.block_size if ws is not None else self._bs
-                n -= n % bs
+                n -= n % (ws.block_size if ws is not None else self._bs)
                 if n and (include_stale or (ws is not None and not self._stale(ws, now))):
                     out[w] = n
             return out
@@ -520,22 +535,28 @@ class KVEventIndex:
             raise fail("extra_keys", "hashable items", extra_keys, TypeError) from None
         return (lora, keys)
 
-    def _event_namespace(self, ev: BlockStored) -> Namespace:
-        name = ev.lora_name
+    def _event_namespace(self, ev: RawEvent) -> Namespace:
+        lora_id, name, extra, salt = ev[5], ev[7], ev[8], ev[11]
+        if lora_id is None and name is None and not extra and salt is None:
+            return _DEFAULT_NS
         lora: Any = None
         if name is not None:
             lora = ("name", name)
-            if ev.lora_id is not None:
-                self._lora_alias[ev.lora_id] = name
-        elif ev.lora_id is not None:
-            lora = ("id", ev.lora_id)
-        first = ev.extra_keys[0] if ev.extra_keys else None
+            if lora_id is not None:
+                self._lora_alias[lora_id] = name
+        elif lora_id is not None:
+            lora = ("id", lora_id)
+        first = extra[0] if extra else None
         keys: tuple[Any, ...] = ()
         if first:
             keys = tuple(_freeze(k) for k in first if name is None or k != name)
-        if not keys and ev.cache_salt is not None:
-            keys = (ev.cache_salt,)
+        if not keys and salt is not None:
+            keys = (salt,)
         return (lora, keys)
+
+    def _block_sizes_changed(self) -> None:
+        sizes = {ws.block_size for ws in self._workers.values()}
+        self._uniform_bs = (sizes.pop() if len(sizes) == 1 else 0) if sizes else self._bs
 
     def _last_seq(self, key: str) -> int | None:
         with self._lock:
@@ -607,63 +628,68 @@ class KVEventIndex:
         replayed: bool = False,
         gap_noted: bool = False,
     ) -> bool:
-        batch: KVEventBatch | None
+        events: list[Any] | None
         try:
-            batch = decode_batch(payload)
+            _, events, rank = _decode_raw(payload)
             reason = ""
         except WireFormatError as exc:
-            batch, reason = None, str(exc)
-        with self._lock:
+            events, rank, reason = None, None, str(exc)
+        lock = self._lock
+        with lock:
             ws = self._worker(key)
             ws.alive_at = self._clock()
+            c = ws.c
             last = ws.last_seq
             if last is not None:
                 if seq <= last:
                     if replayed or seq == last:
-                        ws.c["duplicates"] += 1
+                        c["duplicates"] += 1
                         return False
                     self._clear(ws)  # sequence went down: the publisher restarted
-                    ws.c["resets"] += 1
+                    c["resets"] += 1
                     ws.group = None
                 elif seq > last + 1:
-                    ws.c["lost_batches"] += seq - last - 1
+                    c["lost_batches"] += seq - last - 1
                     if not (gap_noted or replayed):
-                        ws.c["gaps"] += 1
+                        c["gaps"] += 1
             ws.last_seq = seq
-            if batch is None:
-                ws.c["bad_messages"] += 1
+            if events is None:
+                c["bad_messages"] += 1
                 self._log_bad(ws, seq, reason)
                 return False
-            rank = batch.data_parallel_rank
             if dp_rank is not None and rank is not None and rank != dp_rank:
-                ws.c["ignored_batches"] += 1
+                c["ignored_batches"] += 1
                 return False
-            ws.c["batches"] += 1
+            c["batches"] += 1
             if replayed:
-                ws.c["replayed_batches"] += 1
-        for ev in batch.events:
-            with self._lock:
-                if ws is not self._workers.get(key):  # forgotten meanwhile
+                c["replayed_batches"] += 1
+        workers = self._workers
+        for raw in events:
+            try:
+                ev: RawEvent | None = _read_event(raw)
+            except WireFormatError:
+                ev = None
+            with lock:  # one event at a time: a large batch never holds up a match long
+                if ws is not workers.get(key):  # forgotten meanwhile
                     return False
                 try:
-                    self._event(ws, ev)
+                    if ev is None:  # an event the wire reader could not read
+                        c["bad_events"] += 1
+                        continue
+                    c["events"] += 1
+                    tag = ev[0]
+                    if tag == STORED:
+                        self._stored(ws, ev)
+                    elif tag == REMOVED:
+                        self._removed(ws, ev)
+                    else:
+                        assert tag == CLEARED
+                        self._clear(ws)
+                        c["clears"] += 1
                 except Exception as exc:  # never let one event kill a subscriber
-                    ws.c["bad_events"] += 1
+                    c["bad_events"] += 1
                     self._log_bad(ws, seq, f"event failed: {exc!r}")
         return True
-
-    def _event(self, ws: _Worker, ev: object) -> None:
-        ws.c["events"] += 1
-        if type(ev) is BlockStored:
-            self._stored(ws, ev)
-        elif type(ev) is BlockRemoved:
-            self._removed(ws, ev)
-        elif type(ev) is AllBlocksCleared:
-            self._clear(ws)
-            ws.c["clears"] += 1
-        else:  # an event decode_batch could not read
-            ws.c["events"] -= 1
-            ws.c["bad_events"] += 1
 
     def _group_ok(self, ws: _Worker, group: int | None, kind: str | None) -> bool:
         """Follow one KV cache group per worker: the first full-attention one stored."""
@@ -675,132 +701,195 @@ class KVEventIndex:
         ws.c["ignored_events"] += 1
         return False
 
-    def _stored(self, ws: _Worker, ev: BlockStored) -> None:
-        if not self._group_ok(ws, ev.group_idx, ev.kv_cache_spec_kind):
+    def _stored(self, ws: _Worker, ev: RawEvent) -> None:
+        """O(k) in C for k blocks (one array, one dict update, one tree insert of the
+        chain's prefix, itself O(prefix) in C), O(1) Python steps but for multimodal
+        keys and blocks already held."""
+        _, hashes, parent, toks, bs, _, medium, name, extra, group, kind, _ = ev
+        if group is not None and group != ws.group and not self._group_ok(ws, group, kind):
             return
-        hashes = ev.block_hashes
         n = len(hashes)
-        bs = ev.block_size
-        toks = ev.token_ids
         if len(toks) != n * bs:
             ws.c["bad_events"] += 1
             return
         if n == 0:
             return
         try:
-            a = array(_U32, toks)
+            a = array(_U32, toks)  # ids the Tree's 4-byte tokens cannot hold: a bad event
         except (OverflowError, TypeError):
-            a = None
-        if a is None or max(a) >= _MAX_TOKEN:
             ws.c["bad_events"] += 1
             return
         blocks = ws.blocks
-        parent = ev.parent_block_hash
+        chain: _Chain | None = None
+        end = 0
         if parent is None:
-            ns = self._event_namespace(ev)
-            buf: array[int] = array(_U32)
             first = 1  # the first block's extra keys are the namespace
         else:
-            pe = blocks.get(parent)
-            if pe is None:
+            code = blocks.get(parent)
+            if code is None:
                 ws.c["orphan_blocks"] += n
                 return
-            ns = pe.ns
-            buf = pe.buf if pe.end == len(pe.buf) else pe.buf[: pe.end]
+            chain = ws.chains[code >> _SHIFT]
+            end = code & _END
             first = 0
         k = n
-        extra = ev.extra_keys
         if extra:
-            name = ev.lora_name
-            for i in range(first, min(n, len(extra))):
-                e = extra[i]
-                if e and any(x != name for x in e):
-                    k = i  # content the tokens do not show: the chain stops here
-                    break
+            part = extra[first:n] if first or len(extra) > n else extra
+            plain = part.count(None)
+            if plain != len(part):
+                plain += part.count([])
+                if name is not None:
+                    plain += part.count([name])
+                if plain != len(part):
+                    for i in range(first, min(n, len(extra))):
+                        e = extra[i]
+                        if e and any(x != name for x in e):
+                            k = i  # content the tokens do not show: the chain stops here
+                            break
         if k < n:
             ws.c["unindexed_blocks"] += n - k
             if k == 0:
                 return
+            hashes = hashes[:k]
+            a = a[: k * bs]
         if bs != ws.block_size:
             ws.block_size = bs
-        start = len(buf)
-        buf.extend(a if k == n else a[: k * bs])
+            self._block_sizes_changed()
+        if chain is None:
+            chain = self._new_chain(ws, a, self._event_namespace(ev))
+        elif end == len(chain.buf):
+            chain.buf.extend(a)  # the chain's last block grows (decode): in place
+        else:
+            buf = chain.buf[:end]  # a branch: its parent's prefix, copied once
+            buf.extend(a)
+            chain = self._new_chain(ws, buf, chain.ns)
+        ns = chain.ns
         tree = self._trees.get(ns)
         if tree is None:
-            tree = self._trees[ns] = make_store(bs)
-        tree.insert(_units(buf, start + k * bs), ws.key)
-        ws.namespaces.add(ns)
-        medium = ev.medium or _GPU
-        move = blocks.move_to_end
-        end = start
-        for i in range(k):
-            end += bs
-            h = hashes[i]
-            old = blocks.get(h)
-            if old is None:
-                blocks[h] = _Block(buf, end, ns, medium)
-            else:
-                m = old.media
-                if type(m) is str:
-                    if m != medium:
-                        old.media = {m, medium}
-                else:
-                    assert isinstance(m, set)
-                    m.add(medium)
-                move(h)
+            tree = self._trees[ns] = Tree()
+            ws.namespaces.add(ns)
+        elif ns not in ws.namespaces:
+            ws.namespaces.add(ns)
+        tree.insert(chain.buf, ws.key)
+        base = chain.base
+        medium = medium or _GPU
+        if medium != _GPU or ws.media:
+            self._store_media(ws, hashes, medium)
+        before = len(blocks)
+        blocks.update(zip(hashes, range(base + end + bs, base + end + k * bs + 1, bs), strict=True))
+        if len(blocks) - before != k:  # some were held already: they are the newest now
+            for h in hashes:
+                blocks[h] = blocks.pop(h)
         ws.c["blocks_stored"] += k
         if len(blocks) > self._cap:
             self._evict(ws)
 
-    def _removed(self, ws: _Worker, ev: BlockRemoved) -> None:
-        g = ev.group_idx
+    def _new_chain(self, ws: _Worker, buf: array[int], ns: Namespace) -> _Chain:
+        chains = ws.chains
+        if len(chains) >= ws.sweep_at:  # drop the chains no block refers to any more
+            live = set(map(rshift, ws.blocks.values(), repeat(_SHIFT)))
+            for cid in [cid for cid in chains if cid not in live]:
+                del chains[cid]
+            ws.sweep_at = max(64, 2 * len(chains))
+        chain = _Chain(buf, ns, ws.next_chain)
+        chains[ws.next_chain] = chain
+        ws.next_chain += 1
+        return chain
+
+    def _store_media(self, ws: _Worker, hashes: list[BlockHash], medium: str) -> None:
+        """Media of blocks about to be stored on ``medium`` (before the map update)."""
+        media = ws.media
+        blocks = ws.blocks
+        for h in hashes:
+            m = media.get(h)
+            if m is None:
+                if h not in blocks:
+                    if medium != _GPU:
+                        media[h] = medium
+                elif medium != _GPU:
+                    media[h] = {_GPU, medium}
+            elif type(m) is str:
+                if m != medium:
+                    media[h] = {m, medium}
+            else:
+                assert isinstance(m, set)
+                m.add(medium)
+
+    def _removed(self, ws: _Worker, ev: RawEvent) -> None:
+        _, hashes, medium, g = ev
         if g is not None and g != ws.group:
             ws.c["ignored_events"] += 1
             return
-        medium = ev.medium or _GPU
+        medium = medium or _GPU
         blocks = ws.blocks
-        dead: list[_Block] = []
-        unknown = 0
-        for h in ev.block_hashes:
-            e = blocks.get(h)
-            if e is None:
-                unknown += 1
-                continue
-            m = e.media
-            if m == medium:
-                del blocks[h]
-                dead.append(e)
-            elif type(m) is set and medium in m:
-                m.discard(medium)
-                if len(m) == 1:
-                    e.media = next(iter(m))
-            else:
-                unknown += 1
+        if medium == _GPU and not ws.media:  # every block known is dropped
+            codes = list(map(blocks.pop, hashes, repeat(None)))
+            dead: list[int] = list(filter(None, codes))  # codes are >= 1
+            unknown = len(codes) - len(dead)
+        else:
+            dead, unknown = self._remove_media(ws, hashes, medium)
         if unknown:
             ws.c["unknown_removals"] += unknown
         if dead:
             ws.c["blocks_removed"] += len(dead)
             self._drop(ws, dead)
 
+    @staticmethod
+    def _remove_media(ws: _Worker, hashes: list[BlockHash], medium: str) -> tuple[list[int], int]:
+        media = ws.media
+        blocks = ws.blocks
+        dead: list[int] = []
+        unknown = 0
+        for h in hashes:
+            code = blocks.get(h)
+            if code is None:
+                unknown += 1
+                continue
+            m = media.get(h, _GPU)
+            if m == medium:
+                del blocks[h]
+                media.pop(h, None)
+                dead.append(code)
+            elif type(m) is set and medium in m:
+                m.discard(medium)
+                if len(m) == 1:
+                    (rest,) = m
+                    if rest == _GPU:
+                        del media[h]
+                    else:
+                        media[h] = rest
+            else:
+                unknown += 1
+        return dead, unknown
+
     def _evict(self, ws: _Worker) -> None:
         blocks = ws.blocks
         target = max(1, int(self._cap * 0.9))
-        dead = [blocks.popitem(last=False)[1] for _ in range(len(blocks) - target)]
+        keys = list(islice(blocks, len(blocks) - target))  # the oldest stored
+        dead = list(map(blocks.pop, keys))
+        if ws.media:
+            for h in keys:
+                ws.media.pop(h, None)
         ws.c["blocks_evicted"] += len(dead)
         self._drop(ws, dead)
 
-    def _drop(self, ws: _Worker, dead: list[_Block]) -> None:
-        """Remove dropped blocks' prefixes from the trees: per buffer only the shortest
-        (removing a prefix removes everything extending it)."""
-        shortest: dict[int, _Block] = {}
-        for e in dead:
-            cur = shortest.get(id(e.buf))
-            if cur is None or e.end < cur.end:
-                shortest[id(e.buf)] = e
-        for e in shortest.values():
-            tree = self._trees.get(e.ns)
+    def _drop(self, ws: _Worker, dead: list[int]) -> None:
+        """Remove dropped blocks' prefixes from the trees: per chain only the shortest
+        (removing a prefix removes everything extending it). C-level grouping."""
+        lo = min(dead)
+        if lo >> _SHIFT == max(dead) >> _SHIFT:  # one chain (an evicted tail): one removal
+            firsts = [lo]
+        else:  # per chain its smallest code: the shortest prefix
+            dead = sorted(dead, reverse=True)
+            firsts = list(dict(zip(map(rshift, dead, repeat(_SHIFT)), dead, strict=True)).values())
+        chains = ws.chains
+        for code in firsts:
+            chain = chains[code >> _SHIFT]
+            end = code & _END
+            tree = self._trees.get(chain.ns)
             if tree is not None:
-                tree.remove(_units(e.buf, e.end), ws.key)
+                buf = chain.buf
+                tree.remove(buf if end == len(buf) else buf[:end], ws.key)
 
     def _clear(self, ws: _Worker) -> None:
         for ns in ws.namespaces:
@@ -811,3 +900,6 @@ class KVEventIndex:
                     del self._trees[ns]
         ws.namespaces.clear()
         ws.blocks.clear()
+        ws.media.clear()
+        ws.chains.clear()
+        ws.sweep_at = 64
