@@ -25,7 +25,6 @@ from cacheroute._validation import (
     fail,
 )
 from cacheroute.events.wire import (
-    CLEARED,
     REMOVED,
     STORED,
     BlockHash,
@@ -43,12 +42,17 @@ __all__ = ["KVEventIndex", "WorkerStats"]
 
 log = logging.getLogger("cacheroute.events")
 
-_U32 = "I" if array("I").itemsize == 4 else "L"  # the Tree's own 4-byte token code
+_U32 = "I" if array("I").itemsize == 4 else "L"
+# The trees hold text: a token is the 4 code points of its 4 bytes (latin-1 of the array,
+# one C-level copy), so a match counts code points, floored here to whole blocks in one
+# pass (the Tree's token mode would first divide every worker's length by 4 itself).
+_W = 4
 _GPU = "GPU"
 # A block's place: (chain id << _SHIFT) | end, one int (no per-block object for the
 # collector to track): the block's prefix is chain.buf[:end].
 _SHIFT = 32
 _END = (1 << _SHIFT) - 1
+_EVENTS_PER_LOCK = 32  # events applied per hold of the index lock
 
 Namespace = tuple[Any, tuple[Any, ...]]
 _DEFAULT_NS: Namespace = (None, ())
@@ -355,11 +359,14 @@ class KVEventIndex:
         :returns: whether the batch was applied (``False``: duplicate, other DP rank, or a
             bad message, which is counted and logged, never raised).
         """
-        check_str("url", url)
-        check_int("seq", seq, minimum=0)
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
+        if type(url) is not str or not url:
+            check_str("url", url)
+        if type(seq) is not int or seq < 0:
+            check_int("seq", seq, minimum=0)
+        if type(payload) is not bytes and not isinstance(payload, (bytearray, memoryview)):
             raise fail("payload", "bytes", payload, TypeError)
-        check_int("dp_rank", dp_rank, minimum=0, none_ok=True)
+        if dp_rank is not None:
+            check_int("dp_rank", dp_rank, minimum=0)
         return self._apply(url, seq, payload, dp_rank)
 
     def touch(self, url: str) -> None:
@@ -409,21 +416,22 @@ class KVEventIndex:
             ns = self._request_namespace(lora_id, lora_name, extra_keys)
         if include_stale is not True:
             check_bool("include_stale", include_stale)
-        units = _query(token_ids)
+        units = str(_query(token_ids), "latin-1")
         with self._lock:
             tree = self._trees.get(ns)
             if tree is None or not units:
                 return {}
             raw = tree.match_lengths(units)
-            bs = self._uniform_bs
-            if include_stale and bs:
+            b = self._uniform_bs * _W
+            if include_stale and b:
                 # one block size for all: floor to whole blocks, drop those below one
-                return {w: n - n % bs for w, n in raw.items() if n >= bs}
+                return {w: (n - n % b) >> 2 for w, n in raw.items() if n >= b}
             out: dict[str, int] = {}
             now = self._clock() if not include_stale else 0.0
             workers = self._workers
             for w, n in raw.items():
                 ws = workers.get(w)
+                n >>= 2
                 n -= n % (ws.block_size if ws is not None else self._bs)
                 if n and (include_stale or (ws is not None and not self._stale(ws, now))):
                     out[w] = n
@@ -635,7 +643,9 @@ class KVEventIndex:
         except WireFormatError as exc:
             events, rank, reason = None, None, str(exc)
         lock = self._lock
-        with lock:
+        workers = self._workers
+        lock.acquire()
+        try:
             ws = self._worker(key)
             ws.alive_at = self._clock()
             c = ws.c
@@ -663,19 +673,17 @@ class KVEventIndex:
             c["batches"] += 1
             if replayed:
                 c["replayed_batches"] += 1
-        workers = self._workers
-        for raw in events:
-            try:
-                ev: RawEvent | None = _read_event(raw)
-            except WireFormatError:
-                ev = None
-            with lock:  # one event at a time: a large batch never holds up a match long
-                if ws is not workers.get(key):  # forgotten meanwhile
-                    return False
+            held = 0
+            for raw in events:
+                if held == _EVENTS_PER_LOCK:  # a large batch never holds up a match long
+                    lock.release()
+                    lock.acquire()
+                    if ws is not workers.get(key):  # forgotten meanwhile
+                        return False
+                    held = 0
+                held += 1
                 try:
-                    if ev is None:  # an event the wire reader could not read
-                        c["bad_events"] += 1
-                        continue
+                    ev = _read_event(raw)
                     c["events"] += 1
                     tag = ev[0]
                     if tag == STORED:
@@ -683,12 +691,15 @@ class KVEventIndex:
                     elif tag == REMOVED:
                         self._removed(ws, ev)
                     else:
-                        assert tag == CLEARED
                         self._clear(ws)
                         c["clears"] += 1
+                except WireFormatError:  # an event the wire reader cannot read
+                    c["bad_events"] += 1
                 except Exception as exc:  # never let one event kill a subscriber
                     c["bad_events"] += 1
                     self._log_bad(ws, seq, f"event failed: {exc!r}")
+        finally:
+            lock.release()
         return True
 
     def _group_ok(self, ws: _Worker, group: int | None, kind: str | None) -> bool:
@@ -767,19 +778,23 @@ class KVEventIndex:
         tree = self._trees.get(ns)
         if tree is None:
             tree = self._trees[ns] = Tree()
-            ws.namespaces.add(ns)
-        elif ns not in ws.namespaces:
-            ws.namespaces.add(ns)
-        tree.insert(chain.buf, ws.key)
-        base = chain.base
+        ws.namespaces.add(ns)
+        tree.insert(str(chain.buf, "latin-1"), ws.key)
         medium = medium or _GPU
         if medium != _GPU or ws.media:
             self._store_media(ws, hashes, medium)
-        before = len(blocks)
-        blocks.update(zip(hashes, range(base + end + bs, base + end + k * bs + 1, bs), strict=True))
-        if len(blocks) - before != k:  # some were held already: they are the newest now
-            for h in hashes:
-                blocks[h] = blocks.pop(h)
+        end += chain.base
+        if k == 1:  # a decode step's block
+            h = hashes[0]
+            if h in blocks:
+                del blocks[h]  # held already: it is the newest now
+            blocks[h] = end + bs
+        else:
+            before = len(blocks)
+            blocks.update(zip(hashes, range(end + bs, end + k * bs + 1, bs), strict=True))
+            if len(blocks) - before != k:  # some were held already: they are the newest now
+                for h in hashes:
+                    blocks[h] = blocks.pop(h)
         ws.c["blocks_stored"] += k
         if len(blocks) > self._cap:
             self._evict(ws)
@@ -888,8 +903,8 @@ class KVEventIndex:
             end = code & _END
             tree = self._trees.get(chain.ns)
             if tree is not None:
-                buf = chain.buf
-                tree.remove(buf if end == len(buf) else buf[:end], ws.key)
+                with memoryview(chain.buf) as mv:
+                    tree.remove(str(mv[:end], "latin-1"), ws.key)
 
     def _clear(self, ws: _Worker) -> None:
         for ns in ws.namespaces:

@@ -160,10 +160,14 @@ def _bad_type(name: str, what: str, v: object) -> WireFormatError:
 
 
 def _hashes(raw: object) -> list[BlockHash]:
-    # one C-level pass over the types (not a Python call per hash)
-    if type(raw) is not list or not _HASH_TYPES.issuperset(map(type, raw)):
-        raise WireFormatError("block_hashes must be an array of ints or bins")
-    return raw
+    if type(raw) is list:
+        if len(raw) == 1:  # a decode step's one block
+            t = type(raw[0])
+            if t is int or t is bytes:
+                return raw
+        elif _HASH_TYPES.issuperset(map(type, raw)):  # one C-level pass over the types
+            return raw
+    raise WireFormatError("block_hashes must be an array of ints or bins")
 
 
 def _stored(
@@ -195,14 +199,20 @@ def _stored(
         raise _bad_type("lora_id", "an int or nil", lora_id)
     if group is not None and type(group) is not int:
         raise _bad_type("group_idx", "an int or nil", group)
-    for name, v in (
-        ("medium", medium),
-        ("lora_name", lora_name),
-        ("kv_cache_spec_kind", kind),
-        ("cache_salt", salt),
+    if (
+        (medium is not None and type(medium) is not str)
+        or (lora_name is not None and type(lora_name) is not str)
+        or (kind is not None and type(kind) is not str)
+        or (salt is not None and type(salt) is not str)
     ):
-        if v is not None and type(v) is not str:
-            raise _bad_type(name, "a str or nil", v)
+        for name, v in (
+            ("medium", medium),
+            ("lora_name", lora_name),
+            ("kv_cache_spec_kind", kind),
+            ("cache_salt", salt),
+        ):
+            if v is not None and type(v) is not str:
+                raise _bad_type(name, "a str or nil", v)
     return (STORED, hashes, parent, toks, bs, lora_id, medium, lora_name, extra, group, kind, salt)
 
 
@@ -221,13 +231,16 @@ def _read_event(raw: object) -> RawEvent:
         tag = raw.get("type")
         if tag == "BlockStored":
             g = raw.get
-            if "block_hashes" not in raw or "token_ids" not in raw or "block_size" not in raw:
+            hashes = g("block_hashes", _LACKS)
+            toks = g("token_ids", _LACKS)
+            bs = g("block_size", _LACKS)
+            if hashes is _LACKS or toks is _LACKS or bs is _LACKS:
                 raise WireFormatError(_LACKS)
             return _stored(
-                raw["block_hashes"],
+                hashes,
                 g("parent_block_hash"),
-                raw["token_ids"],
-                raw["block_size"],
+                toks,
+                bs,
                 g("lora_id"),
                 g("medium"),
                 g("lora_name"),
