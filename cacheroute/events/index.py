@@ -194,6 +194,10 @@ def _query(token_ids: object) -> array[int]:
         return token_ids
     if not isinstance(token_ids, (str, bytes, bytearray)):
         try:
+            if type(token_ids) is list:
+                a = array(_U32)
+                a.fromlist(token_ids)  # ~2x faster than array(code, list)
+                return a
             return array(_U32, cast("Sequence[int]", token_ids))
         except OverflowError:
             a = array(_U32)
@@ -725,8 +729,9 @@ class KVEventIndex:
             return
         if n == 0:
             return
+        a = array(_U32)
         try:
-            a = array(_U32, toks)  # ids the Tree's 4-byte tokens cannot hold: a bad event
+            a.fromlist(toks)  # (~2x faster than array(code, list)); ids >= 2**32: bad
         except (OverflowError, TypeError):
             ws.c["bad_events"] += 1
             return
