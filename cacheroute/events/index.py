@@ -192,7 +192,10 @@ def _query(token_ids: object) -> array[int]:
     event can carry (negative, or >= 2**32)."""
     if type(token_ids) is array and token_ids.typecode == _U32:
         return token_ids
-    if not isinstance(token_ids, (str, bytes, bytearray)):
+    if type(token_ids) is list or (
+        not isinstance(token_ids, (str, bytes, bytearray))
+        and isinstance(token_ids, (Sequence, array))  # not a generator, set or dict
+    ):
         try:
             if type(token_ids) is list:
                 a = array(_U32)
@@ -650,7 +653,7 @@ class KVEventIndex:
         workers = self._workers
         lock.acquire()
         try:
-            ws = self._worker(key)
+            ws = workers.get(key) or self._worker(key)
             ws.alive_at = self._clock()
             c = ws.c
             last = ws.last_seq

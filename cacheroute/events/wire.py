@@ -304,11 +304,11 @@ def _to_dataclass(e: RawEvent | None) -> KVEvent | None:
 def _decode_raw(payload: bytes) -> tuple[float, list[Any], int | None]:
     """The batch envelope, checked: ``(ts, raw events, data_parallel_rank)``; the events
     are left as msgpack gave them (read them with ``_read_event``)."""
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
+    if type(payload) is not bytes and not isinstance(payload, (bytearray, memoryview)):
         raise WireFormatError(f"payload must be bytes, got {type(payload).__name__}")
     mp = _MSGPACK or _msgpack()
     try:
-        raw = mp.unpackb(payload, raw=False, strict_map_key=False)
+        raw = mp.unpackb(payload, strict_map_key=False)  # (raw=False: the default)
     except Exception as exc:  # msgpack raises several unrelated types
         raise WireFormatError(f"payload is not msgpack: {exc}") from None
     if type(raw) is list:
