@@ -53,6 +53,12 @@ _GPU = "GPU"
 _SHIFT = 32
 _END = (1 << _SHIFT) - 1
 _EVENTS_PER_LOCK = 32  # events applied per hold of the index lock
+# A chain grown by decode steps keeps its newest blocks out of the tree (a *tail*, matched
+# from the chain's buffer) until they reach _TAIL_BLOCKS blocks or 1/_TAIL_SHARE of the
+# prefix the tree holds: a one-block extension then costs O(block), not a tree insert of
+# its whole prefix (O(prefix) copies and compares), amortized.
+_TAIL_BLOCKS = 8
+_TAIL_SHARE = 8
 
 Namespace = tuple[Any, tuple[Any, ...]]
 _DEFAULT_NS: Namespace = (None, ())
@@ -138,12 +144,18 @@ class _Chain:
     ``end`` has the prefix ``buf[:end]``. A block stored under the last one (decode)
     appends in place; a branch copies its parent's prefix once."""
 
-    __slots__ = ("base", "buf", "ns")
+    __slots__ = ("base", "buf", "epoch", "ns", "tail", "tree_end")
 
-    def __init__(self, buf: array[int], ns: Namespace, cid: int) -> None:
+    def __init__(self, buf: array[int], ns: Namespace, cid: int, epoch: int) -> None:
         self.buf = buf
         self.ns = ns
         self.base = cid << _SHIFT  # its blocks' codes are base | end
+        # The tree holds buf[:tree_end] for the worker (inserted at the worker's removal
+        # ``epoch``, none since if the epochs agree); a tail is buf[tree_end:tail], held by
+        # the worker but not in the tree (tail == 0: none).
+        self.tree_end = len(buf)
+        self.epoch = epoch
+        self.tail = 0
 
 
 class _Worker:
@@ -155,6 +167,7 @@ class _Worker:
         "chains",
         "connected",
         "down_since",
+        "epoch",
         "group",
         "key",
         "last_log",
@@ -164,6 +177,7 @@ class _Worker:
         "next_chain",
         "suppressed",
         "sweep_at",
+        "tails",
     )
 
     def __init__(self, key: str, block_size: int, now: float) -> None:
@@ -175,6 +189,8 @@ class _Worker:
         self.chains: dict[int, _Chain] = {}
         self.next_chain = 0
         self.sweep_at = 64  # chains count that triggers dropping unreferenced chains
+        self.epoch = 0  # bumped by every removal from the trees
+        self.tails: set[_Chain] = set()  # chains with a tail
         self.namespaces: set[Namespace] = set()
         self.block_size = block_size
         self.group: int | None = None
@@ -205,7 +221,7 @@ def _query(token_ids: object) -> array[int]:
         except OverflowError:
             a = array(_U32)
             try:
-                for t in token_ids:  # type: ignore[attr-defined]
+                for t in token_ids:
                     if not 0 <= t <= 0xFFFFFFFF:
                         break
                     a.append(t)
@@ -280,6 +296,8 @@ class KVEventIndex:
         self._workers: dict[str, _Worker] = {}
         self._trees: dict[Namespace, Tree] = {}
         self._uniform_bs: int = self._bs  # every worker's block size, or 0 if they differ
+        # per namespace: (worker, tree_end) -> chains with a tail past that prefix
+        self._tails: dict[Namespace, dict[tuple[str, int], list[_Chain]]] = {}
         self._lora_alias: dict[int, str] = {}
         self._subs: dict[str, Subscription] = {}
         self._ctx: Any = None
@@ -430,10 +448,14 @@ class KVEventIndex:
                 return {}
             raw = tree.match_lengths(units)
             b = self._uniform_bs * _W
+            tails = self._tails.get(ns)
             if include_stale and b:
                 # one block size for all: floor to whole blocks, drop those below one
-                return {w: (n - n % b) >> 2 for w, n in raw.items() if n >= b}
-            out: dict[str, int] = {}
+                out = {w: (n - n % b) >> 2 for w, n in raw.items() if n >= b}
+                if tails:
+                    self._credit_tails(tails, units, out)
+                return out
+            out = {}
             now = self._clock() if not include_stale else 0.0
             workers = self._workers
             for w, n in raw.items():
@@ -442,7 +464,36 @@ class KVEventIndex:
                 n -= n % (ws.block_size if ws is not None else self._bs)
                 if n and (include_stale or (ws is not None and not self._stale(ws, now))):
                     out[w] = n
+            if tails:
+                self._credit_tails(tails, units, out)
             return out
+
+    def _credit_tails(
+        self, tails: dict[tuple[str, int], list[_Chain]], units: str, out: dict[str, int]
+    ) -> None:
+        """Extend ``out`` by the tails of chains whose tree part the request matched whole
+        (a worker's tree match ends where such a chain's tree part ends: a block further
+        would be the tail's own first block, hashes being a function of the prefix)."""
+        for w, f in list(filter(tails.__contains__, out.items())):
+            b4 = self._workers[w].block_size * _W
+            best = f
+            for chain in tails[(w, f)]:
+                with memoryview(chain.buf) as mv:
+                    if not units.startswith(str(mv[:f], "latin-1")):
+                        continue
+                    tail = str(mv[f : chain.tail], "latin-1")
+                pos = f * _W
+                lo, hi = 0, len(tail) // b4  # whole tail blocks the request goes on with
+                if units.startswith(tail, pos):
+                    lo = hi
+                while lo < hi:
+                    mid = (lo + hi + 1) >> 1
+                    if units.startswith(tail[: mid * b4], pos):
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                best = max(best, f + lo * b4 // _W)
+            out[w] = best
 
     def is_stale(self, url: str) -> bool:
         """Whether ``url``'s view may be out of date: its subscriber has been disconnected
@@ -776,18 +827,36 @@ class KVEventIndex:
             self._block_sizes_changed()
         if chain is None:
             chain = self._new_chain(ws, a, self._event_namespace(ev))
+            grown = False
         elif end == len(chain.buf):
-            chain.buf.extend(a)  # the chain's last block grows (decode): in place
+            buf = chain.buf
+            buf.extend(a)  # the chain's last block grows (decode): in place
+            tree_end = chain.tree_end
+            grown = chain.epoch == ws.epoch and len(buf) - tree_end < max(
+                _TAIL_BLOCKS * bs, tree_end // _TAIL_SHARE
+            )
+            if grown:  # into its tail: no tree work
+                if not chain.tail:
+                    self._add_tail(ws, chain)
+                chain.tail = len(buf)
         else:
+            if chain.tail and end > chain.tree_end:
+                self._flush(ws, chain)  # the branch starts in the tail: tree first
             buf = chain.buf[:end]  # a branch: its parent's prefix, copied once
             buf.extend(a)
             chain = self._new_chain(ws, buf, chain.ns)
-        ns = chain.ns
-        tree = self._trees.get(ns)
-        if tree is None:
-            tree = self._trees[ns] = Tree()
-        ws.namespaces.add(ns)
-        tree.insert(str(chain.buf, "latin-1"), ws.key)
+            grown = False
+        if not grown:
+            ns = chain.ns
+            tree = self._trees.get(ns)
+            if tree is None:
+                tree = self._trees[ns] = Tree()
+            ws.namespaces.add(ns)
+            tree.insert(str(chain.buf, "latin-1"), ws.key)
+            if chain.tail:
+                self._drop_tail(ws, chain)
+            chain.tree_end = len(chain.buf)
+            chain.epoch = ws.epoch
         medium = medium or _GPU
         if medium != _GPU or ws.media:
             self._store_media(ws, hashes, medium)
@@ -796,6 +865,8 @@ class KVEventIndex:
             h = hashes[0]
             if h in blocks:
                 del blocks[h]  # held already: it is the newest now
+                if ws.tails:
+                    self._flush_tails(ws)
             blocks[h] = end + bs
         else:
             before = len(blocks)
@@ -803,18 +874,69 @@ class KVEventIndex:
             if len(blocks) - before != k:  # some were held already: they are the newest now
                 for h in hashes:
                     blocks[h] = blocks.pop(h)
+                if ws.tails:
+                    self._flush_tails(ws)
         ws.c["blocks_stored"] += k
         if len(blocks) > self._cap:
             self._evict(ws)
+
+    # Tails, exactly: a chain grows one only while the tree holds its tree part as last
+    # inserted (no removal for the worker since: the epochs agree), and every removal puts
+    # the worker's tails into the tree first, so the tree alone then answers as if each
+    # block had been inserted when stored. A request is credited a tail when the worker's
+    # tree match ends where the chain's tree part does and covers it: a longer tree match
+    # would go on with another block than the tail's first, which for engines whose block
+    # hash is a function of the block's prefix (vLLM's and SGLang's) is a different path,
+    # since a path through a tail re-stores its hashes and a branch from it names one as
+    # its parent, and both put the tail into the tree first. (With hashes that are not, a
+    # match can only come out shorter, never claim a block the worker does not hold.)
+
+    def _add_tail(self, ws: _Worker, chain: _Chain) -> None:
+        by_end = self._tails.setdefault(chain.ns, {})
+        by_end.setdefault((ws.key, chain.tree_end), []).append(chain)
+        ws.tails.add(chain)
+
+    def _drop_tail(self, ws: _Worker, chain: _Chain) -> None:
+        chain.tail = 0
+        ws.tails.discard(chain)
+        by_end = self._tails.get(chain.ns)
+        if by_end is None:
+            return
+        key = (ws.key, chain.tree_end)
+        held = by_end.get(key)
+        if held is not None:
+            if chain in held:
+                held.remove(chain)
+            if not held:
+                del by_end[key]
+                if not by_end:
+                    del self._tails[chain.ns]
+
+    def _flush(self, ws: _Worker, chain: _Chain) -> None:
+        """Put ``chain``'s tail into the tree."""
+        end = chain.tail
+        tree = self._trees.get(chain.ns)
+        if tree is None:
+            tree = self._trees[chain.ns] = Tree()
+        with memoryview(chain.buf) as mv:
+            tree.insert(str(mv[:end], "latin-1"), ws.key)
+        self._drop_tail(ws, chain)
+        chain.tree_end = end
+
+    def _flush_tails(self, ws: _Worker) -> None:
+        for chain in list(ws.tails):
+            self._flush(ws, chain)
 
     def _new_chain(self, ws: _Worker, buf: array[int], ns: Namespace) -> _Chain:
         chains = ws.chains
         if len(chains) >= ws.sweep_at:  # drop the chains no block refers to any more
             live = set(map(rshift, ws.blocks.values(), repeat(_SHIFT)))
             for cid in [cid for cid in chains if cid not in live]:
-                del chains[cid]
+                dead = chains.pop(cid)
+                if dead.tail:
+                    self._drop_tail(ws, dead)
             ws.sweep_at = max(64, 2 * len(chains))
-        chain = _Chain(buf, ns, ws.next_chain)
+        chain = _Chain(buf, ns, ws.next_chain, ws.epoch)
         chains[ws.next_chain] = chain
         ws.next_chain += 1
         return chain
@@ -905,6 +1027,9 @@ class KVEventIndex:
         else:  # per chain its smallest code: the shortest prefix
             dead = sorted(dead, reverse=True)
             firsts = list(dict(zip(map(rshift, dead, repeat(_SHIFT)), dead, strict=True)).values())
+        if ws.tails:  # tails into the tree first: the removal then acts on the tree alone
+            self._flush_tails(ws)
+        ws.epoch += 1  # a chain grows a tail again only after a tree insert of its own
         chains = ws.chains
         for code in firsts:
             chain = chains[code >> _SHIFT]
@@ -921,6 +1046,9 @@ class KVEventIndex:
                 tree.remove_tenant(ws.key)
                 if not len(tree):
                     del self._trees[ns]
+        for chain in list(ws.tails):
+            self._drop_tail(ws, chain)
+        ws.epoch += 1
         ws.namespaces.clear()
         ws.blocks.clear()
         ws.media.clear()
