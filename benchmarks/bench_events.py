@@ -26,8 +26,8 @@ included) and ``KVEventIndex.match(tokens)``. Dynamo, two figures each:
   ``compute_block_hash_for_seq`` of the request's tokens + ``find_matches``.
 
 Each ingest figure is the best of ``--repeat`` runs on a fresh index (the first run also
-warms up); match latencies are pooled over ``--repeat`` passes of the 200 queries after
-a warm-up pass. The box is shared and noisy: compare figures of the same run.
+warms up); a match percentile is that of the best of ``--repeat`` passes of the 200
+queries, after a warm-up pass. The box is shared and noisy: compare figures of one run.
 """
 
 from __future__ import annotations
@@ -147,12 +147,13 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
             best_decode = min(best_decode, time.perf_counter() - t0)
         for q in wl["queries"]:  # warm-up
             index.match(q)
-        lat = []
+        lat: list[list[float]] = []
         for _ in range(cfg["repeat"]):
+            lat.append([])
             for q in wl["queries"]:
                 t = time.perf_counter()
                 index.match(q)
-                lat.append(time.perf_counter() - t)
+                lat[-1].append(time.perf_counter() - t)
         r = summary(blocks, best, lat)
         r["decode_s"] = best_decode
         res[f"{workers}x{length}"] = r
@@ -207,20 +208,23 @@ def run_dynamo(cfg: dict[str, Any]) -> dict[str, Any]:
             best_hash = min(best_hash, time.perf_counter() - t0)
         for q in wl["queries"]:  # warm-up
             tree.find_matches(compute_block_hash_for_seq(q, BS))
-        lat, full = [], []
+        lat: list[list[float]] = []
+        full: list[list[float]] = []
         for _ in range(cfg["repeat"]):
+            lat.append([])
+            full.append([])
             for q in wl["queries"]:
                 t = time.perf_counter()
                 hs = compute_block_hash_for_seq(q, BS)
                 t1 = time.perf_counter()
                 tree.find_matches(hs)
                 t2 = time.perf_counter()
-                lat.append(t2 - t1)
-                full.append(t2 - t)
+                lat[-1].append(t2 - t1)
+                full[-1].append(t2 - t)
         r = summary(blocks, best, lat)
         r["hash_s"] = best_hash
-        r["match_full_p50_us"] = pct(full, 50)
-        r["match_full_p99_us"] = pct(full, 99)
+        r["match_full_p50_us"] = best_pct(full, 50)
+        r["match_full_p99_us"] = best_pct(full, 99)
         res[f"{workers}x{length}"] = r
     return res
 
@@ -230,14 +234,19 @@ def pct(xs: list[float], p: int) -> float:
     return s[min(len(s) - 1, int(len(s) * p / 100))] * 1e6
 
 
-def summary(blocks: int, ingest: float, lat: list[float]) -> dict[str, Any]:
+def best_pct(passes: list[list[float]], p: int) -> float:
+    """The percentile of the best pass (the least disturbed by the box's other load)."""
+    return min(pct(xs, p) for xs in passes)
+
+
+def summary(blocks: int, ingest: float, lat: list[list[float]]) -> dict[str, Any]:
     return {
         "blocks": blocks,
         "ingest_s": ingest,
         "blocks_per_s": blocks / ingest,
-        "match_p50_us": pct(lat, 50),
-        "match_p99_us": pct(lat, 99),
-        "match_mean_us": statistics.fmean(lat) * 1e6,
+        "match_p50_us": best_pct(lat, 50),
+        "match_p99_us": best_pct(lat, 99),
+        "match_mean_us": min(statistics.fmean(xs) for xs in lat) * 1e6,
     }
 
 
@@ -292,7 +301,7 @@ def main() -> None:
     print(
         f"block size {BS}; per worker {cfg['prompts']} prompts + {cfg['decode_blocks']} "
         f"decode blocks each, keep {cfg['keep']}; 200 queries diverging at half length; "
-        f"best of {cfg['repeat']} ingest runs, matches pooled over {cfg['repeat']} passes"
+        f"best of {cfg['repeat']} ingest runs and of {cfg['repeat']} passes of matches"
     )
     head = f"{'W x L':>9} | {'ours blk/s':>10} {'p50 us':>7} {'p99 us':>7}"
     if dyn:
@@ -317,6 +326,11 @@ def main() -> None:
         print(line)
     if not dyn:
         return
+    print(
+        "dyn blk/s, p50, p99: the binding alone; +hash: its full path (ingest: msgpack "
+        "decoding of the same payloads + compute_block_hash_for_seq + apply_event; match: "
+        "compute_block_hash_for_seq + find_matches)"
+    )
     print()
     print(
         "same-run ratios, > 1: ours faster "
