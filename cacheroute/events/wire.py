@@ -170,21 +170,82 @@ def _hashes(raw: object) -> list[BlockHash]:
     raise WireFormatError("block_hashes must be an array of ints or bins")
 
 
-def _stored(
-    hashes: object,
-    parent: object,
-    toks: object,
-    bs: object,
-    lora_id: object,
-    medium: object,
-    lora_name: object,
-    extra: object,
-    group: object,
-    kind: object,
-    salt: object,
-    meta: object,
-) -> RawEvent:
+def _removed(hashes: object, medium: object, group: object) -> RawEvent:
     hashes = _hashes(hashes)
+    if medium is not None and type(medium) is not str:
+        raise _bad_type("medium", "a str or nil", medium)
+    if group is not None and type(group) is not int:
+        raise _bad_type("group_idx", "an int or nil", group)
+    return (REMOVED, hashes, medium, group)
+
+
+def _other_map(raw: dict[Any, Any], tag: object) -> RawEvent:
+    if tag == "BlockRemoved":
+        if "block_hashes" not in raw:
+            raise WireFormatError("BlockRemoved lacks block_hashes")
+        return _removed(raw["block_hashes"], raw.get("medium"), raw.get("group_idx"))
+    if type(tag) is not str:
+        raise WireFormatError("event map has no str 'type' tag")
+    if tag == "AllBlocksCleared":
+        return (CLEARED,)
+    raise WireFormatError(f"unknown event tag {tag!r}")
+
+
+def _other_array(raw: list[Any], n: int, tag: object) -> RawEvent:
+    if tag == "BlockRemoved":
+        if n < 2:
+            raise WireFormatError("BlockRemoved lacks block_hashes")
+        return _removed(raw[1], raw[2] if n > 2 else None, raw[3] if n > 3 else None)
+    if type(tag) is not str:
+        raise WireFormatError("event array does not start with a str tag")
+    if tag == "AllBlocksCleared":
+        return (CLEARED,)
+    raise WireFormatError(f"unknown event tag {tag!r}")
+
+
+def _read_event(raw: object) -> RawEvent:
+    """One event, tagged array or tagged map, to its tuple (see above). BlockStored, the
+    hot one, is read and checked in this one frame."""
+    meta: object = None
+    salt: object = None
+    if type(raw) is dict:
+        tag = raw.get("type")
+        if tag != "BlockStored":
+            return _other_map(raw, tag)
+        g = raw.get
+        hashes = g("block_hashes", _LACKS)
+        toks = g("token_ids", _LACKS)
+        bs = g("block_size", _LACKS)
+        if hashes is _LACKS or toks is _LACKS or bs is _LACKS:
+            raise WireFormatError(_LACKS)
+        parent = g("parent_block_hash")
+        lora_id = g("lora_id")
+        medium = g("medium")
+        name = g("lora_name")
+        extra = g("extra_keys")
+        group = g("group_idx")
+        kind = g("kv_cache_spec_kind")
+        salt = g("cache_salt")
+        meta = g("metadata")
+    elif type(raw) is list:
+        n = len(raw)
+        tag = raw[0] if n else None
+        if tag != "BlockStored":
+            return _other_array(raw, n, tag)
+        if n < 5:
+            raise WireFormatError(_LACKS)
+        r = raw if n >= 11 else raw + _PAD[n:]
+        _, hashes, parent, toks, bs, lora_id, medium, name, extra, group, kind = r[:11]
+        if type(name) is dict:  # SGLang's metadata in lora_name's place
+            meta, name = name, None
+    else:
+        raise WireFormatError(f"event must be an array or a map, got {type(raw).__name__}")
+    if type(hashes) is list and len(hashes) == 1:  # a decode step's one block
+        t = type(hashes[0])
+        if t is not int and t is not bytes:
+            raise WireFormatError("block_hashes must be an array of ints or bins")
+    else:
+        hashes = _hashes(hashes)
     if parent is not None and type(parent) is not int and type(parent) is not bytes:
         raise WireFormatError("parent_block_hash must be an int, a bin or nil")
     if type(bs) is not int or bs < 1:
@@ -201,84 +262,19 @@ def _stored(
         raise _bad_type("group_idx", "an int or nil", group)
     if (
         (medium is not None and type(medium) is not str)
-        or (lora_name is not None and type(lora_name) is not str)
+        or (name is not None and type(name) is not str)
         or (kind is not None and type(kind) is not str)
         or (salt is not None and type(salt) is not str)
     ):
-        for name, v in (
+        for field_name, v in (
             ("medium", medium),
-            ("lora_name", lora_name),
+            ("lora_name", name),
             ("kv_cache_spec_kind", kind),
             ("cache_salt", salt),
         ):
             if v is not None and type(v) is not str:
-                raise _bad_type(name, "a str or nil", v)
-    return (STORED, hashes, parent, toks, bs, lora_id, medium, lora_name, extra, group, kind, salt)
-
-
-def _removed(hashes: object, medium: object, group: object) -> RawEvent:
-    hashes = _hashes(hashes)
-    if medium is not None and type(medium) is not str:
-        raise _bad_type("medium", "a str or nil", medium)
-    if group is not None and type(group) is not int:
-        raise _bad_type("group_idx", "an int or nil", group)
-    return (REMOVED, hashes, medium, group)
-
-
-def _read_event(raw: object) -> RawEvent:
-    """One event, tagged array or tagged map, to its tuple (see above)."""
-    if type(raw) is dict:
-        tag = raw.get("type")
-        if tag == "BlockStored":
-            g = raw.get
-            hashes = g("block_hashes", _LACKS)
-            toks = g("token_ids", _LACKS)
-            bs = g("block_size", _LACKS)
-            if hashes is _LACKS or toks is _LACKS or bs is _LACKS:
-                raise WireFormatError(_LACKS)
-            return _stored(
-                hashes,
-                g("parent_block_hash"),
-                toks,
-                bs,
-                g("lora_id"),
-                g("medium"),
-                g("lora_name"),
-                g("extra_keys"),
-                g("group_idx"),
-                g("kv_cache_spec_kind"),
-                g("cache_salt"),
-                g("metadata"),
-            )
-        if tag == "BlockRemoved":
-            if "block_hashes" not in raw:
-                raise WireFormatError("BlockRemoved lacks block_hashes")
-            return _removed(raw["block_hashes"], raw.get("medium"), raw.get("group_idx"))
-        if type(tag) is not str:
-            raise WireFormatError("event map has no str 'type' tag")
-    elif type(raw) is list:
-        n = len(raw)
-        tag = raw[0] if n else None
-        if tag == "BlockStored":
-            if n < 5:
-                raise WireFormatError(_LACKS)
-            r = raw if n >= 11 else raw + _PAD[n:]
-            name = r[7]
-            meta = None
-            if type(name) is dict:  # SGLang's metadata in lora_name's place
-                meta, name = name, None
-            return _stored(r[1], r[2], r[3], r[4], r[5], r[6], name, r[8], r[9], r[10], None, meta)
-        if tag == "BlockRemoved":
-            if n < 2:
-                raise WireFormatError("BlockRemoved lacks block_hashes")
-            return _removed(raw[1], raw[2] if n > 2 else None, raw[3] if n > 3 else None)
-        if type(tag) is not str:
-            raise WireFormatError("event array does not start with a str tag")
-    else:
-        raise WireFormatError(f"event must be an array or a map, got {type(raw).__name__}")
-    if tag == "AllBlocksCleared":
-        return (CLEARED,)
-    raise WireFormatError(f"unknown event tag {tag!r}")
+                raise _bad_type(field_name, "a str or nil", v)
+    return (STORED, hashes, parent, toks, bs, lora_id, medium, name, extra, group, kind, salt)
 
 
 def _read_events(raw: list[Any]) -> list[RawEvent | None]:
