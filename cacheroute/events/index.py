@@ -296,8 +296,8 @@ class KVEventIndex:
         self._workers: dict[str, _Worker] = {}
         self._trees: dict[Namespace, Tree] = {}
         self._uniform_bs: int = self._bs  # every worker's block size, or 0 if they differ
-        # per namespace: (worker, tree_end) -> chains with a tail past that prefix
-        self._tails: dict[Namespace, dict[tuple[str, int], list[_Chain]]] = {}
+        # per namespace: tree_end -> {worker: chains with a tail past a prefix that long}
+        self._tails: dict[Namespace, dict[int, dict[str, list[_Chain]]]] = {}
         self._lora_alias: dict[int, str] = {}
         self._subs: dict[str, Subscription] = {}
         self._ctx: Any = None
@@ -469,31 +469,34 @@ class KVEventIndex:
             return out
 
     def _credit_tails(
-        self, tails: dict[tuple[str, int], list[_Chain]], units: str, out: dict[str, int]
+        self, tails: dict[int, dict[str, list[_Chain]]], units: str, out: dict[str, int]
     ) -> None:
         """Extend ``out`` by the tails of chains whose tree part the request matched whole
         (a worker's tree match ends where such a chain's tree part ends: a block further
         would be the tail's own first block, hashes being a function of the prefix)."""
-        for w, f in list(filter(tails.__contains__, out.items())):
-            b4 = self._workers[w].block_size * _W
-            best = f
-            for chain in tails[(w, f)]:
-                with memoryview(chain.buf) as mv:
-                    if not units.startswith(str(mv[:f], "latin-1")):
-                        continue
-                    tail = str(mv[f : chain.tail], "latin-1")
-                pos = f * _W
-                lo, hi = 0, len(tail) // b4  # whole tail blocks the request goes on with
-                if units.startswith(tail, pos):
-                    lo = hi
-                while lo < hi:
-                    mid = (lo + hi + 1) >> 1
-                    if units.startswith(tail[: mid * b4], pos):
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                best = max(best, f + lo * b4 // _W)
-            out[w] = best
+        for f in [f for f in set(out.values()) if f in tails]:  # few distinct lengths
+            for w, chains in tails[f].items():
+                if out.get(w) != f:
+                    continue
+                b4 = self._workers[w].block_size * _W
+                best = f
+                for chain in chains:
+                    with memoryview(chain.buf) as mv:
+                        if not units.startswith(str(mv[:f], "latin-1")):
+                            continue
+                        tail = str(mv[f : chain.tail], "latin-1")
+                    pos = f * _W
+                    lo, hi = 0, len(tail) // b4  # whole tail blocks the request goes on with
+                    if units.startswith(tail, pos):
+                        lo = hi
+                    while lo < hi:
+                        mid = (lo + hi + 1) >> 1
+                        if units.startswith(tail[: mid * b4], pos):
+                            lo = mid
+                        else:
+                            hi = mid - 1
+                    best = max(best, f + lo * b4 // _W)
+                out[w] = best
 
     def is_stale(self, url: str) -> bool:
         """Whether ``url``'s view may be out of date: its subscriber has been disconnected
@@ -893,7 +896,7 @@ class KVEventIndex:
 
     def _add_tail(self, ws: _Worker, chain: _Chain) -> None:
         by_end = self._tails.setdefault(chain.ns, {})
-        by_end.setdefault((ws.key, chain.tree_end), []).append(chain)
+        by_end.setdefault(chain.tree_end, {}).setdefault(ws.key, []).append(chain)
         ws.tails.add(chain)
 
     def _drop_tail(self, ws: _Worker, chain: _Chain) -> None:
@@ -902,13 +905,18 @@ class KVEventIndex:
         by_end = self._tails.get(chain.ns)
         if by_end is None:
             return
-        key = (ws.key, chain.tree_end)
-        held = by_end.get(key)
-        if held is not None:
-            if chain in held:
-                held.remove(chain)
-            if not held:
-                del by_end[key]
+        by_worker = by_end.get(chain.tree_end)
+        if by_worker is None:
+            return
+        held = by_worker.get(ws.key)
+        if held is None:
+            return
+        if chain in held:
+            held.remove(chain)
+        if not held:
+            del by_worker[ws.key]
+            if not by_worker:
+                del by_end[chain.tree_end]
                 if not by_end:
                     del self._tails[chain.ns]
 
