@@ -109,6 +109,7 @@ KINDS: dict[str, list[str]] = {
     "instance|None": ["int", "str", "bytes", "nested", "dict", "object"],
     "mapping": ["None", "int", "str", "bytes", "nested", "object"],
     "mapping|None": ["int", "str", "bytes", "nested", "object"],
+    "bytes": ["None", "int", "bool", "str", "generator", "nested", "dict", "object"],
 }
 
 _ANNOTATIONS: dict[str, str] = {
@@ -485,6 +486,113 @@ def _metrics_method(method: str, **kinds: str | None) -> Entry:
     return Entry(setup, dict(kinds))
 
 
+# ---- cacheroute.events (the events extra: pyzmq + msgpack)
+
+
+def _events() -> Any:
+    return importlib.import_module("cacheroute.events")
+
+
+def _index_state(index: Any) -> object:
+    stats = {k: v.__dict__ for k, v in index.stats().items()}  # a constant clock
+    probe = [index.match(list(range(8))), index.match(list(range(8)), lora_name="a")]
+    return index.urls(), stats, probe, sorted(index._subs), repr(index)
+
+
+def _index_method(method: str, **kinds: str | None) -> Entry:
+    def setup() -> Case:
+        ev = _events()
+        index = ev.KVEventIndex(block_size=4, clock=lambda: 100.0)
+        stored = ev.BlockStored([1, 2], None, list(range(8)), 4)
+        index.apply("http://w0", 0, ev.encode_batch([stored]))  # some state to keep intact
+        goods: dict[str, dict[str, Any]] = {
+            "apply": {"url": "http://w0", "seq": 1, "payload": ev.encode_batch([])},
+            "forget": {"url": "http://w0"},
+            "is_stale": {"url": "http://w0"},
+            "match": {"token_ids": list(range(8))},
+            "subscribe": {"url": "http://w1", "endpoint": "tcp://127.0.0.1:1"},
+            "touch": {"url": "http://w0"},
+            "unsubscribe": {"url": "http://w0"},
+        }
+        return Case(getattr(index, method), goods[method], lambda: _index_state(index), index.close)
+
+    return Entry(setup, dict(kinds))
+
+
+def _index_new() -> Case:
+    made: list[Any] = []
+
+    def call(**kw: Any) -> None:
+        made.append(_events().KVEventIndex(**kw))
+
+    return Case(call, {"block_size": 16}, lambda: len(made))
+
+
+def _publisher_new() -> Case:
+    made: list[Any] = []
+
+    def call(**kw: Any) -> None:
+        made.append(_events().KVEventPublisher(**kw))
+
+    def cleanup() -> None:
+        for p in made:
+            p.close()
+
+    return Case(call, {"endpoint": "tcp://127.0.0.1:*"}, lambda: len(made), cleanup)
+
+
+def _publisher_method(method: str, **kinds: str | None) -> Entry:
+    def setup() -> Case:
+        ev = _events()
+        pub = ev.KVEventPublisher("tcp://127.0.0.1:*")
+        pub.publish([ev.AllBlocksCleared()])  # some state to keep intact
+        goods: dict[str, dict[str, Any]] = {
+            "publish": {"events": [ev.BlockRemoved([1])]},
+            "publish_raw": {"payload": ev.encode_batch([])},
+        }
+        state = lambda: (pub.next_seq, list(pub._buffer))  # noqa: E731
+        return Case(getattr(pub, method), goods[method], state, pub.close)
+
+    return Entry(setup, dict(kinds))
+
+
+def _events_fn(name: str, **good: Any) -> Entry:
+    return Entry(lambda: Case(getattr(_events(), name), dict(good)))
+
+
+_EVENTS_TABLE: dict[str, Entry] = {
+    "cacheroute.events.index.KVEventIndex": Entry(_index_new, {"clock": "callable"}),
+    "cacheroute.events.index.KVEventIndex.apply": _index_method("apply"),
+    "cacheroute.events.index.KVEventIndex.forget": _index_method("forget"),
+    "cacheroute.events.index.KVEventIndex.is_stale": _index_method("is_stale"),
+    # token ids: a sequence of ints, refused like a Tree's units
+    "cacheroute.events.index.KVEventIndex.match": _index_method(
+        "match", token_ids="units", extra_keys="sequence|None"
+    ),
+    "cacheroute.events.index.KVEventIndex.subscribe": _index_method("subscribe"),
+    "cacheroute.events.index.KVEventIndex.touch": _index_method("touch"),
+    "cacheroute.events.index.KVEventIndex.unsubscribe": _index_method("unsubscribe"),
+    "cacheroute.events.publisher.KVEventPublisher": Entry(_publisher_new),
+    "cacheroute.events.publisher.KVEventPublisher.publish": _publisher_method(
+        "publish", shape="choice"
+    ),
+    "cacheroute.events.publisher.KVEventPublisher.publish_raw": _publisher_method(
+        "publish_raw", payload="bytes"
+    ),
+    "cacheroute.events.subscriber.dp_endpoint": _events_fn(
+        "dp_endpoint", endpoint="tcp://h:5557", dp_rank=1
+    ),
+    "cacheroute.events.wire.decode_batch": Entry(
+        lambda: Case(_events().decode_batch, {"payload": _events().encode_batch([])}),
+        {"payload": "bytes"},
+    ),
+    "cacheroute.events.wire.encode_batch": Entry(
+        lambda: Case(_events().encode_batch, {"events": [_events().AllBlocksCleared()]}),
+        {"shape": "choice"},
+    ),
+}
+
+
 TABLE: dict[str, Entry] = {
     # ---- cacheroute.worker
     "cacheroute.worker.BasicWorker": Entry(
@@ -827,6 +935,8 @@ TABLE: dict[str, Entry] = {
     ),
 }
 
+TABLE.update(_EVENTS_TABLE)
+
 
 # --------------------------------------------------------------------------- known failures
 
@@ -953,6 +1063,12 @@ _CORE_HOOK = (
 )
 
 EXEMPT: dict[str, str] = {
+    "cacheroute.events.index.WorkerStats": _BUILT + " (KVEventIndex.stats() returns it)",
+    "cacheroute.events.subscriber.Subscription": _BUILT + " (KVEventIndex.subscribe builds it)",
+    "cacheroute.events.wire.BlockStored": _RECORD + " (decode_batch builds it; encode_batch"
+    " writes its fields as given, as the engines' own structs do)",
+    "cacheroute.events.wire.BlockRemoved": _RECORD + " (as BlockStored)",
+    "cacheroute.events.wire.KVEventBatch": _BUILT + " (decode_batch returns it)",
     "cacheroute.policies.base.Decision": _RECORD,
     "cacheroute.policies.base.DecisionReason": _ENUM,
     "cacheroute.worker.WorkerType": _ENUM,

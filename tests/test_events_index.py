@@ -193,10 +193,12 @@ def test_orphans_and_bad_events_are_counted_not_applied(index: KVEventIndex) -> 
     feed = Feed(index, W1)
     feed(stored([2], 1, [2]))  # parent never seen
     feed(BlockStored([3, 4], None, toks(3), BS))  # 2 hashes, 1 block of tokens
-    feed(BlockStored([5], None, [0x110000] * BS, BS))  # an id the index cannot hold
+    feed(BlockStored([5], None, [2**32] * BS, BS))  # an id the index cannot hold
+    feed(BlockStored([6], None, [0x110000] * BS, BS))  # above Unicode's range: held
     assert index.match(toks(2)) == index.match(toks(3)) == {}
+    assert index.match([0x110000] * BS) == {W1: BS}
     s = index.stats()[W1]
-    assert (s.orphan_blocks, s.bad_events, s.blocks) == (1, 2, 0)
+    assert (s.orphan_blocks, s.bad_events, s.blocks) == (1, 2, 1)
 
 
 def test_bad_messages_are_counted_logged_and_skipped(
@@ -358,3 +360,101 @@ def test_match_from_many_threads_while_events_apply() -> None:
         want = 8 if last % 3 else 4
         got = index.match(toks(100, v))
         assert got == {"base": 4, "w0": want, "w1": want, "w2": want}, (v, got)
+
+
+# ------------------------------------------------------------------- decode tails
+
+
+def _tail_stream(seed: int) -> list[tuple[str, object]]:
+    """Decode-heavy streams: chains grow a block at a time (the index keeps such blocks
+    in a tail, out of its tree, for a while); branches, re-stores of known paths,
+    removals and clears in between, and queries along the stored paths."""
+    rng = random.Random(seed)
+    hash_of: dict[tuple[int, ...], int] = {}
+    tips: dict[str, list[tuple[int, tuple[int, ...]]]] = {w: [] for w in ("a", "b")}
+    live: dict[str, dict[int, tuple[int, ...]]] = {w: {} for w in tips}
+    ops: list[tuple[str, object]] = []
+    for _ in range(300):
+        w = rng.choice(list(tips))
+        op = rng.random()
+        if op < 0.55 and tips[w]:  # decode: one block under a chain's tip
+            i = rng.randrange(len(tips[w]))
+            h, path = tips[w][i]
+            new = [rng.randint(0, 3) for _ in range(2)]
+            full = path + tuple(new)
+            nh = hash_of.setdefault(full, len(hash_of) + 1)
+            ops.append((w, BlockStored([nh], h, new, 2)))
+            tips[w][i] = (nh, full)
+            live[w][nh] = full
+        elif op < 0.7 or not live[w]:  # a prompt: new, or branching from any block
+            parent = rng.choice([None, *live[w]]) if live[w] and rng.random() < 0.7 else None
+            base = live[w][parent] if parent is not None else ()
+            new = [rng.randint(0, 3) for _ in range(2 * rng.randint(1, 3))]
+            full = base + tuple(new)
+            paths = [full[: len(base) + 2 * (j + 1)] for j in range(len(new) // 2)]
+            hashes = [hash_of.setdefault(p, len(hash_of) + 1) for p in paths]
+            ops.append((w, BlockStored(hashes, parent, new, 2)))
+            for h, p in zip(hashes, paths, strict=True):
+                live[w][h] = p
+            tips[w].append((hashes[-1], full))
+        elif op < 0.9:
+            gone = rng.sample(list(live[w]), rng.randint(1, min(2, len(live[w]))))
+            ops.append((w, BlockRemoved(gone)))
+            for h in gone:
+                live[w].pop(h)
+            tips[w] = [(h, p) for h, p in tips[w] if h in live[w]]
+        elif op < 0.97:  # an offloaded copy: a held block stored again, same path
+            h = rng.choice(list(live[w]))
+            p = live[w][h]
+            up = hash_of[p[:-2]] if len(p) > 2 else None
+            ops.append((w, BlockStored([h], up, list(p[-2:]), 2, medium="CPU")))
+        else:
+            ops.append((w, AllBlocksCleared()))
+            live[w].clear()
+            tips[w].clear()
+        for _ in range(2):
+            ws = [p for ls in live.values() for p in ls.values()]
+            q = list(rng.choice(ws)) if ws else []
+            q = q[: rng.randint(0, len(q))] + [rng.randint(0, 3) for _ in range(rng.randint(0, 4))]
+            ops.append(("?", q))
+    return ops
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_decode_tails_answer_as_if_every_block_were_in_the_tree(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cacheroute.events.index as index_module
+
+    def run() -> list[dict[str, int]]:
+        index = KVEventIndex(block_size=2)
+        feeds = {w: Feed(index, w) for w in ("a", "b")}
+        answers = []
+        for who, what in _tail_stream(seed):
+            if who == "?":
+                answers.append(index.match(what))  # type: ignore[arg-type]
+            else:
+                feeds[who](what)  # type: ignore[arg-type]
+        return answers
+
+    with_tails = run()
+    monkeypatch.setattr(index_module, "_TAIL_BLOCKS", 0)  # every block into the tree
+    monkeypatch.setattr(index_module, "_TAIL_SHARE", 1 << 40)
+    assert with_tails == run()
+
+
+def test_a_follow_up_request_matches_into_a_decode_tail(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    feed(stored([1, 2], None, [1, 2]))
+    for b in range(3, 7):  # decode: one block at a time, kept in the tail
+        feed(stored([b], b - 1, [b]))
+    assert index._workers[W1].tails  # (the tail is what this test is about)
+    assert index.match(toks(1, 2, 3, 4, 5, 6, 7)) == {W1: 24}
+    assert index.match([*toks(1, 2, 3, 4), 99]) == {W1: 16}
+    assert index.match(toks(1, 3)) == {W1: 4}
+    feed(stored([9], 4, [9]))  # a branch from a tail block
+    assert index.match(toks(1, 2, 3, 4, 9)) == {W1: 20}
+    assert index.match(toks(1, 2, 3, 4, 5, 6)) == {W1: 24}
+    feed(BlockRemoved([5]))  # a removal inside the tail drops what extends it
+    assert index.match(toks(1, 2, 3, 4, 5, 6)) == {W1: 16}
+    assert index.match(toks(1, 2, 3, 4, 9)) == {W1: 20}

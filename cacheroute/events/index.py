@@ -6,15 +6,15 @@ See ``docs/events.md`` for the design, what each event does and the memory bound
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice, repeat
+from operator import rshift
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cacheroute._validation import (
     check_bool,
@@ -24,16 +24,16 @@ from cacheroute._validation import (
     check_str,
     fail,
 )
-from cacheroute.events._store import Store, make_store
 from cacheroute.events.wire import (
-    AllBlocksCleared,
+    REMOVED,
+    STORED,
     BlockHash,
-    BlockRemoved,
-    BlockStored,
-    KVEventBatch,
+    RawEvent,
     WireFormatError,
-    decode_batch,
+    _decode_raw,
+    _read_event,
 )
+from cacheroute.tree import Tree
 
 if TYPE_CHECKING:
     from cacheroute.events.subscriber import Subscription
@@ -43,9 +43,22 @@ __all__ = ["KVEventIndex", "WorkerStats"]
 log = logging.getLogger("cacheroute.events")
 
 _U32 = "I" if array("I").itemsize == 4 else "L"
-_CODEC = "utf-32-le" if sys.byteorder == "little" else "utf-32-be"
-_MAX_TOKEN = 0x110000  # ids below map to one code point (the Tree's narrow encoding)
+# The trees hold text: a token is the 4 code points of its 4 bytes (latin-1 of the array,
+# one C-level copy), so a match counts code points, floored here to whole blocks in one
+# pass (the Tree's token mode would first divide every worker's length by 4 itself).
+_W = 4
 _GPU = "GPU"
+# A block's place: (chain id << _SHIFT) | end, one int (no per-block object for the
+# collector to track): the block's prefix is chain.buf[:end].
+_SHIFT = 32
+_END = (1 << _SHIFT) - 1
+_EVENTS_PER_LOCK = 32  # events applied per hold of the index lock
+# A chain grown by decode steps keeps its newest blocks out of the tree (a *tail*, matched
+# from the chain's buffer) until they reach _TAIL_BLOCKS blocks or 1/_TAIL_SHARE of the
+# prefix the tree holds: a one-block extension then costs O(block), not a tree insert of
+# its whole prefix (O(prefix) copies and compares), amortized.
+_TAIL_BLOCKS = 8
+_TAIL_SHARE = 8
 
 Namespace = tuple[Any, tuple[Any, ...]]
 _DEFAULT_NS: Namespace = (None, ())
@@ -126,16 +139,23 @@ class WorkerStats:
     """Since the last message (or connection news) from the worker."""
 
 
-class _Block:
-    """Where a stored block's prefix lives: ``buf[:end]`` (tokens), in namespace ``ns``."""
+class _Chain:
+    """A token buffer shared by a chain of stored blocks, in namespace ``ns``: a block at
+    ``end`` has the prefix ``buf[:end]``. A block stored under the last one (decode)
+    appends in place; a branch copies its parent's prefix once."""
 
-    __slots__ = ("buf", "end", "media", "ns")
+    __slots__ = ("base", "buf", "epoch", "ns", "tail", "tree_end")
 
-    def __init__(self, buf: array[int], end: int, ns: Namespace, media: str | set[str]):
+    def __init__(self, buf: array[int], ns: Namespace, cid: int, epoch: int) -> None:
         self.buf = buf
-        self.end = end
         self.ns = ns
-        self.media = media
+        self.base = cid << _SHIFT  # its blocks' codes are base | end
+        # The tree holds buf[:tree_end] for the worker (inserted at the worker's removal
+        # ``epoch``, none since if the epochs agree); a tail is buf[tree_end:tail], held by
+        # the worker but not in the tree (tail == 0: none).
+        self.tree_end = len(buf)
+        self.epoch = epoch
+        self.tail = 0
 
 
 class _Worker:
@@ -144,19 +164,33 @@ class _Worker:
         "block_size",
         "blocks",
         "c",
+        "chains",
         "connected",
         "down_since",
+        "epoch",
         "group",
         "key",
         "last_log",
         "last_seq",
+        "media",
         "namespaces",
+        "next_chain",
         "suppressed",
+        "sweep_at",
+        "tails",
     )
 
     def __init__(self, key: str, block_size: int, now: float) -> None:
         self.key = key
-        self.blocks: OrderedDict[BlockHash, _Block] = OrderedDict()
+        # hash -> (chain id << _SHIFT) | end, in store order (the cap drops the oldest)
+        self.blocks: dict[BlockHash, int] = {}
+        # hash -> media of a block not on the GPU alone (absent: {"GPU"}): one str or a set
+        self.media: dict[BlockHash, str | set[str]] = {}
+        self.chains: dict[int, _Chain] = {}
+        self.next_chain = 0
+        self.sweep_at = 64  # chains count that triggers dropping unreferenced chains
+        self.epoch = 0  # bumped by every removal from the trees
+        self.tails: set[_Chain] = set()  # chains with a tail
         self.namespaces: set[Namespace] = set()
         self.block_size = block_size
         self.group: int | None = None
@@ -169,33 +203,34 @@ class _Worker:
         self.suppressed = 0
 
 
-def _units(buf: array[int], end: int) -> str:
-    """``buf[:end]`` as the store's units: one code point per token, one C-level copy."""
-    with memoryview(buf) as mv:
-        part = mv[:end]
+def _query(token_ids: object) -> array[int]:
+    """A request's tokens as the Tree's 4-byte ids, cut before the first id no engine
+    event can carry (negative, or >= 2**32)."""
+    if type(token_ids) is array and token_ids.typecode == _U32:
+        return token_ids
+    if type(token_ids) is list or (
+        not isinstance(token_ids, (str, bytes, bytearray))
+        and isinstance(token_ids, (Sequence, array))  # not a generator, set or dict
+    ):
         try:
-            return str(part, _CODEC, "surrogatepass")
-        finally:
-            part.release()
-
-
-def _query_units(token_ids: Sequence[int]) -> str:
-    """A request's tokens as units, cut before the first id the index can never hold."""
-    try:
-        a = array(_U32, token_ids)
-    except OverflowError:
-        a = array(_U32)
-        for t in token_ids:
-            if not 0 <= t < _MAX_TOKEN:
-                break
-            a.append(t)
-    except TypeError:
-        raise fail("token_ids", "a sequence of int token ids", token_ids, TypeError) from None
-    raw = a.tobytes()
-    try:
-        return raw.decode(_CODEC, "surrogatepass")
-    except UnicodeDecodeError as exc:
-        return raw[: exc.start].decode(_CODEC, "surrogatepass")
+            if type(token_ids) is list:
+                a = array(_U32)
+                a.fromlist(token_ids)  # ~2x faster than array(code, list)
+                return a
+            return array(_U32, cast("Sequence[int]", token_ids))
+        except OverflowError:
+            a = array(_U32)
+            try:
+                for t in token_ids:
+                    if not 0 <= t <= 0xFFFFFFFF:
+                        break
+                    a.append(t)
+                return a
+            except TypeError:
+                pass
+        except TypeError:
+            pass
+    raise fail("token_ids", "a sequence of int token ids", token_ids, TypeError)
 
 
 def _freeze(x: Any) -> Any:
@@ -259,7 +294,10 @@ class KVEventIndex:
         self._clock: Callable[[], float] = check_callable("clock", clock)
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
-        self._trees: dict[Namespace, Store] = {}
+        self._trees: dict[Namespace, Tree] = {}
+        self._uniform_bs: int = self._bs  # every worker's block size, or 0 if they differ
+        # per namespace: tree_end -> {worker: chains with a tail past a prefix that long}
+        self._tails: dict[Namespace, dict[int, dict[str, list[_Chain]]]] = {}
         self._lora_alias: dict[int, str] = {}
         self._subs: dict[str, Subscription] = {}
         self._ctx: Any = None
@@ -346,11 +384,14 @@ class KVEventIndex:
         :returns: whether the batch was applied (``False``: duplicate, other DP rank, or a
             bad message, which is counted and logged, never raised).
         """
-        check_str("url", url)
-        check_int("seq", seq, minimum=0)
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
+        if type(url) is not str or not url:
+            check_str("url", url)
+        if type(seq) is not int or seq < 0:
+            check_int("seq", seq, minimum=0)
+        if type(payload) is not bytes and not isinstance(payload, (bytearray, memoryview)):
             raise fail("payload", "bytes", payload, TypeError)
-        check_int("dp_rank", dp_rank, minimum=0, none_ok=True)
+        if dp_rank is not None:
+            check_int("dp_rank", dp_rank, minimum=0)
         return self._apply(url, seq, payload, dp_rank)
 
     def touch(self, url: str) -> None:
@@ -367,6 +408,7 @@ class KVEventIndex:
             ws = self._workers.pop(url, None)
             if ws is not None:
                 self._clear(ws)
+                self._block_sizes_changed()
 
     # ---------------------------------------------------------------- querying
 
@@ -393,26 +435,68 @@ class KVEventIndex:
         Thread-safe. Complexity: one walk of the namespace's tree, O(len(token_ids)) in C
         comparisons.
         """
-        ns = self._request_namespace(lora_id, lora_name, extra_keys)
-        check_bool("include_stale", include_stale)
-        if isinstance(token_ids, (str, bytes, bytearray)):
-            raise fail("token_ids", "a sequence of int token ids", token_ids, TypeError)
-        units = _query_units(token_ids)
+        if lora_id is None and lora_name is None and extra_keys is None:
+            ns = _DEFAULT_NS
+        else:
+            ns = self._request_namespace(lora_id, lora_name, extra_keys)
+        if include_stale is not True:
+            check_bool("include_stale", include_stale)
+        units = str(_query(token_ids), "latin-1")
         with self._lock:
             tree = self._trees.get(ns)
             if tree is None or not units:
                 return {}
             raw = tree.match_lengths(units)
-            out: dict[str, int] = {}
+            b = self._uniform_bs * _W
+            tails = self._tails.get(ns)
+            if include_stale and b:
+                # one block size for all: floor to whole blocks, drop those below one
+                out = {w: (n - n % b) >> 2 for w, n in raw.items() if n >= b}
+                if tails:
+                    self._credit_tails(tails, units, out)
+                return out
+            out = {}
             now = self._clock() if not include_stale else 0.0
             workers = self._workers
             for w, n in raw.items():
                 ws = workers.get(w)
-                bs = ws.block_size if ws is not None else self._bs
-                n -= n % bs
+                n >>= 2
+                n -= n % (ws.block_size if ws is not None else self._bs)
                 if n and (include_stale or (ws is not None and not self._stale(ws, now))):
                     out[w] = n
+            if tails:
+                self._credit_tails(tails, units, out)
             return out
+
+    def _credit_tails(
+        self, tails: dict[int, dict[str, list[_Chain]]], units: str, out: dict[str, int]
+    ) -> None:
+        """Extend ``out`` by the tails of chains whose tree part the request matched whole
+        (a worker's tree match ends where such a chain's tree part ends: a block further
+        would be the tail's own first block, hashes being a function of the prefix)."""
+        for f in [f for f in set(out.values()) if f in tails]:  # few distinct lengths
+            for w, chains in tails[f].items():
+                if out.get(w) != f:
+                    continue
+                b4 = self._workers[w].block_size * _W
+                best = f
+                for chain in chains:
+                    with memoryview(chain.buf) as mv:
+                        if not units.startswith(str(mv[:f], "latin-1")):
+                            continue
+                        tail = str(mv[f : chain.tail], "latin-1")
+                    pos = f * _W
+                    lo, hi = 0, len(tail) // b4  # whole tail blocks the request goes on with
+                    if units.startswith(tail, pos):
+                        lo = hi
+                    while lo < hi:
+                        mid = (lo + hi + 1) >> 1
+                        if units.startswith(tail[: mid * b4], pos):
+                            lo = mid
+                        else:
+                            hi = mid - 1
+                    best = max(best, f + lo * b4 // _W)
+                out[w] = best
 
     def is_stale(self, url: str) -> bool:
         """Whether ``url``'s view may be out of date: its subscriber has been disconnected
@@ -520,22 +604,28 @@ class KVEventIndex:
             raise fail("extra_keys", "hashable items", extra_keys, TypeError) from None
         return (lora, keys)
 
-    def _event_namespace(self, ev: BlockStored) -> Namespace:
-        name = ev.lora_name
+    def _event_namespace(self, ev: RawEvent) -> Namespace:
+        lora_id, name, extra, salt = ev[5], ev[7], ev[8], ev[11]
+        if lora_id is None and name is None and not extra and salt is None:
+            return _DEFAULT_NS
         lora: Any = None
         if name is not None:
             lora = ("name", name)
-            if ev.lora_id is not None:
-                self._lora_alias[ev.lora_id] = name
-        elif ev.lora_id is not None:
-            lora = ("id", ev.lora_id)
-        first = ev.extra_keys[0] if ev.extra_keys else None
+            if lora_id is not None:
+                self._lora_alias[lora_id] = name
+        elif lora_id is not None:
+            lora = ("id", lora_id)
+        first = extra[0] if extra else None
         keys: tuple[Any, ...] = ()
         if first:
             keys = tuple(_freeze(k) for k in first if name is None or k != name)
-        if not keys and ev.cache_salt is not None:
-            keys = (ev.cache_salt,)
+        if not keys and salt is not None:
+            keys = (salt,)
         return (lora, keys)
+
+    def _block_sizes_changed(self) -> None:
+        sizes = {ws.block_size for ws in self._workers.values()}
+        self._uniform_bs = (sizes.pop() if len(sizes) == 1 else 0) if sizes else self._bs
 
     def _last_seq(self, key: str) -> int | None:
         with self._lock:
@@ -607,63 +697,71 @@ class KVEventIndex:
         replayed: bool = False,
         gap_noted: bool = False,
     ) -> bool:
-        batch: KVEventBatch | None
+        events: list[Any] | None
         try:
-            batch = decode_batch(payload)
+            _, events, rank = _decode_raw(payload)
             reason = ""
         except WireFormatError as exc:
-            batch, reason = None, str(exc)
-        with self._lock:
-            ws = self._worker(key)
+            events, rank, reason = None, None, str(exc)
+        lock = self._lock
+        workers = self._workers
+        lock.acquire()
+        try:
+            ws = workers.get(key) or self._worker(key)
             ws.alive_at = self._clock()
+            c = ws.c
             last = ws.last_seq
             if last is not None:
                 if seq <= last:
                     if replayed or seq == last:
-                        ws.c["duplicates"] += 1
+                        c["duplicates"] += 1
                         return False
                     self._clear(ws)  # sequence went down: the publisher restarted
-                    ws.c["resets"] += 1
+                    c["resets"] += 1
                     ws.group = None
                 elif seq > last + 1:
-                    ws.c["lost_batches"] += seq - last - 1
+                    c["lost_batches"] += seq - last - 1
                     if not (gap_noted or replayed):
-                        ws.c["gaps"] += 1
+                        c["gaps"] += 1
             ws.last_seq = seq
-            if batch is None:
-                ws.c["bad_messages"] += 1
+            if events is None:
+                c["bad_messages"] += 1
                 self._log_bad(ws, seq, reason)
                 return False
-            rank = batch.data_parallel_rank
             if dp_rank is not None and rank is not None and rank != dp_rank:
-                ws.c["ignored_batches"] += 1
+                c["ignored_batches"] += 1
                 return False
-            ws.c["batches"] += 1
+            c["batches"] += 1
             if replayed:
-                ws.c["replayed_batches"] += 1
-        for ev in batch.events:
-            with self._lock:
-                if ws is not self._workers.get(key):  # forgotten meanwhile
-                    return False
+                c["replayed_batches"] += 1
+            held = 0
+            for raw in events:
+                if held == _EVENTS_PER_LOCK:  # a large batch never holds up a match long
+                    lock.release()
+                    lock.acquire()
+                    if ws is not workers.get(key):  # forgotten meanwhile
+                        return False
+                    held = 0
+                held += 1
                 try:
-                    self._event(ws, ev)
+                    ev = _read_event(raw)
+                    c["events"] += 1
+                    tag = ev[0]
+                    if tag == STORED:
+                        self._stored(ws, ev)
+                    elif tag == REMOVED:
+                        self._removed(ws, ev)
+                    else:
+                        self._clear(ws)
+                        c["clears"] += 1
+                except WireFormatError:  # an event the wire reader cannot read
+                    c["bad_events"] += 1
                 except Exception as exc:  # never let one event kill a subscriber
-                    ws.c["bad_events"] += 1
+                    c["bad_events"] += 1
                     self._log_bad(ws, seq, f"event failed: {exc!r}")
+        finally:
+            lock.release()
         return True
-
-    def _event(self, ws: _Worker, ev: object) -> None:
-        ws.c["events"] += 1
-        if type(ev) is BlockStored:
-            self._stored(ws, ev)
-        elif type(ev) is BlockRemoved:
-            self._removed(ws, ev)
-        elif type(ev) is AllBlocksCleared:
-            self._clear(ws)
-            ws.c["clears"] += 1
-        else:  # an event decode_batch could not read
-            ws.c["events"] -= 1
-            ws.c["bad_events"] += 1
 
     def _group_ok(self, ws: _Worker, group: int | None, kind: str | None) -> bool:
         """Follow one KV cache group per worker: the first full-attention one stored."""
@@ -675,132 +773,279 @@ class KVEventIndex:
         ws.c["ignored_events"] += 1
         return False
 
-    def _stored(self, ws: _Worker, ev: BlockStored) -> None:
-        if not self._group_ok(ws, ev.group_idx, ev.kv_cache_spec_kind):
+    def _stored(self, ws: _Worker, ev: RawEvent) -> None:
+        """O(k) in C for k blocks (one array, one dict update, one tree insert of the
+        chain's prefix, itself O(prefix) in C), O(1) Python steps but for multimodal
+        keys and blocks already held."""
+        _, hashes, parent, toks, bs, _, medium, name, extra, group, kind, _ = ev
+        if group is not None and group != ws.group and not self._group_ok(ws, group, kind):
             return
-        hashes = ev.block_hashes
         n = len(hashes)
-        bs = ev.block_size
-        toks = ev.token_ids
         if len(toks) != n * bs:
             ws.c["bad_events"] += 1
             return
         if n == 0:
             return
+        a = array(_U32)
         try:
-            a = array(_U32, toks)
+            a.fromlist(toks)  # (~2x faster than array(code, list)); ids >= 2**32: bad
         except (OverflowError, TypeError):
-            a = None
-        if a is None or max(a) >= _MAX_TOKEN:
             ws.c["bad_events"] += 1
             return
         blocks = ws.blocks
-        parent = ev.parent_block_hash
+        chain: _Chain | None = None
+        end = 0
         if parent is None:
-            ns = self._event_namespace(ev)
-            buf: array[int] = array(_U32)
             first = 1  # the first block's extra keys are the namespace
         else:
-            pe = blocks.get(parent)
-            if pe is None:
+            code = blocks.get(parent)
+            if code is None:
                 ws.c["orphan_blocks"] += n
                 return
-            ns = pe.ns
-            buf = pe.buf if pe.end == len(pe.buf) else pe.buf[: pe.end]
+            chain = ws.chains[code >> _SHIFT]
+            end = code & _END
             first = 0
         k = n
-        extra = ev.extra_keys
         if extra:
-            name = ev.lora_name
-            for i in range(first, min(n, len(extra))):
-                e = extra[i]
-                if e and any(x != name for x in e):
-                    k = i  # content the tokens do not show: the chain stops here
-                    break
+            part = extra[first:n] if first or len(extra) > n else extra
+            plain = part.count(None)
+            if plain != len(part):
+                plain += part.count([])
+                if name is not None:
+                    plain += part.count([name])
+                if plain != len(part):
+                    for i in range(first, min(n, len(extra))):
+                        e = extra[i]
+                        if e and any(x != name for x in e):
+                            k = i  # content the tokens do not show: the chain stops here
+                            break
         if k < n:
             ws.c["unindexed_blocks"] += n - k
             if k == 0:
                 return
+            hashes = hashes[:k]
+            a = a[: k * bs]
         if bs != ws.block_size:
             ws.block_size = bs
-        start = len(buf)
-        buf.extend(a if k == n else a[: k * bs])
-        tree = self._trees.get(ns)
-        if tree is None:
-            tree = self._trees[ns] = make_store(bs)
-        tree.insert(_units(buf, start + k * bs), ws.key)
-        ws.namespaces.add(ns)
-        medium = ev.medium or _GPU
-        move = blocks.move_to_end
-        end = start
-        for i in range(k):
-            end += bs
-            h = hashes[i]
-            old = blocks.get(h)
-            if old is None:
-                blocks[h] = _Block(buf, end, ns, medium)
-            else:
-                m = old.media
-                if type(m) is str:
-                    if m != medium:
-                        old.media = {m, medium}
-                else:
-                    assert isinstance(m, set)
-                    m.add(medium)
-                move(h)
+            self._block_sizes_changed()
+        if chain is None:
+            chain = self._new_chain(ws, a, self._event_namespace(ev))
+            grown = False
+        elif end == len(chain.buf):
+            buf = chain.buf
+            buf.extend(a)  # the chain's last block grows (decode): in place
+            tree_end = chain.tree_end
+            grown = chain.epoch == ws.epoch and len(buf) - tree_end < max(
+                _TAIL_BLOCKS * bs, tree_end // _TAIL_SHARE
+            )
+            if grown:  # into its tail: no tree work
+                if not chain.tail:
+                    self._add_tail(ws, chain)
+                chain.tail = len(buf)
+        else:
+            if chain.tail and end > chain.tree_end:
+                self._flush(ws, chain)  # the branch starts in the tail: tree first
+            buf = chain.buf[:end]  # a branch: its parent's prefix, copied once
+            buf.extend(a)
+            chain = self._new_chain(ws, buf, chain.ns)
+            grown = False
+        if not grown:
+            ns = chain.ns
+            tree = self._trees.get(ns)
+            if tree is None:
+                tree = self._trees[ns] = Tree()
+            ws.namespaces.add(ns)
+            tree.insert(str(chain.buf, "latin-1"), ws.key)
+            if chain.tail:
+                self._drop_tail(ws, chain)
+            chain.tree_end = len(chain.buf)
+            chain.epoch = ws.epoch
+        medium = medium or _GPU
+        if medium != _GPU or ws.media:
+            self._store_media(ws, hashes, medium)
+        end += chain.base
+        if k == 1:  # a decode step's block
+            h = hashes[0]
+            if h in blocks:
+                del blocks[h]  # held already: it is the newest now
+                if ws.tails:
+                    self._flush_tails(ws)
+            blocks[h] = end + bs
+        else:
+            before = len(blocks)
+            blocks.update(zip(hashes, range(end + bs, end + k * bs + 1, bs), strict=True))
+            if len(blocks) - before != k:  # some were held already: they are the newest now
+                for h in hashes:
+                    blocks[h] = blocks.pop(h)
+                if ws.tails:
+                    self._flush_tails(ws)
         ws.c["blocks_stored"] += k
         if len(blocks) > self._cap:
             self._evict(ws)
 
-    def _removed(self, ws: _Worker, ev: BlockRemoved) -> None:
-        g = ev.group_idx
+    # Tails, exactly: a chain grows one only while the tree holds its tree part as last
+    # inserted (no removal for the worker since: the epochs agree), and every removal puts
+    # the worker's tails into the tree first, so the tree alone then answers as if each
+    # block had been inserted when stored. A request is credited a tail when the worker's
+    # tree match ends where the chain's tree part does and covers it: a longer tree match
+    # would go on with another block than the tail's first, which for engines whose block
+    # hash is a function of the block's prefix (vLLM's and SGLang's) is a different path,
+    # since a path through a tail re-stores its hashes and a branch from it names one as
+    # its parent, and both put the tail into the tree first. (With hashes that are not, a
+    # match can only come out shorter, never claim a block the worker does not hold.)
+
+    def _add_tail(self, ws: _Worker, chain: _Chain) -> None:
+        by_end = self._tails.setdefault(chain.ns, {})
+        by_end.setdefault(chain.tree_end, {}).setdefault(ws.key, []).append(chain)
+        ws.tails.add(chain)
+
+    def _drop_tail(self, ws: _Worker, chain: _Chain) -> None:
+        chain.tail = 0
+        ws.tails.discard(chain)
+        by_end = self._tails.get(chain.ns)
+        if by_end is None:
+            return
+        by_worker = by_end.get(chain.tree_end)
+        if by_worker is None:
+            return
+        held = by_worker.get(ws.key)
+        if held is None:
+            return
+        if chain in held:
+            held.remove(chain)
+        if not held:
+            del by_worker[ws.key]
+            if not by_worker:
+                del by_end[chain.tree_end]
+                if not by_end:
+                    del self._tails[chain.ns]
+
+    def _flush(self, ws: _Worker, chain: _Chain) -> None:
+        """Put ``chain``'s tail into the tree."""
+        end = chain.tail
+        tree = self._trees.get(chain.ns)
+        if tree is None:
+            tree = self._trees[chain.ns] = Tree()
+        with memoryview(chain.buf) as mv:
+            tree.insert(str(mv[:end], "latin-1"), ws.key)
+        self._drop_tail(ws, chain)
+        chain.tree_end = end
+
+    def _flush_tails(self, ws: _Worker) -> None:
+        for chain in list(ws.tails):
+            self._flush(ws, chain)
+
+    def _new_chain(self, ws: _Worker, buf: array[int], ns: Namespace) -> _Chain:
+        chains = ws.chains
+        if len(chains) >= ws.sweep_at:  # drop the chains no block refers to any more
+            live = set(map(rshift, ws.blocks.values(), repeat(_SHIFT)))
+            for cid in [cid for cid in chains if cid not in live]:
+                dead = chains.pop(cid)
+                if dead.tail:
+                    self._drop_tail(ws, dead)
+            ws.sweep_at = max(64, 2 * len(chains))
+        chain = _Chain(buf, ns, ws.next_chain, ws.epoch)
+        chains[ws.next_chain] = chain
+        ws.next_chain += 1
+        return chain
+
+    def _store_media(self, ws: _Worker, hashes: list[BlockHash], medium: str) -> None:
+        """Media of blocks about to be stored on ``medium`` (before the map update)."""
+        media = ws.media
+        blocks = ws.blocks
+        for h in hashes:
+            m = media.get(h)
+            if m is None:
+                if h not in blocks:
+                    if medium != _GPU:
+                        media[h] = medium
+                elif medium != _GPU:
+                    media[h] = {_GPU, medium}
+            elif type(m) is str:
+                if m != medium:
+                    media[h] = {m, medium}
+            else:
+                assert isinstance(m, set)
+                m.add(medium)
+
+    def _removed(self, ws: _Worker, ev: RawEvent) -> None:
+        _, hashes, medium, g = ev
         if g is not None and g != ws.group:
             ws.c["ignored_events"] += 1
             return
-        medium = ev.medium or _GPU
+        medium = medium or _GPU
         blocks = ws.blocks
-        dead: list[_Block] = []
-        unknown = 0
-        for h in ev.block_hashes:
-            e = blocks.get(h)
-            if e is None:
-                unknown += 1
-                continue
-            m = e.media
-            if m == medium:
-                del blocks[h]
-                dead.append(e)
-            elif type(m) is set and medium in m:
-                m.discard(medium)
-                if len(m) == 1:
-                    e.media = next(iter(m))
-            else:
-                unknown += 1
+        if medium == _GPU and not ws.media:  # every block known is dropped
+            codes = list(map(blocks.pop, hashes, repeat(None)))
+            dead: list[int] = list(filter(None, codes))  # codes are >= 1
+            unknown = len(codes) - len(dead)
+        else:
+            dead, unknown = self._remove_media(ws, hashes, medium)
         if unknown:
             ws.c["unknown_removals"] += unknown
         if dead:
             ws.c["blocks_removed"] += len(dead)
             self._drop(ws, dead)
 
+    @staticmethod
+    def _remove_media(ws: _Worker, hashes: list[BlockHash], medium: str) -> tuple[list[int], int]:
+        media = ws.media
+        blocks = ws.blocks
+        dead: list[int] = []
+        unknown = 0
+        for h in hashes:
+            code = blocks.get(h)
+            if code is None:
+                unknown += 1
+                continue
+            m = media.get(h, _GPU)
+            if m == medium:
+                del blocks[h]
+                media.pop(h, None)
+                dead.append(code)
+            elif type(m) is set and medium in m:
+                m.discard(medium)
+                if len(m) == 1:
+                    (rest,) = m
+                    if rest == _GPU:
+                        del media[h]
+                    else:
+                        media[h] = rest
+            else:
+                unknown += 1
+        return dead, unknown
+
     def _evict(self, ws: _Worker) -> None:
         blocks = ws.blocks
         target = max(1, int(self._cap * 0.9))
-        dead = [blocks.popitem(last=False)[1] for _ in range(len(blocks) - target)]
+        keys = list(islice(blocks, len(blocks) - target))  # the oldest stored
+        dead = list(map(blocks.pop, keys))
+        if ws.media:
+            for h in keys:
+                ws.media.pop(h, None)
         ws.c["blocks_evicted"] += len(dead)
         self._drop(ws, dead)
 
-    def _drop(self, ws: _Worker, dead: list[_Block]) -> None:
-        """Remove dropped blocks' prefixes from the trees: per buffer only the shortest
-        (removing a prefix removes everything extending it)."""
-        shortest: dict[int, _Block] = {}
-        for e in dead:
-            cur = shortest.get(id(e.buf))
-            if cur is None or e.end < cur.end:
-                shortest[id(e.buf)] = e
-        for e in shortest.values():
-            tree = self._trees.get(e.ns)
+    def _drop(self, ws: _Worker, dead: list[int]) -> None:
+        """Remove dropped blocks' prefixes from the trees: per chain only the shortest
+        (removing a prefix removes everything extending it). C-level grouping."""
+        lo = min(dead)
+        if lo >> _SHIFT == max(dead) >> _SHIFT:  # one chain (an evicted tail): one removal
+            firsts = [lo]
+        else:  # per chain its smallest code: the shortest prefix
+            dead = sorted(dead, reverse=True)
+            firsts = list(dict(zip(map(rshift, dead, repeat(_SHIFT)), dead, strict=True)).values())
+        if ws.tails:  # tails into the tree first: the removal then acts on the tree alone
+            self._flush_tails(ws)
+        ws.epoch += 1  # a chain grows a tail again only after a tree insert of its own
+        chains = ws.chains
+        for code in firsts:
+            chain = chains[code >> _SHIFT]
+            end = code & _END
+            tree = self._trees.get(chain.ns)
             if tree is not None:
-                tree.remove(_units(e.buf, e.end), ws.key)
+                with memoryview(chain.buf) as mv:
+                    tree.remove(str(mv[:end], "latin-1"), ws.key)
 
     def _clear(self, ws: _Worker) -> None:
         for ns in ws.namespaces:
@@ -809,5 +1054,11 @@ class KVEventIndex:
                 tree.remove_tenant(ws.key)
                 if not len(tree):
                     del self._trees[ns]
+        for chain in list(ws.tails):
+            self._drop_tail(ws, chain)
+        ws.epoch += 1
         ws.namespaces.clear()
         ws.blocks.clear()
+        ws.media.clear()
+        ws.chains.clear()
+        ws.sweep_at = 64

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Literal
 
-from cacheroute._validation import check_bool, check_int, check_str
+from cacheroute._validation import check_bool, check_int, check_str, fail
 from cacheroute.events.wire import KVEvent, encode_batch
 
 __all__ = ["KVEventPublisher"]
@@ -115,6 +115,9 @@ class KVEventPublisher:
 
     def publish_raw(self, payload: bytes, *, send: bool = True) -> int:
         """Send an already encoded (or deliberately malformed) payload as the next batch."""
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise fail("payload", "bytes", payload, TypeError)
+        check_bool("send", send)
         with self._lock:
             seq = self._seq
             self._seq += 1

@@ -107,36 +107,41 @@ class KVEventBatch:
 # --------------------------------------------------------------------------- msgpack
 
 
+_MSGPACK: Any = None  # the module, once imported
+
+
 def _msgpack() -> Any:
+    global _MSGPACK
     try:
-        return importlib.import_module("msgpack")
+        _MSGPACK = importlib.import_module("msgpack")
+        return _MSGPACK
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError(
             "cacheroute.events needs msgpack: pip install 'cacheroute[events]'"
         ) from exc
 
 
-# Field order of the positional (array_like) forms, after the tag. vLLM appended fields
-# over time (PR #16750, #19737 medium, #27577 lora_name, #33304 extra_keys, #37688
-# group_idx, #40984 spec kind); SGLang's index 7 is a metadata dict instead of lora_name.
-_STORED_FIELDS = (
-    "block_hashes",
-    "parent_block_hash",
-    "token_ids",
-    "block_size",
-    "lora_id",
-    "medium",
-    "lora_name",
-    "extra_keys",
-    "group_idx",
-    "kv_cache_spec_kind",
-    "kv_cache_spec_sliding_window",
-)
-_REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
+# An event is read into a plain tuple (``_read_event``), which the index consumes directly
+# (no dataclass built per event on its hot path) and ``decode_batch`` turns into the
+# dataclasses: one reader, so both see the same validation.
+#
+#   stored:  (STORED, block_hashes, parent_block_hash, token_ids, block_size, lora_id,
+#             medium, lora_name, extra_keys, group_idx, kv_cache_spec_kind, cache_salt)
+#   removed: (REMOVED, block_hashes, medium, group_idx)
+#   cleared: (CLEARED,)
+STORED, REMOVED, CLEARED = 0, 1, 2
 
+RawEvent = tuple[Any, ...]
 
-def _is_hash(h: object) -> bool:
-    return (type(h) is int and h >= -(1 << 63)) or type(h) is bytes
+# Positional (array_like) BlockStored, after the tag: block_hashes, parent_block_hash,
+# token_ids, block_size, lora_id, medium, lora_name, extra_keys, group_idx,
+# kv_cache_spec_kind, kv_cache_spec_sliding_window. vLLM appended fields over time (PR
+# #16750, #19737 medium, #27577 lora_name, #33304 extra_keys, #37688 group_idx, #40984
+# spec kind); SGLang's index 7 is a metadata dict instead of lora_name. BlockRemoved:
+# block_hashes, medium, group_idx.
+_PAD: list[None] = [None] * 11
+_HASH_TYPES = frozenset((int, bytes))  # msgpack ints are in [-2**63, 2**64) already
+_LACKS = "BlockStored lacks block_hashes, token_ids or block_size"
 
 
 def _tokens(raw: object) -> list[int]:
@@ -150,97 +155,156 @@ def _tokens(raw: object) -> list[int]:
     return raw
 
 
-def _opt_int(name: str, v: object) -> int | None:
-    if v is None or type(v) is int:
-        return v
-    raise WireFormatError(f"{name} must be an int or nil, got {type(v).__name__}")
-
-
-def _opt_str(name: str, v: object) -> str | None:
-    if v is None or type(v) is str:
-        return v
-    raise WireFormatError(f"{name} must be a str or nil, got {type(v).__name__}")
+def _bad_type(name: str, what: str, v: object) -> WireFormatError:
+    return WireFormatError(f"{name} must be {what}, got {type(v).__name__}")
 
 
 def _hashes(raw: object) -> list[BlockHash]:
-    if type(raw) is not list or not all(_is_hash(h) for h in raw):
-        raise WireFormatError("block_hashes must be an array of ints or bins")
-    return raw
-
-
-def _event(raw: object) -> KVEvent:
-    """One event, tagged array or tagged map, to its dataclass."""
     if type(raw) is list:
-        if not raw or type(raw[0]) is not str:
-            raise WireFormatError("event array does not start with a str tag")
-        tag = raw[0]
-        names = _STORED_FIELDS if tag == "BlockStored" else _REMOVED_FIELDS
-        f = dict(zip(names, raw[1:], strict=False))
-        if tag == "BlockStored" and type(f.get("lora_name")) is dict:  # SGLang metadata
-            f["metadata"] = f.pop("lora_name")
-    elif type(raw) is dict:
-        mtag = raw.get("type")
-        if type(mtag) is not str:
-            raise WireFormatError("event map has no str 'type' tag")
-        tag, f = mtag, raw
-    else:
-        raise WireFormatError(f"event must be an array or a map, got {type(raw).__name__}")
-    if tag == "BlockStored":
-        if "block_hashes" not in f or "token_ids" not in f or "block_size" not in f:
-            raise WireFormatError("BlockStored lacks block_hashes, token_ids or block_size")
-        hashes = _hashes(f["block_hashes"])
-        parent = f.get("parent_block_hash")
-        if parent is not None and not _is_hash(parent):
-            raise WireFormatError("parent_block_hash must be an int, a bin or nil")
-        bs = f["block_size"]
-        if type(bs) is not int or bs < 1:
-            raise WireFormatError(f"block_size must be a positive int, got {bs!r}")
-        extra = f.get("extra_keys")
-        if extra is not None and type(extra) is not list:
-            raise WireFormatError("extra_keys must be an array or nil")
-        meta = f.get("metadata")
-        salt = f.get("cache_salt")
-        if salt is None and type(meta) is dict:
-            salt = meta.get("cache_salt")
-        return BlockStored(
-            hashes,
-            parent,
-            _tokens(f["token_ids"]),
-            bs,
-            _opt_int("lora_id", f.get("lora_id")),
-            _opt_str("medium", f.get("medium")),
-            _opt_str("lora_name", f.get("lora_name")),
-            extra,
-            _opt_int("group_idx", f.get("group_idx")),
-            _opt_str("kv_cache_spec_kind", f.get("kv_cache_spec_kind")),
-            _opt_str("cache_salt", salt),
-        )
+        if len(raw) == 1:  # a decode step's one block
+            t = type(raw[0])
+            if t is int or t is bytes:
+                return raw
+        elif _HASH_TYPES.issuperset(map(type, raw)):  # one C-level pass over the types
+            return raw
+    raise WireFormatError("block_hashes must be an array of ints or bins")
+
+
+def _removed(hashes: object, medium: object, group: object) -> RawEvent:
+    hashes = _hashes(hashes)
+    if medium is not None and type(medium) is not str:
+        raise _bad_type("medium", "a str or nil", medium)
+    if group is not None and type(group) is not int:
+        raise _bad_type("group_idx", "an int or nil", group)
+    return (REMOVED, hashes, medium, group)
+
+
+def _other_map(raw: dict[Any, Any], tag: object) -> RawEvent:
     if tag == "BlockRemoved":
-        if "block_hashes" not in f:
+        if "block_hashes" not in raw:
             raise WireFormatError("BlockRemoved lacks block_hashes")
-        return BlockRemoved(
-            _hashes(f["block_hashes"]),
-            _opt_str("medium", f.get("medium")),
-            _opt_int("group_idx", f.get("group_idx")),
-        )
+        return _removed(raw["block_hashes"], raw.get("medium"), raw.get("group_idx"))
+    if type(tag) is not str:
+        raise WireFormatError("event map has no str 'type' tag")
     if tag == "AllBlocksCleared":
-        return AllBlocksCleared()
+        return (CLEARED,)
     raise WireFormatError(f"unknown event tag {tag!r}")
 
 
-def decode_batch(payload: bytes) -> KVEventBatch:
-    """Read one payload (the last frame of a published message) into a :class:`KVEventBatch`.
+def _other_array(raw: list[Any], n: int, tag: object) -> RawEvent:
+    if tag == "BlockRemoved":
+        if n < 2:
+            raise WireFormatError("BlockRemoved lacks block_hashes")
+        return _removed(raw[1], raw[2] if n > 2 else None, raw[3] if n > 3 else None)
+    if type(tag) is not str:
+        raise WireFormatError("event array does not start with a str tag")
+    if tag == "AllBlocksCleared":
+        return (CLEARED,)
+    raise WireFormatError(f"unknown event tag {tag!r}")
 
-    Accepts every shape described in the module notes. An unreadable *event* becomes
-    ``None`` in ``events``; an unreadable *batch* raises.
 
-    :raises WireFormatError: not msgpack, or not a batch.
-    """
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
+def _read_event(raw: object) -> RawEvent:
+    """One event, tagged array or tagged map, to its tuple (see above). BlockStored, the
+    hot one, is read and checked in this one frame."""
+    meta: object = None
+    salt: object = None
+    if type(raw) is dict:
+        tag = raw.get("type")
+        if tag != "BlockStored":
+            return _other_map(raw, tag)
+        g = raw.get
+        hashes = g("block_hashes", _LACKS)
+        toks = g("token_ids", _LACKS)
+        bs = g("block_size", _LACKS)
+        if hashes is _LACKS or toks is _LACKS or bs is _LACKS:
+            raise WireFormatError(_LACKS)
+        parent = g("parent_block_hash")
+        lora_id = g("lora_id")
+        medium = g("medium")
+        name = g("lora_name")
+        extra = g("extra_keys")
+        group = g("group_idx")
+        kind = g("kv_cache_spec_kind")
+        salt = g("cache_salt")
+        meta = g("metadata")
+    elif type(raw) is list:
+        n = len(raw)
+        tag = raw[0] if n else None
+        if tag != "BlockStored":
+            return _other_array(raw, n, tag)
+        if n < 5:
+            raise WireFormatError(_LACKS)
+        r = raw if n >= 11 else raw + _PAD[n:]
+        _, hashes, parent, toks, bs, lora_id, medium, name, extra, group, kind = r[:11]
+        if type(name) is dict:  # SGLang's metadata in lora_name's place
+            meta, name = name, None
+    else:
+        raise WireFormatError(f"event must be an array or a map, got {type(raw).__name__}")
+    if type(hashes) is list and len(hashes) == 1:  # a decode step's one block
+        t = type(hashes[0])
+        if t is not int and t is not bytes:
+            raise WireFormatError("block_hashes must be an array of ints or bins")
+    else:
+        hashes = _hashes(hashes)
+    if parent is not None and type(parent) is not int and type(parent) is not bytes:
+        raise WireFormatError("parent_block_hash must be an int, a bin or nil")
+    if type(bs) is not int or bs < 1:
+        raise WireFormatError(f"block_size must be a positive int, got {bs!r}")
+    if extra is not None and type(extra) is not list:
+        raise WireFormatError("extra_keys must be an array or nil")
+    if type(toks) is not list or (toks and type(toks[0]) is list):
+        toks = _tokens(toks)
+    if salt is None and type(meta) is dict:
+        salt = meta.get("cache_salt")
+    if lora_id is not None and type(lora_id) is not int:
+        raise _bad_type("lora_id", "an int or nil", lora_id)
+    if group is not None and type(group) is not int:
+        raise _bad_type("group_idx", "an int or nil", group)
+    if (
+        (medium is not None and type(medium) is not str)
+        or (name is not None and type(name) is not str)
+        or (kind is not None and type(kind) is not str)
+        or (salt is not None and type(salt) is not str)
+    ):
+        for field_name, v in (
+            ("medium", medium),
+            ("lora_name", name),
+            ("kv_cache_spec_kind", kind),
+            ("cache_salt", salt),
+        ):
+            if v is not None and type(v) is not str:
+                raise _bad_type(field_name, "a str or nil", v)
+    return (STORED, hashes, parent, toks, bs, lora_id, medium, name, extra, group, kind, salt)
+
+
+def _read_events(raw: list[Any]) -> list[RawEvent | None]:
+    out: list[RawEvent | None] = []
+    for ev in raw:
+        try:
+            out.append(_read_event(ev))
+        except WireFormatError:
+            out.append(None)
+    return out
+
+
+def _to_dataclass(e: RawEvent | None) -> KVEvent | None:
+    if e is None:
+        return None
+    if e[0] == STORED:
+        return BlockStored(*e[1:])
+    if e[0] == REMOVED:
+        return BlockRemoved(*e[1:])
+    return AllBlocksCleared()
+
+
+def _decode_raw(payload: bytes) -> tuple[float, list[Any], int | None]:
+    """The batch envelope, checked: ``(ts, raw events, data_parallel_rank)``; the events
+    are left as msgpack gave them (read them with ``_read_event``)."""
+    if type(payload) is not bytes and not isinstance(payload, (bytearray, memoryview)):
         raise WireFormatError(f"payload must be bytes, got {type(payload).__name__}")
-    mp = _msgpack()
+    mp = _MSGPACK or _msgpack()
     try:
-        raw = mp.unpackb(payload, raw=False, strict_map_key=False)
+        raw = mp.unpackb(payload, strict_map_key=False)  # (raw=False: the default)
     except Exception as exc:  # msgpack raises several unrelated types
         raise WireFormatError(f"payload is not msgpack: {exc}") from None
     if type(raw) is list:
@@ -252,19 +316,25 @@ def decode_batch(payload: bytes) -> KVEventBatch:
         ts, events, rank = raw.get("ts"), raw.get("events"), raw.get("data_parallel_rank")
     else:
         raise WireFormatError(f"batch must be an array or a map, got {type(raw).__name__}")
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+    if type(ts) is not float and (isinstance(ts, bool) or not isinstance(ts, (int, float))):
         raise WireFormatError(f"batch ts must be a number, got {type(ts).__name__}")
     if type(events) is not list:
         raise WireFormatError(f"batch events must be an array, got {type(events).__name__}")
     if rank is not None and type(rank) is not int:
         raise WireFormatError(f"data_parallel_rank must be an int or nil, got {rank!r}")
-    out: list[KVEvent | None] = []
-    for ev in events:
-        try:
-            out.append(_event(ev))
-        except WireFormatError:
-            out.append(None)
-    return KVEventBatch(float(ts), out, rank)
+    return float(ts), events, rank
+
+
+def decode_batch(payload: bytes) -> KVEventBatch:
+    """Read one payload (the last frame of a published message) into a :class:`KVEventBatch`.
+
+    Accepts every shape described in the module notes. An unreadable *event* becomes
+    ``None`` in ``events``; an unreadable *batch* raises.
+
+    :raises WireFormatError: not msgpack, or not a batch.
+    """
+    ts, events, rank = _decode_raw(payload)
+    return KVEventBatch(ts, [_to_dataclass(e) for e in _read_events(events)], rank)
 
 
 # --------------------------------------------------------------------------- encoder
