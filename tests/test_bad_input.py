@@ -623,6 +623,10 @@ TABLE: dict[str, Entry] = {
     "cacheroute.policies.base.check_request_text": _fn(
         cacheroute.policies.check_request_text, request_text="x"
     ),
+    "cacheroute.policies.base.check_token_ids": Entry(
+        lambda: Case(cacheroute.policies.base.check_token_ids, {"request_text": [1, 2]}),
+        {"request_text": "request_text_ids"},
+    ),
     "cacheroute.policies.base.check_workers": _with_workers(
         cacheroute.policies.check_workers,
         param=None,  # param: the name used in messages

@@ -301,12 +301,14 @@ def test_max_nodes_counts_nodes_per_holder_and_evicts_lru_pairs() -> None:
         t.insert(s, f"w{i % 3}")
         m.insert(s, f"w{i % 3}")
         assert t._holdings <= 40 and t.total_size() <= 500
-        for u in t.tenants():  # every prefix a tenant still holds is held in the model,
-            for p in m.rec[u]:  # and newer than every one it lost
-                kept = t.prefix_match_tenant(p, u) == len(p)
-                lost = [q for q in m.rec[u] if t.prefix_match_tenant(q, u) < len(q)]
-                if kept and lost:
-                    assert m.rec[u][p] >= max(m.rec[u][q] for q in lost)
+        for u in t.tenants():  # every prefix a tenant still holds is newer than every one
+            held = {p: t.prefix_match_tenant(p, u) == len(p) for p in m.rec[u]}  # it lost
+            lost = [m.rec[u][q] for q, kept in held.items() if not kept]
+            if lost:
+                newest_lost = max(lost)
+                for p, kept in held.items():
+                    if kept:
+                        assert m.rec[u][p] >= newest_lost
         check_invariants(t)
 
 
