@@ -405,3 +405,38 @@ def test_a_call_that_raises_leaves_no_trace() -> None:
     with pytest.raises(TypeError, match=r"request_text\[0\]"):
         policy.select_worker(workers, [[1]])  # type: ignore[list-item]
     assert policy.tree_sizes() == {} and policy._known == frozenset()
+
+
+# ------------------------------------------------------------------ memory bound
+
+
+def test_default_trees_are_bounded_in_nodes_so_that_memory_stays_within_256_mib() -> None:
+    from cacheroute.policies.prefix import DEFAULT_MAX_TREE_NODES
+
+    assert DEFAULT_MAX_TREE_NODES * Tree.NODE_BYTES + 4 * 2**24 <= 256 * 2**20
+    for name in ("work_aware", "cache_aware"):
+        policy = make_policy(name)
+        assert policy.select_worker(build_workers([0, 0]), "hello") is not None
+        (tree,) = policy._trees.values()  # type: ignore[attr-defined]
+        assert (tree._max_nodes, tree._max_size) == (DEFAULT_MAX_TREE_NODES, 2**24)
+
+
+@pytest.mark.parametrize("name", ["work_aware", "cache_aware"])
+def test_max_tree_nodes_bounds_the_tree_of_short_distinct_prompts(name: str) -> None:
+    policy = make_policy(name, max_tree_nodes=20)
+    workers = build_workers([0, 0, 0, 0])
+    for i in range(300):  # distinct 2-character prompts: a node per unit, the worst case
+        with acquire(policy, workers, chr(0x4E00 + i) + chr(0x4E00 + i // 7)) as lease:
+            lease.first_token()
+        (tree,) = policy._trees.values()  # type: ignore[attr-defined]
+        assert tree._holdings <= 20
+    assert all(w.load() == 0 for w in workers)
+    assert make_policy(name, max_tree_nodes=None).config.max_tree_nodes is None
+
+
+@pytest.mark.parametrize("name", ["work_aware", "cache_aware"])
+def test_max_tree_nodes_refuses_bad_values_naming_it(name: str) -> None:
+    with pytest.raises(ValueError, match=r"^max_tree_nodes must be .*, got 0 \(int\)"):
+        make_policy(name, max_tree_nodes=0)
+    with pytest.raises(TypeError, match=r"^max_tree_nodes must be .*, got '9' \(str\)"):
+        make_policy(name, max_tree_nodes="9")

@@ -35,7 +35,12 @@ from typing import Any, Literal
 from cacheroute._validation import check_callable, check_choice, check_int, check_real, fail
 from cacheroute.policies.base import DecisionReason
 from cacheroute.policies.precise import IndexMode, KVIndex
-from cacheroute.policies.prefix import DecisionObserver, PoolView, PrefixPolicy
+from cacheroute.policies.prefix import (
+    DEFAULT_MAX_TREE_NODES,
+    DecisionObserver,
+    PoolView,
+    PrefixPolicy,
+)
 from cacheroute.tree import Tree
 
 __all__ = ["CacheAwareConfig", "CacheAwarePolicy", "ImbalanceMode"]
@@ -69,6 +74,10 @@ class CacheAwareConfig:
             tokens one request unit stands for (a block id of 16 tokens: 16).
         kv_capacity_tokens: int > 0 or ``None`` (default, as SGLang: no per-worker cap):
             each engine's KV capacity in tokens; caps each worker's share of a tree.
+        max_tree_nodes: int > 0 or ``None``: nodes per tree, counted once per worker
+            holding them: what memory follows when prompts are short and distinct.
+            Default ``DEFAULT_MAX_TREE_NODES`` (335,544), which with the default
+            ``max_tree_size`` keeps a tree within 256 MiB.
         index: ``None`` (default: the routed history only) or a KV-event index
             (e.g. :class:`cacheroute.events.KVEventIndex`): precise mode for token-id
             requests (see :class:`~cacheroute.policies.prefix.PrefixPolicy`).
@@ -96,6 +105,7 @@ class CacheAwareConfig:
     balance_rel_threshold: float = 1.5
     max_tree_size: int = 2**24
     max_tree_size_per_worker: int | None = None
+    max_tree_nodes: int | None = DEFAULT_MAX_TREE_NODES
     imbalance_mode: ImbalanceMode = "locality"
     tokens_per_unit: float | None = None
     kv_capacity_tokens: int | None = None
@@ -115,6 +125,7 @@ class CacheAwareConfig:
         check_int(
             "max_tree_size_per_worker", self.max_tree_size_per_worker, minimum=1, none_ok=True
         )
+        check_int("max_tree_nodes", self.max_tree_nodes, minimum=1, none_ok=True)
         check_choice("imbalance_mode", self.imbalance_mode, ("locality", "least_load"))
         tpu = check_real(
             "tokens_per_unit", self.tokens_per_unit, minimum=0.0, min_open=True, none_ok=True
@@ -179,6 +190,7 @@ class CacheAwarePolicy(PrefixPolicy):
         *,
         tokens_per_unit: float | None = None,
         kv_capacity_tokens: int | None = None,
+        max_tree_nodes: int | None = DEFAULT_MAX_TREE_NODES,
         index: KVIndex | None = None,
         index_mode: IndexMode = "hybrid",
         claim_ttl_s: float = 30.0,
@@ -195,6 +207,7 @@ class CacheAwarePolicy(PrefixPolicy):
             "imbalance_mode": imbalance_mode,
             "tokens_per_unit": tokens_per_unit,
             "kv_capacity_tokens": kv_capacity_tokens,
+            "max_tree_nodes": max_tree_nodes,
             "index": index,
             "index_mode": index_mode,
             "claim_ttl_s": claim_ttl_s,
@@ -233,6 +246,7 @@ class CacheAwarePolicy(PrefixPolicy):
             config.claim_ttl_s,
             config.index_namespace,
             clock,
+            config.max_tree_nodes,
         )
 
     @property

@@ -211,6 +211,12 @@ def _naming(param: str) -> Iterator[None]:
         raise TypeError(param + text[len("workers") :]) from None
 
 
+DEFAULT_MAX_TREE_NODES: int = Tree.max_nodes_for(256 * 2**20, max_size=2**24)
+"""The prefix policies' default ``max_tree_nodes`` (335,544): with the default
+``max_tree_size`` (2**24 units) a tree stays within 256 MiB whatever it is fed
+(:meth:`Tree.max_nodes_for`; measured by ``benchmarks/bench_tree_memory.py``)."""
+
+
 class PrefixPolicy(LoadBalancingPolicy):
     """Base class of policies that keep a prefix tree of what they routed where.
 
@@ -222,6 +228,10 @@ class PrefixPolicy(LoadBalancingPolicy):
     Settings shared by subclasses (keyword arguments of their constructors):
         max_tree_size: int > 0, units per tree (all workers), enforced on insert.
         max_tree_size_per_worker: int > 0 or ``None``: units per worker per tree.
+        max_tree_nodes: int > 0 or ``None``: nodes per tree, counted once per worker
+            holding them (``Tree(max_nodes=...)``): what memory follows when prompts are
+            short and distinct. Default :data:`DEFAULT_MAX_TREE_NODES`, which with the
+            default ``max_tree_size`` bounds a tree to 256 MiB.
         tokens_per_unit: real > 0 or ``None``: tokens one unit of the request stands for
             (``None``: 1 for token ids, ``1 / CHARS_PER_TOKEN`` for text; a block id of
             16 tokens: 16). Converts matches to cached tokens and capacities to units.
@@ -261,6 +271,7 @@ class PrefixPolicy(LoadBalancingPolicy):
         claim_ttl_s: float = 30.0,
         index_namespace: Mapping[str, Any] | None = None,
         clock: Callable[[], float] | None = None,
+        max_tree_nodes: int | None = DEFAULT_MAX_TREE_NODES,
     ) -> None:
         if index is not None and not isinstance(index, KVIndex):
             raise fail(
@@ -273,6 +284,7 @@ class PrefixPolicy(LoadBalancingPolicy):
             raise fail("index_namespace", "None or a mapping", index_namespace, TypeError)
         self._max_tree_size = max_tree_size
         self._max_tree_size_per_worker = max_tree_size_per_worker
+        self._max_tree_nodes = max_tree_nodes
         self._observer = on_decision
         self._tokens_per_unit = tokens_per_unit
         self._kv_capacity_tokens = kv_capacity_tokens
@@ -288,7 +300,11 @@ class PrefixPolicy(LoadBalancingPolicy):
                 index,
                 index_mode,
                 claim_ttl_s,
-                lambda: Tree(max_size=max_tree_size, max_size_per_tenant=max_tree_size_per_worker),
+                lambda: Tree(
+                    max_size=max_tree_size,
+                    max_size_per_tenant=max_tree_size_per_worker,
+                    max_nodes=max_tree_nodes,
+                ),
                 index_namespace,
                 time.monotonic if clock is None else clock,
             )
@@ -469,6 +485,7 @@ class PrefixPolicy(LoadBalancingPolicy):
                     tree = Tree(
                         max_size=self._max_tree_size,
                         max_size_per_tenant=self.worker_tree_limit(kind),
+                        max_nodes=self._max_tree_nodes,
                     )
                     self._trees[key] = tree
         return tree

@@ -55,7 +55,13 @@ from typing import Any
 from cacheroute._validation import check_callable, check_choice, check_int, check_real, fail
 from cacheroute.policies.base import CHARS_PER_TOKEN, DecisionReason
 from cacheroute.policies.precise import IndexMode, KVIndex
-from cacheroute.policies.prefix import DecisionObserver, PoolView, PrefixPolicy, _Pool
+from cacheroute.policies.prefix import (
+    DEFAULT_MAX_TREE_NODES,
+    DecisionObserver,
+    PoolView,
+    PrefixPolicy,
+    _Pool,
+)
 from cacheroute.tree import Tree
 
 __all__ = ["WorkAwareConfig", "WorkAwarePolicy"]
@@ -101,6 +107,10 @@ class WorkAwareConfig:
             (vLLM: ``num_gpu_blocks x block_size``). Caps each worker's share of the tree
             and enables the memory wait and the eviction price; ``None`` (default) leaves
             both out.
+        max_tree_nodes: int > 0 or ``None``: nodes per tree, counted once per worker
+            holding them: what memory follows when prompts are short and distinct.
+            Default ``DEFAULT_MAX_TREE_NODES`` (335,544), which with the default
+            ``max_tree_size`` keeps a tree within 256 MiB.
         index: ``None`` (default: the routed history only) or a KV-event index
             (e.g. :class:`cacheroute.events.KVEventIndex`): precise mode for token-id
             requests (see :class:`~cacheroute.policies.prefix.PrefixPolicy`).
@@ -125,6 +135,7 @@ class WorkAwareConfig:
     max_batch: int = 256
     max_tree_size: int = 2**24
     max_tree_size_per_worker: int | None = None
+    max_tree_nodes: int | None = DEFAULT_MAX_TREE_NODES
     tokens_per_unit: float | None = None
     kv_capacity_tokens: int | None = None
     index: KVIndex | None = field(default=None, compare=False)
@@ -151,6 +162,7 @@ class WorkAwareConfig:
         check_int(
             "max_tree_size_per_worker", self.max_tree_size_per_worker, minimum=1, none_ok=True
         )
+        check_int("max_tree_nodes", self.max_tree_nodes, minimum=1, none_ok=True)
         tpu = check_real(
             "tokens_per_unit", self.tokens_per_unit, minimum=0.0, min_open=True, none_ok=True
         )
@@ -266,6 +278,7 @@ class WorkAwarePolicy(PrefixPolicy):
         *,
         tokens_per_unit: float | None = None,
         kv_capacity_tokens: int | None = None,
+        max_tree_nodes: int | None = DEFAULT_MAX_TREE_NODES,
         index: KVIndex | None = None,
         index_mode: IndexMode = "hybrid",
         claim_ttl_s: float = 30.0,
@@ -285,6 +298,7 @@ class WorkAwarePolicy(PrefixPolicy):
             "max_tree_size_per_worker": max_tree_size_per_worker,
             "tokens_per_unit": tokens_per_unit,
             "kv_capacity_tokens": kv_capacity_tokens,
+            "max_tree_nodes": max_tree_nodes,
             "index": index,
             "index_mode": index_mode,
             "claim_ttl_s": claim_ttl_s,
@@ -335,6 +349,7 @@ class WorkAwarePolicy(PrefixPolicy):
             config.claim_ttl_s,
             config.index_namespace,
             clock,
+            config.max_tree_nodes,
         )
 
     @property
