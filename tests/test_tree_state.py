@@ -13,6 +13,7 @@ sizes, node and holding counts, and that every recency order is the exact LRU or
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import hypothesis.strategies as st
@@ -111,15 +112,16 @@ def check_invariants(tree: Tree) -> None:
     """Every structural invariant of ``tree`` (reads its internals). O(size * depth)."""
     w = tree._w
     edge, up, kids, hold, ent = tree._edge, tree._up, tree._kids, tree._hold, tree._ent
+    K = 1 << 32
 
     def names(h: Any) -> set[str]:
         return {h} if type(h) is str else set(h)
 
-    def entry(x: int, u: str) -> int:
+    def stamp(x: int, u: str) -> int:
         h = hold[x]
-        return ent[x] if type(h) is str else h[u]  # type: ignore[index]
+        return ent[x] if type(h) is str else h[u] // K  # type: ignore[index]
 
-    sizes = dict.fromkeys(tree._sizes, 0)
+    sizes = dict.fromkeys(tree._ten, 0)
     nodes: list[int] = []
     stack = [0]
     while stack:
@@ -134,49 +136,100 @@ def check_invariants(tree: Tree) -> None:
             assert e and len(e) % w == 0 and key == e[:w], "edge and key"
             h = hold[c]
             assert h is not None and (type(h) is str or len(h) >= 2), "holders"
+            for u in names(h):  # the tenant's own name object: holders compare by identity
+                assert any(u is v for v in names(h)) and tree._ten[u].name is next(
+                    v for v in names(h) if v == u
+                ), "holder names are the registered objects"
             if x:
                 assert names(h) <= names(hold[x]), "holders shrink going down"
             for u in names(h):
                 sizes[u] += len(e)
             nodes.append(c)
             stack.append(c)
-    assert sizes == tree._sizes, (sizes, tree._sizes)
+    assert sizes == {u: o.size for u, o in tree._ten.items()}, sizes
     assert sum(sizes.values()) == tree._total
-    assert len(nodes) == tree._nodes == tree._node_count()
+    assert all(o.name == u and type(o.name) is str for u, o in tree._ten.items())
+    assert len(nodes) == tree._node_count()
     assert sum(len(names(hold[x])) for x in nodes) == tree._holdings
     assert len(set(tree._free)) == len(tree._free) and not set(tree._free) & {0, *nodes}
     assert len(nodes) + len(tree._free) + 1 == len(edge)
     assert all(kids[f] is None and hold[f] is None and not edge[f] for f in tree._free)
-    owner: dict[int, str] = {}
-    for u, od in tree._orders.items():
-        pos = {e: i for i, e in enumerate(od)}
-        for e, x in od.items():
-            assert u in names(hold[x]) and entry(x, u) == e, "entry maps to its node"
-            owner[e] = u
-        for x in nodes:
-            if u not in names(hold[x]):
-                continue
-            e = entry(x, u)
-            if e < 0:  # implicit: held through exactly one child, which orders it
-                assert sum(u in names(hold[c]) for c in (kids[x] or {}).values()) == 1
-                continue
-            y = up[x]  # the nearest explicit ancestor is more recent
-            while y and entry(y, u) < 0:
-                y = up[y]
-            if y:
-                assert pos[entry(y, u)] > pos[e], "ancestor before node in an order"
+    assert all(ent[f] == 0 for f in [0, *tree._free]), "free nodes and the root: no stamp"
+    # recency: a stamp on every leaf of a tenant; an unstamped (implicit) node is held
+    # through its children; multi-holder values count the children each holder holds
+    stamps: dict[str, dict[int, int]] = {u: {} for u in tree._ten}
+    for x in nodes:
+        h = hold[x]
+        if type(h) is not str:
+            assert ent[x] == 0, "a multi-holder node keeps its stamps in its holders"
+        for u in names(h):
+            held = sum(u in names(hold[c]) for c in (kids[x] or {}).values())
+            if type(h) is not str:
+                assert h[u] % K == held, "children held, per holder"  # type: ignore[index]
+            e = stamp(x, u)
+            assert e >= 0 and (e or held), "a leaf of a tenant has a stamp"
+            if e:
+                assert e not in stamps[u], "stamps are unique"
+                stamps[u][e] = x
+    owner: dict[int, Any] = {}
+    for u, o in tree._ten.items():
+        assert o.live == stamps[u], "live entries are the stamped nodes"
+        assert list(o.live) == sorted(o.live), "live entries in recency order"
+        q = list(o.q)
+        assert q == sorted(set(q)) and set(o.live) <= set(q), "the queue: ascending, complete"
+        assert len(q) - len(o.live) <= o.stale, "dead stamps counted"
+        assert all(0 < e <= tree._version for e in q)
+        owner.update(dict.fromkeys(o.live, o))
+        assert o.cap == min(o.limit, tree._max_chars), "cut length"
+    assert len(owner) == sum(len(o.live) for o in tree._ten.values()), "stamps are unique"
     g = tree._glob
     if g is not None:
-        assert dict(g) == owner, "global order holds every entry, named by tenant"
-        gpos = {e: i for i, e in enumerate(g)}
-        for od in tree._orders.values():
-            ps = [gpos[e] for e in od]
-            assert ps == sorted(ps), "global order agrees with each tenant's"
+        assert g == owner, "global order holds every entry, named by tenant"
+        assert list(g) == sorted(g), "global order: least recent first"
+        assert not g or tree._gf <= min(g)
         assert tree._total <= tree._max_chars and tree._holdings <= tree._max_nodes
     else:
-        assert not owner or tree._max_size is None
-    for u, lim in tree._limits.items():
-        assert tree._sizes[u] <= lim, "per-tenant cap"
+        assert tree._max_size is None
+    for u, o in tree._ten.items():
+        lim = tree.tenant_limit(u)
+        assert o.limit == (sys.maxsize if lim is None else lim * w), "per-tenant cap"
+        assert o.size <= o.limit, "per-tenant cap"
+
+
+def check_recency(tree: Tree, model: Model) -> None:
+    """The tree's stamps order every (tenant, leaf) pair as the model's recency does."""
+    pairs: list[tuple[int, int, str]] = []  # (stamp, model recency, tenant)
+    stack: list[tuple[int, Any]] = [(0, "" if tree.kind != "tokens" else ())]
+    w = tree._w
+    while stack:
+        x, prefix = stack.pop()
+        for c in (tree._kids[x] or {}).values():
+            e = tree._edge[c]
+            units: Any = (
+                e
+                if tree.kind != "tokens"
+                else tuple(
+                    int.from_bytes(e[i : i + w].encode("latin-1"), "little")
+                    for i in range(0, len(e), w)
+                )
+            )
+            p = prefix + units
+            h = tree._hold[c]
+            for u in {h} if type(h) is str else set(h):
+                rec = model.rec[u]
+                n = len(prefix)
+                # every prefix inside one node has one recency per holder
+                assert len({rec[p[:i]] for i in range(n + 1, len(p) + 1)}) == 1
+                held = any(
+                    u == hd if type(hd := tree._hold[d]) is str else u in hd
+                    for d in (tree._kids[c] or {}).values()
+                )
+                if not held:
+                    v = tree._ent[c] if type(h) is str else h[u] >> 32
+                    pairs.append((v, rec[p], u))
+            stack.append((c, p))
+    pairs.sort()
+    assert [r for _, r, _ in pairs] == sorted(r for _, r, _ in pairs), "leaves in LRU order"
 
 
 class TreeModel(RuleBasedStateMachine):
@@ -257,6 +310,7 @@ class TreeModel(RuleBasedStateMachine):
     @invariant()
     def agree(self) -> None:
         check_invariants(self.tree)
+        check_recency(self.tree, self.model)
         sizes = self.tree.used_size_per_tenant()
         assert sizes == {t: self.model.size(t) for t in self.model.rec}
         assert self.tree.total_size() == self.model.total()
