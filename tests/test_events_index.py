@@ -127,9 +127,34 @@ def test_sequence_going_down_is_a_restart_and_resets_the_view(index: KVEventInde
     assert (s.resets, s.last_seq) == (1, 0)
 
 
+def test_a_restart_after_a_single_batch_resets_the_view(index: KVEventIndex) -> None:
+    # The first process published one batch (seq 0); the restarted one starts at 0 again:
+    # the same seq with other bytes (engines stamp each batch with its time) is a restart.
+    assert index.apply(W1, 0, encode_batch([stored([1], None, [1])], ts=1.0))
+    assert index.apply(W1, 0, encode_batch([stored([5], None, [5])], ts=2.0))
+    assert index.match(toks(1)) == {}
+    assert index.match(toks(5)) == {W1: 4}
+    assert index.apply(W1, 1, encode_batch([stored([6], 5, [6])], ts=3.0))
+    assert index.match(toks(5, 6)) == {W1: 8}
+    s = index.stats()[W1]
+    assert (s.resets, s.duplicates, s.last_seq, s.gaps) == (1, 0, 1, 0)
+
+
+def test_a_redelivered_batch_is_a_duplicate_even_when_it_fails(index: KVEventIndex) -> None:
+    first = encode_batch([stored([1], None, [1])], ts=1.0)
+    assert index.apply(W1, 0, first)
+    assert not index.apply(W1, 0, bytearray(first))  # the same bytes: skipped
+    assert not index.apply(W1, 1, b"\xc1")  # a bad message still takes its seq
+    assert not index.apply(W1, 1, b"\xc1")  # and its redelivery is a duplicate
+    assert index.match(toks(1)) == {W1: 4}
+    s = index.stats()[W1]
+    assert (s.duplicates, s.resets, s.bad_messages) == (2, 0, 1)
+
+
 def test_duplicates_are_skipped_and_gaps_counted(index: KVEventIndex) -> None:
-    assert index.apply(W1, 0, encode_batch([stored([1], None, [1])]))
-    assert not index.apply(W1, 0, encode_batch([BlockRemoved([1])]))
+    first = encode_batch([stored([1], None, [1])])
+    assert index.apply(W1, 0, first)
+    assert not index.apply(W1, 0, first)  # redelivered: the same seq and the same bytes
     assert index.match(toks(1)) == {W1: 4}
     index.apply(W1, 5, encode_batch([]))
     s = index.stats()[W1]

@@ -152,6 +152,43 @@ def test_publisher_restart_resets_the_view(index: KVEventIndex) -> None:
         pub.close()
 
 
+@pytest.mark.parametrize("same_bytes", [False, True])
+def test_a_restart_after_a_single_batch_resets_the_view(
+    index: KVEventIndex, same_bytes: bool
+) -> None:
+    # The first process publishes only seq 0; the restarted one starts at seq 0 again.
+    # On the live stream (not a replay) a seq already seen is a restart even when the
+    # payload is byte-identical: a PUB socket never sends a batch twice.
+    pub = KVEventPublisher(ANY, ANY)
+    endpoint, replay = pub.endpoint, pub.replay_endpoint
+    connect(index, pub)
+    pub.publish_raw(encode_batch([stored(1, None, 1, 2)], ts=1.0))
+    wait_for(lambda: index.stats()[W].last_seq == 0)
+    assert index.match(blocks(1, 2)) == {W: 8}
+    pub.close()
+    wait_for(lambda: index.stats()[W].connected is False)
+    pub = KVEventPublisher(endpoint, replay)
+    try:
+        wait_for(lambda: index.stats()[W].connected)
+        time.sleep(0.1)
+        if same_bytes:
+            pub.publish_raw(encode_batch([stored(1, None, 1, 2)], ts=1.0))
+        else:
+            pub.publish_raw(encode_batch([stored(50, None, 9)], ts=2.0))
+        pub.publish_raw(encode_batch([stored(60, None, 8)], ts=3.0))
+        wait_for(lambda: index.stats()[W].last_seq == 1)
+        s = index.stats()[W]
+        assert (s.resets, s.duplicates) == (1, 0)
+        assert index.match(blocks(8)) == {W: 4}
+        if same_bytes:
+            assert index.match(blocks(1, 2)) == {W: 8}
+        else:
+            assert index.match(blocks(9)) == {W: 4}
+            assert index.match(blocks(1)) == {}
+    finally:
+        pub.close()
+
+
 def test_a_silent_publisher_is_stale_and_a_connected_idle_one_is_not(
     index: KVEventIndex,
 ) -> None:

@@ -104,7 +104,8 @@ class WorkerStats:
     ignored_batches: int
     """Batches of another data-parallel rank than the subscription's ``dp_rank``."""
     duplicates: int
-    """Batches whose sequence number was already applied."""
+    """Batches skipped as already applied: a redelivery (the last sequence number again,
+    with the same bytes) or a replayed batch the index already had."""
     blocks_stored: int
     blocks_removed: int
     blocks_evicted: int
@@ -119,7 +120,8 @@ class WorkerStats:
     clears: int
     """``AllBlocksCleared`` events applied."""
     resets: int
-    """Views reset by a publisher restart (sequence went down) or a long disconnect."""
+    """Views reset by a publisher restart (a sequence number not above the last one, but
+    for a duplicate) or a long disconnect."""
     gaps: int
     """Sequence gaps seen on the live stream."""
     replays: int
@@ -171,6 +173,7 @@ class _Worker:
         "group",
         "key",
         "last_log",
+        "last_payload",
         "last_seq",
         "media",
         "namespaces",
@@ -195,6 +198,7 @@ class _Worker:
         self.block_size = block_size
         self.group: int | None = None
         self.last_seq: int | None = None
+        self.last_payload: bytes | None = None  # the batch at last_seq, to tell a duplicate
         self.alive_at = now
         self.connected: bool | None = None
         self.down_since: float | None = None
@@ -377,9 +381,13 @@ class KVEventIndex:
     def apply(self, url: str, seq: int, payload: bytes, *, dp_rank: int | None = None) -> bool:
         """Apply one published message of ``url``'s engine: its ``seq`` and ``payload``.
 
-        Sequence rules as for a subscriber (without replay): a number below the last
-        applied one is a publisher restart and resets the worker's view first; one equal
-        to it is a duplicate and skipped; a jump counts as a gap (``lost_batches``).
+        Sequence rules (a subscriber's, without replay): the last applied number again
+        with the same bytes is a duplicate (a redelivery) and skipped; a number below
+        the last, or equal to it with other bytes, is a publisher restart (engines number
+        batches from 0 per process and stamp each with its time, so a restarted engine's
+        seq 0 differs from the old seq 0) and resets the worker's view first; a jump
+        counts as a gap (``lost_batches``). A subscriber, which knows which batches come
+        from the live stream, takes every live batch not above the last for a restart.
 
         :returns: whether the batch was applied (``False``: duplicate, other DP rank, or a
             bad message, which is counted and logged, never raised).
@@ -654,12 +662,12 @@ class KVEventIndex:
         ws.suppressed = 0
 
     def _restart(self, key: str) -> None:
-        """The publisher restarted (its sequence went down): its cache is empty."""
+        """The publisher restarted (a live batch not above the last): its cache is empty."""
         with self._lock:
             ws = self._worker(key)
             self._clear(ws)
             ws.c["resets"] += 1
-            ws.last_seq = None
+            ws.last_seq = ws.last_payload = None
             ws.group = None
 
     def _set_connected(self, key: str, up: bool) -> None:
@@ -678,7 +686,7 @@ class KVEventIndex:
                     # Gone long enough to have restarted unseen: start over.
                     self._clear(ws)
                     ws.c["resets"] += 1
-                    ws.last_seq = None
+                    ws.last_seq = ws.last_payload = None
                     ws.group = None
                 ws.connected = True
                 ws.down_since = None
@@ -713,10 +721,11 @@ class KVEventIndex:
             last = ws.last_seq
             if last is not None:
                 if seq <= last:
-                    if replayed or seq == last:
+                    if replayed or (seq == last and payload == ws.last_payload):
                         c["duplicates"] += 1
                         return False
-                    self._clear(ws)  # sequence went down: the publisher restarted
+                    # sequence went down, or seq 0 again with another batch: a new process
+                    self._clear(ws)
                     c["resets"] += 1
                     ws.group = None
                 elif seq > last + 1:
@@ -724,6 +733,7 @@ class KVEventIndex:
                     if not (gap_noted or replayed):
                         c["gaps"] += 1
             ws.last_seq = seq
+            ws.last_payload = payload if type(payload) is bytes else bytes(payload)
             if events is None:
                 c["bad_messages"] += 1
                 self._log_bad(ws, seq, reason)

@@ -189,8 +189,11 @@ class Subscription(threading.Thread):
             index._bad(key, seq, "negative sequence number")
             return
         last = index._last_seq(key)
-        if last is not None and seq < last:
-            index._restart(key)  # the publisher restarted: its old cache is gone
+        if last is not None and seq <= last:
+            # A PUB socket sends each batch once and replays come over the DEALER, so a
+            # live batch not above the last is a new publisher process (numbering from 0
+            # again), even seq 0 after an old process that published only seq 0.
+            index._restart(key)  # its old cache is gone
             last = None
         gap = False
         if self._dealer is not None:
