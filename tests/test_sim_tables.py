@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -94,3 +95,69 @@ def test_the_default_table_in_the_doc_is_current() -> None:
     ]
     _, stale = tables.update(default.group(0), log=lambda s: None, hidden=False)
     assert not stale, f"docs/simulator.md is stale: run {COMMAND}"
+
+
+# benchmarks/precise_tables.py: docs/precise_mode.md's index-mode x replica tables.
+
+PRECISE_DOC = ROOT / "docs" / "precise_mode.md"
+
+
+def _precise_script() -> ModuleType:
+    name = "precise_tables"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "precise_tables.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_precise_table_builder_runs_on_a_slice_and_regenerates_identically() -> None:
+    from cacheroute.sim import chat
+
+    tables = _precise_script()
+    work = chat(users=12, rounds=3, request_rate=20.0, seed=1)
+    settings = tables.Settings(workers=2, cache_tokens=20_000)
+
+    def build() -> str:
+        text: str = tables.build(
+            ["chat"], settings, workload=lambda name: work, titles={"chat": "Chat"}, routers=(1, 2)
+        )
+        return text
+
+    first = build()
+    assert first == build()  # deterministic: no wall time, a fixed seed
+    rows = [line for line in first.splitlines() if line.startswith("| work_aware | ")]
+    # 3 modes x 2 replica counts + the unbounded reference, then 2 rows of the summary
+    assert len([r for r in rows if r.count("|") == 7]) == 7
+    assert "| work_aware | approximate, unbounded | 1 |" in first
+    assert "### Chat" in first and "pooled LRU (2 x 20,000 = 40,000 tokens" in first
+    doc = f"# T\n\n{tables.BEGIN}\nold\n{tables.END}\n\nprose\n"
+    new = tables.splice(doc, first)
+    assert new == tables.splice(new, first) and new.endswith(f"{tables.END}\n\nprose\n")
+
+
+def test_the_pooled_lru_bound_is_the_ideal_hit_rate_when_unbounded() -> None:
+    from cacheroute.sim import chat, ideal_hit_tokens
+
+    tables = _precise_script()
+    reqs = chat(users=8, rounds=3, seed=3).requests
+    ideal = ideal_hit_tokens(reqs) / sum(r.input_tokens for r in reqs)
+    assert tables.pooled_lru_hit_rate(reqs, float("inf")) == pytest.approx(ideal)
+    assert tables.pooled_lru_hit_rate(reqs, 0) == 0.0
+    small = tables.pooled_lru_hit_rate(reqs, 5_000)
+    assert 0.0 < small < ideal
+
+
+def test_the_precise_doc_has_its_generated_block_and_names_the_command() -> None:
+    tables = _precise_script()
+    text = PRECISE_DOC.read_text(encoding="utf-8")
+    assert tables.COMMAND in text
+    start, end = text.index(tables.BEGIN), text.index(tables.END)
+    block = text[start:end]
+    for name in ("Mooncake conversations", "Claude-Code sessions"):
+        assert f"### {name}" in block
+    for r in tables.ROUTERS:
+        assert f"| work_aware | precise | {r} |" in block
