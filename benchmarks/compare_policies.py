@@ -31,9 +31,10 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -205,27 +206,42 @@ def _relation(what: str, ours: float, theirs: float, who: str) -> str:
     return f"{what} NOT best ({ours:.3f} vs {theirs:.3f} {who}, +{100 * (ours / theirs - 1):.1f}%)"
 
 
-def markdown(results: dict[str, list[Summary]], default: str) -> str:
-    """One markdown table for the whole matrix: TTFT p99 / E2E p99 / hit per cell."""
-    cells = list(results)
-    if not cells:
-        return ""
-    names = [s.policy for s in results[cells[0]]]
-    head = "| policy | " + " | ".join(cells) + " |"
-    rule = "|---|" + "---|" * len(cells)
-    rows = [head, rule]
-    for k, name in enumerate(names):
-        row = [f"`{name}`" if name != default else f"**`{name}`**"]
-        for c in cells:
-            ss = results[c]
-            s = ss[k]
-            bt = min(x.ttft_p99 for x in ss)
-            be = min(x.e2e_p99 for x in ss)
-            t = f"**{s.ttft_p99:.3g}**" if s.ttft_p99 == bt else f"{s.ttft_p99:.3g}"
-            e = f"**{s.e2e_p99:.3g}**" if s.e2e_p99 == be else f"{s.e2e_p99:.3g}"
-            row.append(f"{t} / {e} / {100 * s.hit_rate:.0f}%")
-        rows.append("| " + " | ".join(row) + " |")
-    return "\n".join(rows)
+def markdown(results: Mapping[str, Sequence[Any]], default: str) -> str:
+    """One markdown table per workload (rows: policies; columns: its configs), each cell
+    TTFT p50 / TTFT p99 / E2E p99 in seconds and the hit rate, the best of each in bold:
+    the tables of docs/policies/work_aware.md. ``results`` maps ``WORKLOAD/CONFIG`` to
+    summaries (or anything with their attributes, such as the ``--json`` records)."""
+    by_workload: dict[str, list[str]] = {}
+    for label in results:
+        by_workload.setdefault(label.split("/", 1)[0], []).append(label)
+    out = []
+    for workload, labels in by_workload.items():
+        names = [s.policy for s in results[labels[0]]]
+        heads = [_CONFIG_TITLES.get(lb.split("/", 1)[1], lb.split("/", 1)[1]) for lb in labels]
+        out += [
+            f"**{workload}** (TTFT p50 / TTFT p99 / E2E p99 in seconds, hit rate; best of "
+            "each column in bold)",
+            "",
+            "| policy | " + " | ".join(heads) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        for k, name in enumerate(names):
+            row = [f"`{name}`" if name != default else f"**`{name}`**"]
+            for lb in labels:
+                ss = results[lb]
+                s = ss[k]
+                parts = []
+                for key in ("ttft_p50", "ttft_p99", "e2e_p99"):
+                    x = getattr(s, key)
+                    text = f"{x:,.3g}" if x < 1000 else f"{x:,.0f}"
+                    parts.append(f"**{text}**" if x == min(getattr(y, key) for y in ss) else text)
+                row.append(" / ".join(parts) + f" / {100 * s.hit_rate:.1f}%")
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+_CONFIG_TITLES = {"8w": "8 workers", "4w": "4 workers", "8w-x2": "8 workers, speed 2"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,8 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", help="run your own trace instead of the development traces")
     ap.add_argument("--format", choices=("mooncake", "claude_code"), help="format of --trace")
     ap.add_argument("--json", help="write every summary to this file")
-    ap.add_argument("--markdown", help="write the matrix as a markdown table to this file")
+    ap.add_argument("--markdown", help="write the matrix as markdown tables to this file")
+    ap.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="run nothing: write --markdown from the results a --json run saved",
+    )
     args = ap.parse_args(argv)
+    if args.from_json:
+        if not args.markdown:
+            ap.error("--from-json needs --markdown")
+        saved = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        records = {k: [SimpleNamespace(**x) for x in v] for k, v in saved["cells"].items()}
+        Path(args.markdown).write_text(markdown(records, saved["default"]) + "\n", "utf-8")
+        return 0
 
     traces = dict(DEV_TRACES)
     if args.trace:

@@ -1,0 +1,45 @@
+"""benchmarks/compare_policies.py: its tables are the ones docs/policies/work_aware.md shows,
+and re-rendering saved results gives them back exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "compare_policies", ROOT / "benchmarks" / "compare_policies.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_markdown_from_a_run_and_from_its_json_are_the_same_tables(tmp_path: Path) -> None:
+    cp = _script()
+    saved, first, again = tmp_path / "r.json", tmp_path / "a.md", tmp_path / "b.md"
+    args = ["--cells", "default/8w,default/4w,bursty/8w", "--limit", "60"]
+    args += ["--policies", "work_aware,round_robin", "--json", str(saved)]
+    assert cp.main([*args, "--markdown", str(first)]) == 0
+    assert cp.main(["--from-json", str(saved), "--markdown", str(again)]) == 0
+    text = first.read_text()
+    assert again.read_text() == text
+    # one table per workload, one column per config, every policy a row
+    assert text.count("| policy | ") == 2
+    assert "| policy | 8 workers | 4 workers |" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `") or ln.startswith("| **`")]
+    assert len(rows) == 4 and sum("**`work_aware`**" in r for r in rows) == 2
+    cell = re.compile(
+        r"^(\*\*)?[\d,.e+]+(\*\*)? / (\*\*)?[\d,.e+]+(\*\*)? / (\*\*)?[\d,.e+]+(\*\*)? / \d+\.\d%$"
+    )
+    for r in rows:
+        for c in r.strip("| ").split(" | ")[1:]:
+            assert cell.match(c), c
