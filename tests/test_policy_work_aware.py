@@ -440,3 +440,43 @@ def test_large_idle_cluster_spreads_new_prefixes_over_every_worker() -> None:
     p = WorkAwarePolicy()
     chosen = {p.select_worker(ws, _tokens(10_000 * g, 300)) for g in range(40)}
     assert chosen == set(range(40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(17, 48),
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 47)), max_size=40),
+    st.lists(st.integers(0, 2), min_size=48, max_size=48),
+    st.integers(0, 7),  # 5-7: a prefix nobody holds
+)
+def test_an_idle_large_cluster_is_decided_as_if_every_worker_were_priced(
+    n: int, history: list[tuple[int, int]], loads: list[int], group: int
+) -> None:
+    """Beyond 16 workers, workers of one match with nothing pending and the same load and
+    decode tokens are priced once; the decision (ties and tie-break included) is the one
+    pricing every worker gives."""
+    import cacheroute.policies.work_aware as work_aware
+
+    def state() -> tuple[WorkAwarePolicy, list[BasicWorker]]:
+        ws = _workers(n)
+        for w, load in zip(ws, loads, strict=False):
+            for _ in range(load):
+                w.increment_load()
+        p = WorkAwarePolicy()
+        tree = p.tree("default", "tokens", create=True)
+        assert tree is not None
+        for g, worker in history:
+            tree.insert(_tokens(10_000 * g, 300 + 50 * g), ws[worker % n].url)
+        return p, ws
+
+    prompt = [*_tokens(10_000 * group, 400), 7]
+    p, ws = state()
+    got = [p.select_worker(ws, prompt) for _ in range(5)]
+    ref, ref_ws = state()
+    exact = work_aware._EXACT_UP_TO
+    try:
+        work_aware._EXACT_UP_TO = 10**9  # price every worker
+        want = [ref.select_worker(ref_ws, prompt) for _ in range(5)]
+    finally:
+        work_aware._EXACT_UP_TO = exact
+    assert got == want

@@ -416,6 +416,7 @@ class WorkAwarePolicy(PrefixPolicy):
         continuation = top > prompt - top  # most of the prompt already lives somewhere
 
         cands = eligible
+        alike: dict[int, list[int]] | None = None  # priced worker -> others of equal cost
         if len(eligible) > _EXACT_UP_TO:
             # Workers with the same match pay the same own prefill: of each such group
             # only the few with the least pending prefill + decode tokens are priced.
@@ -431,7 +432,28 @@ class WorkAwarePolicy(PrefixPolicy):
                     g = sorted(g, key=key)
                     cut = key(g[_SHORTLIST - 1])
                     g = [i for i in g if key(i) <= cut]  # keep the ties at the cut
-                cands += g
+                if cap is not None or len(g) <= _SHORTLIST:
+                    cands += g
+                    continue
+                # Many tied at the cut (an idle cluster): of one match, those with nothing
+                # pending cost the same for the same load and decode tokens, so one of
+                # each kind is priced and the others tie with it.
+                kinds: dict[tuple[int, int], list[int]] = {}
+                for i in g:
+                    if pre[i]:
+                        cands.append(i)
+                    else:
+                        same = kinds.get((loads[i], dec[i]))
+                        if same is None:
+                            kinds[(loads[i], dec[i])] = [i]
+                            cands.append(i)
+                        else:
+                            same.append(i)
+                for same in kinds.values():
+                    if len(same) > 1:
+                        if alike is None:
+                            alike = {}
+                        alike[same[0]] = same[1:]
         sizes = tree.used_size_per_tenant() if cap is not None and tree is not None else None
         urls = view.urls
         he_prompt = he * prompt
@@ -500,6 +522,15 @@ class WorkAwarePolicy(PrefixPolicy):
                     if ties is None:
                         ties = {best: (best_ttft, best_p)}
                     ties[i] = (ttft, p)
+            if alike:
+                for j in [j for same in alike.values() for j in same]:
+                    if ledgers[j].n:  # as pricing it would: nothing pending, nothing queued
+                        ledgers[j].sync(0)
+                for i in [best] if ties is None else list(ties):
+                    for j in alike.get(i, ()):
+                        if ties is None:
+                            ties = {best: (best_ttft, best_p)}
+                        ties[j] = ties[i]
             if ties is not None:
                 best = view.pick(list(ties), tree)
                 best_ttft, best_p = ties[best]
