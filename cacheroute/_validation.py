@@ -16,6 +16,7 @@ TypeError: max_size must be an int, got True (bool)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -184,3 +185,32 @@ def check_sequence(
         for i, v in enumerate(seq):
             item(f"{param}[{i}]", v)
     return seq
+
+
+def settle_config(
+    config_cls: type[T], config: object, given: dict[str, object], **extra: object
+) -> T:
+    """A policy's settings from ``config=`` or from keyword settings, never both.
+
+    ``given`` holds the constructor's keyword settings (fields of the dataclass
+    ``config_cls``); ``extra`` fields (such as ``on_decision``) may accompany ``config``
+    and replace its values when not ``None``. A ``given`` value counts as passed unless it
+    is its field's default (the same object, or an equal value of the same type).
+    """
+    if config is None:
+        return config_cls(**given, **extra)
+    if not isinstance(config, config_cls):
+        raise fail("config", f"a {config_cls.__name__} or None", config, TypeError)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}  # type: ignore[arg-type]
+    clash = sorted(
+        k
+        for k, v in given.items()
+        if not (v is defaults[k] or (type(v) is type(defaults[k]) and v == defaults[k]))
+    )
+    if clash:
+        raise TypeError(
+            "pass either config= or keyword settings, not both: got config= and "
+            + ", ".join(f"{k}={given[k]!r}" for k in clash)
+        )
+    extra = {k: v for k, v in extra.items() if v is not None}
+    return dataclasses.replace(config, **extra) if extra else config  # type: ignore[type-var]

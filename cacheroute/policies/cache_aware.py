@@ -29,10 +29,17 @@ default policy (``work_aware``) prices that work instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cacheroute._validation import check_callable, check_choice, check_int, check_real, fail
+from cacheroute._validation import (
+    check_callable,
+    check_choice,
+    check_int,
+    check_real,
+    fail,
+    settle_config,
+)
 from cacheroute.policies.base import DecisionReason
 from cacheroute.policies.precise import IndexMode, KVIndex
 from cacheroute.policies.prefix import (
@@ -147,9 +154,6 @@ class CacheAwareConfig:
         object.__setattr__(self, "balance_rel_threshold", rel)
 
 
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(CacheAwareConfig)}
-
-
 class CacheAwarePolicy(PrefixPolicy):
     """Prefix affinity when load is balanced, least load (keeping locality) when it is not.
 
@@ -213,23 +217,7 @@ class CacheAwarePolicy(PrefixPolicy):
             "claim_ttl_s": claim_ttl_s,
             "index_namespace": index_namespace,
         }
-        if config is None:
-            config = CacheAwareConfig(**given, on_decision=on_decision)  # type: ignore[arg-type]
-        else:
-            if not isinstance(config, CacheAwareConfig):
-                raise fail("config", "a CacheAwareConfig or None", config, TypeError)
-            clash = sorted(
-                k
-                for k, v in given.items()
-                if not (v is _DEFAULTS[k] or (type(v) is type(_DEFAULTS[k]) and v == _DEFAULTS[k]))
-            )
-            if clash:
-                raise TypeError(
-                    f"pass either config= or keyword settings, not both: got config= and "
-                    f"{', '.join(f'{k}={given[k]!r}' for k in clash)}"
-                )
-            if on_decision is not None:
-                config = replace(config, on_decision=on_decision)
+        config = settle_config(CacheAwareConfig, config, given, on_decision=on_decision)
         self._config = config
         self._threshold = config.cache_threshold
         self._abs = config.balance_abs_threshold

@@ -32,10 +32,9 @@ import math
 import threading
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, field
 
-from cacheroute._validation import check_callable, check_int, check_real, fail
+from cacheroute._validation import check_callable, check_int, check_real, settle_config
 from cacheroute.policies.base import (
     Decision,
     DecisionReason,
@@ -107,9 +106,6 @@ class PrefixHashConfig:
         object.__setattr__(self, "tokens_per_unit", tpu)
 
 
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(PrefixHashConfig)}
-
-
 class _Ring:
     """The hash ring of one URL list: sorted point hashes and the worker index of each."""
 
@@ -164,23 +160,7 @@ class PrefixHashPolicy(LoadBalancingPolicy):
             "load_factor": load_factor,
             "tokens_per_unit": tokens_per_unit,
         }
-        if config is None:
-            config = PrefixHashConfig(**given, on_decision=on_decision)  # type: ignore[arg-type]
-        else:
-            if not isinstance(config, PrefixHashConfig):
-                raise fail("config", "a PrefixHashConfig or None", config, TypeError)
-            clash = sorted(
-                k
-                for k, v in given.items()
-                if not (v is _DEFAULTS[k] or (type(v) is type(_DEFAULTS[k]) and v == _DEFAULTS[k]))
-            )
-            if clash:
-                raise TypeError(
-                    f"pass either config= or keyword settings, not both: got config= and "
-                    f"{', '.join(f'{k}={given[k]!r}' for k in clash)}"
-                )
-            if on_decision is not None:
-                config = replace(config, on_decision=on_decision)
+        config = settle_config(PrefixHashConfig, config, given, on_decision=on_decision)
         self._config = config
         tpu = config.tokens_per_unit
         self._token_units = max(1, math.ceil(config.prefix_tokens / (tpu or 1.0)))

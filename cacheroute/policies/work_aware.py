@@ -49,10 +49,17 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from cacheroute._validation import check_callable, check_choice, check_int, check_real, fail
+from cacheroute._validation import (
+    check_callable,
+    check_choice,
+    check_int,
+    check_real,
+    fail,
+    settle_config,
+)
 from cacheroute.policies.base import CHARS_PER_TOKEN, DecisionReason
 from cacheroute.policies.precise import IndexMode, KVIndex
 from cacheroute.policies.prefix import (
@@ -183,9 +190,6 @@ class WorkAwareConfig:
         object.__setattr__(self, "tokens_per_unit", tpu)
 
 
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(WorkAwareConfig)}
-
-
 class _Ledger:
     """The prefills this policy queued on one worker whose first token is not out yet.
 
@@ -304,23 +308,7 @@ class WorkAwarePolicy(PrefixPolicy):
             "claim_ttl_s": claim_ttl_s,
             "index_namespace": index_namespace,
         }
-        if config is None:
-            config = WorkAwareConfig(**given, on_decision=on_decision)  # type: ignore[arg-type]
-        else:
-            if not isinstance(config, WorkAwareConfig):
-                raise fail("config", "a WorkAwareConfig or None", config, TypeError)
-            clash = sorted(
-                k
-                for k, v in given.items()
-                if not (v is _DEFAULTS[k] or (type(v) is type(_DEFAULTS[k]) and v == _DEFAULTS[k]))
-            )
-            if clash:
-                raise TypeError(
-                    f"pass either config= or keyword settings, not both: got config= and "
-                    f"{', '.join(f'{k}={given[k]!r}' for k in clash)}"
-                )
-            if on_decision is not None:
-                config = replace(config, on_decision=on_decision)
+        config = settle_config(WorkAwareConfig, config, given, on_decision=on_decision)
         self._config = config
         self._consts = (
             config.prefill_token_s,
