@@ -803,3 +803,15 @@ def test_importing_cacheroute_does_not_import_hypothesis() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_bad_decision_is_reported_whole_not_as_its_index() -> None:
+    from cacheroute.policies.base import DecisionReason
+    from cacheroute.testing._core import check_decision
+
+    ws = [BasicWorker("http://a:1"), BasicWorker("http://b:1", healthy=False)]
+    bad = Decision(1, "http://b:1", DecisionReason.POLICY, 4, 0, 1, 0, None)
+    with pytest.raises(PolicyInvariantError) as info:
+        check_decision(make_policy("round_robin"), "decide", bad, ws, "text")
+    assert info.value.invariant == ONLY_HEALTHY
+    assert "decide returned Decision(index=1, url='http://b:1'" in str(info.value)

@@ -154,9 +154,15 @@ def check_index(
     workers: Sequence[Worker],
     request_text: object,
     what: str = "",
+    returned: object = None,
 ) -> None:
-    """Check one index result of ``method`` against ``workers``; raise on a broken invariant."""
-    where = f"policy {policy_name(policy)} {method}{what} returned {result!r}"
+    """Check one index result of ``method`` against ``workers``; raise on a broken invariant.
+
+    ``returned``: what ``method`` returned, when ``result`` was taken from it (a
+    :class:`Decision`'s index), so that messages show the whole of it.
+    """
+    shown = result if returned is None else returned
+    where = f"policy {policy_name(policy)} {method}{what} returned {shown!r}"
     context = f"; workers: {describe_workers(workers)}; request_text={short(request_text)}"
     any_healthy = any(w.is_healthy() for w in workers)
     if result is None:
@@ -196,7 +202,7 @@ def check_decision(
             f"Decision or None; request_text={short(request_text)}",
         )
     index = None if decision is None else decision.index
-    check_index(policy, method, index, workers, request_text, what)
+    check_index(policy, method, index, workers, request_text, what, decision)
     if decision is None:
         return
     where = f"policy {policy_name(policy)} {method}{what} returned {decision!r}"
