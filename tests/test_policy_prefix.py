@@ -411,7 +411,7 @@ def test_a_call_that_raises_leaves_no_trace() -> None:
 
 
 def test_default_trees_are_bounded_in_nodes_so_that_memory_stays_within_256_mib() -> None:
-    from cacheroute.policies.prefix import DEFAULT_MAX_TREE_NODES
+    from cacheroute.policies import DEFAULT_MAX_TREE_NODES
 
     assert DEFAULT_MAX_TREE_NODES * Tree.NODE_BYTES + 4 * 2**24 <= 256 * 2**20
     for name in ("work_aware", "cache_aware"):

@@ -19,7 +19,7 @@ from cacheroute.policies.base import (
 from cacheroute.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from cacheroute.policies.pair import PairPolicy
 from cacheroute.policies.power_of_two import PowerOfTwoPolicy
-from cacheroute.policies.prefix import PoolView, PrefixPolicy
+from cacheroute.policies.prefix import DEFAULT_MAX_TREE_NODES, PoolView, PrefixPolicy
 from cacheroute.policies.prefix_hash import PrefixHashConfig, PrefixHashPolicy
 from cacheroute.policies.random import RandomPolicy
 from cacheroute.policies.registry import (
@@ -47,6 +47,7 @@ del _cls
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "DEFAULT_MAX_TREE_NODES",
     "CacheAwareConfig",
     "CacheAwarePolicy",
     "Decision",

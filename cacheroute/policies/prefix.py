@@ -54,7 +54,7 @@ from cacheroute.policies.precise import IndexMode, KVIndex, PreciseMatcher
 from cacheroute.tree import Tree, TreeMatch
 from cacheroute.worker import Worker, _not_a_worker, all_basic, read_loads, read_work
 
-__all__ = ["DecisionObserver", "PoolView", "PrefixPolicy", "TreeKind"]
+__all__ = ["DEFAULT_MAX_TREE_NODES", "DecisionObserver", "PoolView", "PrefixPolicy", "TreeKind"]
 
 _log = logging.getLogger("cacheroute.policies")
 
