@@ -189,6 +189,51 @@ def test_a_restart_after_a_single_batch_resets_the_view(
         pub.close()
 
 
+def test_a_restart_unseen_during_a_disconnection_is_found_by_replay(
+    index: KVEventIndex,
+) -> None:
+    # The restarted engine publishes past the old last seq before the subscriber is back:
+    # the first live batch looks like a gap. After a disconnection the subscriber replays
+    # from its last seq and compares that batch's bytes with the one it applied.
+    pub = KVEventPublisher(ANY, ANY)
+    endpoint, replay = pub.endpoint, pub.replay_endpoint
+    connect(index, pub)
+    for i in range(1, 4):
+        pub.publish_raw(encode_batch([stored(i, i - 1 if i > 1 else None, i)], ts=float(i)))
+    wait_for(lambda: index.stats()[W].last_seq == 2)
+    pub.close()
+    wait_for(lambda: index.stats()[W].connected is False)
+    pub = KVEventPublisher(endpoint, replay)
+    try:
+        for k in range(4):  # seq 0..3, before the subscriber reconnects: lost live, buffered
+            pub.publish_raw(encode_batch([stored(50 + k, None, 9 - k)], ts=10.0 + k))
+        wait_for(lambda: index.stats()[W].connected)
+        time.sleep(0.1)
+        pub.publish_raw(encode_batch([stored(60, None, 4)], ts=20.0))  # seq 4, live
+        wait_for(lambda: index.stats()[W].last_seq == 4)
+        assert index.stats()[W].resets == 1
+        assert index.match(blocks(1)) == {}  # the old process's cache is gone
+        assert index.match(blocks(9)) == {W: 4} and index.match(blocks(4)) == {W: 4}
+    finally:
+        pub.close()
+
+
+def test_a_disconnection_without_restart_keeps_the_view_and_replays_the_gap(
+    index: KVEventIndex, pub: KVEventPublisher
+) -> None:
+    connect(index, pub)
+    pub.publish_raw(encode_batch([stored(1, None, 1)], ts=1.0))
+    wait_for(lambda: index.stats()[W].last_seq == 0)
+    index._set_connected(W, False)  # as the monitor reports a dropped connection
+    sub = index._subs[W]  # type: ignore[attr-defined]
+    sub._verify_next = True  # what the monitor's EVENT_DISCONNECTED sets
+    pub.publish_raw(encode_batch([stored(2, None, 2)], ts=2.0))  # seq 1
+    wait_for(lambda: index.stats()[W].last_seq == 1)
+    s = index.stats()[W]
+    assert s.resets == 0
+    assert index.match(blocks(1)) == {W: 4} and index.match(blocks(2)) == {W: 4}
+
+
 def test_a_silent_publisher_is_stale_and_a_connected_idle_one_is_not(
     index: KVEventIndex,
 ) -> None:

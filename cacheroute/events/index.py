@@ -661,6 +661,12 @@ class KVEventIndex:
         ws.last_log = now
         ws.suppressed = 0
 
+    def _is_last(self, key: str, payload: bytes) -> bool:
+        """Whether ``payload`` is the batch last applied for ``key`` (same bytes)."""
+        with self._lock:
+            ws = self._workers.get(key)
+            return ws is not None and ws.last_payload == payload
+
     def _restart(self, key: str) -> None:
         """The publisher restarted (a live batch not above the last): its cache is empty."""
         with self._lock:

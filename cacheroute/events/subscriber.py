@@ -88,6 +88,9 @@ class Subscription(threading.Thread):
         self._dp_rank = dp_rank
         self._catch_up = catch_up
         self._replay_timeout = replay_timeout
+        # Set when the connection drops: the publisher may restart and publish past our
+        # last seq before we are back, so the first live batch then proves nothing.
+        self._verify_next = False
         self._stop_event = threading.Event()
         hb = max(1, int(heartbeat * 1000))
         sub = ctx.socket(zmq.SUB)
@@ -165,6 +168,7 @@ class Subscription(threading.Thread):
                 self._index._set_connected(self._key, True)
             elif event == zmq.EVENT_DISCONNECTED:
                 self._index._set_connected(self._key, False)
+                self._verify_next = True
 
     def _drain(self) -> None:
         zmq = self._zmq
@@ -189,6 +193,7 @@ class Subscription(threading.Thread):
             index._bad(key, seq, "negative sequence number")
             return
         last = index._last_seq(key)
+        verify, self._verify_next = self._verify_next, False
         if last is not None and seq <= last:
             # A PUB socket sends each batch once and replays come over the DEALER, so a
             # live batch not above the last is a new publisher process (numbering from 0
@@ -198,24 +203,41 @@ class Subscription(threading.Thread):
         gap = False
         if self._dealer is not None:
             start = None
+            if last is not None and verify:
+                # Back after a disconnection: the batch at our last seq, replayed, is the
+                # one we applied unless the publisher restarted meanwhile.
+                batches = self._fetch(last, seq)
+                if batches and batches[0][0] == last and index._is_last(key, batches[0][1]):
+                    if seq > last + 1:
+                        gap = True
+                        index._count(key, "gaps")
+                    self._apply_replayed(batches[1:])
+                else:  # restarted (or its buffer no longer reaches our last seq)
+                    index._restart(key)
+                    last = None
             if last is None:
                 if self._catch_up and seq > 0:
                     start = 0
-            elif seq > last + 1:
+            elif seq > last + 1 and not verify:
                 start = last + 1
                 gap = True
                 index._count(key, "gaps")
             if start is not None:
-                self._replay(start, seq)
+                self._apply_replayed(self._fetch(start, seq))
         index._apply(key, seq, frames[2], self._dp_rank, gap_noted=gap)
 
-    def _replay(self, start: int, upto: int) -> None:
-        """Ask for batches ``start..upto-1`` and apply them in order."""
+    def _apply_replayed(self, batches: list[tuple[int, bytes]] | None) -> None:
+        for seq, payload in batches or ():
+            self._index._apply(self._key, seq, payload, self._dp_rank, replayed=True)
+
+    def _fetch(self, start: int, upto: int) -> list[tuple[int, bytes]] | None:
+        """The buffered batches ``start..upto-1``, in order (``None``: no end in time)."""
         index, key = self._index, self._key
         index._count(key, "replays")
         dealer = self._dealer
         dealer.send_multipart([b"", start.to_bytes(8, "big")])
         deadline = time.monotonic() + self._replay_timeout
+        got: list[tuple[int, bytes]] = []
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or self._stop_event.is_set() or not dealer.poll(int(left * 1000) + 1):
@@ -224,7 +246,7 @@ class Subscription(threading.Thread):
                 log.warning("KV events from %s: replay from seq %d timed out", key, start)
                 dealer.close(linger=0)
                 self._dealer = self._new_dealer()
-                return
+                return got or None
             frames = dealer.recv_multipart()
             if frames and frames[0] == b"":
                 frames = frames[1:]
@@ -232,11 +254,11 @@ class Subscription(threading.Thread):
                 frames = frames[1:]
             if len(frames) != 2 or len(frames[0]) != 8:
                 if len(frames) <= 1 or not frames[0]:  # early vLLM ended with b""
-                    return
+                    return got
                 index._bad(key, None, "malformed replay reply")
                 continue
             seq = int.from_bytes(frames[0], "big", signed=True)
             if seq < 0:
-                return  # end of replay
+                return got  # end of replay
             if start <= seq < upto:
-                index._apply(key, seq, frames[1], self._dp_rank, replayed=True)
+                got.append((seq, frames[1]))
