@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from cacheroute import DEFAULT_POLICY
+from cacheroute._validation import check_sequence, check_str
 from cacheroute._version import __version__
 from cacheroute.policies import policy_descriptions
 from cacheroute.sim.cli import add_simulate_parser
@@ -39,8 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_arg(param: str, value: object) -> None:
+    """``value`` must be a ``str`` (an element of ``argv``)."""
+    check_str(param, value, empty_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``cacheroute`` console script; returns the exit status."""
+    """Entry point of the ``cacheroute`` console script; returns the exit status.
+
+    Raises:
+        TypeError: ``argv`` is not ``None`` or a list or tuple of ``str``.
+    """
+    if argv is not None:
+        check_sequence("argv", argv, item=_check_arg)
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

@@ -788,7 +788,7 @@ TABLE: dict[str, Entry] = {
             importlib.import_module("cacheroute.sim.request").matched_blocks,
             {"blocks": [1, 2], "present": {1}},
         ),
-        {"present": "instance"},
+        {"present": "mapping"},  # a dict or a set of block ids
     ),
     "cacheroute.sim.simulator.simulate": Entry(
         lambda: Case(
@@ -946,110 +946,7 @@ TABLE.update(_EVENTS_TABLE)
 
 # Cases that still fail in files owned elsewhere: xfail(strict=True), owner first. Each
 # turns into a failure (XPASS) the moment it is fixed; then delete its line here.
-KNOWN: dict[str, dict[str, str]] = {
-    "cacheroute.cli.main": {
-        "argv": (
-            "cli.py (no owner in this split): accepts dict; SystemExit: 2; TypeError not "
-            "naming argv: 'bool' object is not iterable"
-        ),
-    },
-    "cacheroute.sim.engine.Engine.boundary": {
-        "now": ("sim: accepts None, nan, bool, str, bytes, generator, nested, dict, object"),
-    },
-    "cacheroute.sim.engine.Engine.enqueue": {
-        "rid": ("sim: accepts bool; TypeError not naming rid: list indices must be integers or s"),
-        "now": (
-            "sim: accepts nan, bool; TypeError not naming now: can only concatenate list "
-            '(not "fl; TypeError not naming now: can only concatenate str (not "flo'
-        ),
-    },
-    "cacheroute.sim.engine.EngineConfig.decode_step_time": {
-        "batch": (
-            "sim: accepts float, nan, bool; TypeError not naming batch: can't multiply "
-            "sequence by non-i; TypeError not naming batch: unsupported operand type(s) for"
-            " "
-        ),
-        "context_tokens": (
-            "sim: accepts float, nan, bool; TypeError not naming context_tokens: can't "
-            "multiply sequence; TypeError not naming context_tokens: unsupported operand "
-            "typ"
-        ),
-    },
-    "cacheroute.sim.engine.EngineConfig.prefill_time": {
-        "new_tokens": (
-            "sim: accepts float, nan, bool; TypeError not naming new_tokens: can't multiply"
-            " sequence by ; TypeError not naming new_tokens: unsupported operand type(s)"
-        ),
-        "attention_units": (
-            "sim: accepts nan, bool; TypeError not naming attention_units: can't multiply "
-            "sequenc; TypeError not naming attention_units: unsupported operand ty"
-        ),
-    },
-    "cacheroute.sim.metrics.percentile": {
-        "values": (
-            "sim: accepts bytes, dict; TypeError not naming values: object of type "
-            "'NoneType' has n; TypeError not naming values: object of type 'bool' has no le"
-        ),
-    },
-    "cacheroute.sim.progress.ProgressBar": {
-        "stream": ("sim: accepts int, str, bytes, nested, dict, object"),
-    },
-    "cacheroute.sim.progress.ProgressBar.update": {
-        "done": (
-            "sim: accepts None, float, nan, bool, str, bytes, generator, nested, dict, object"
-        ),
-    },
-    "cacheroute.sim.report.format_table": {
-        "summaries": (
-            "sim: accepts dict; AttributeError: 'int' object has no attribute 'policy'; "
-            "AttributeError: 'str' object has no attribute 'policy'"
-        ),
-        "title": (
-            "sim: accepts None, dict; TypeError not naming title: sequence item 0: expected str in"
-        ),
-    },
-    "cacheroute.sim.report.to_json": {
-        "summaries": (
-            "sim: accepts dict; AttributeError: 'int' object has no attribute 'to_dict'; "
-            "AttributeError: 'str' object has no attribute 'to_dict'"
-        ),
-        "config": ("sim: accepts None, int, str, bytes, nested, object"),
-    },
-    "cacheroute.sim.report.write_json": {
-        "doc": (
-            "sim: accepts None, int, str, nested; TypeError not naming doc: Object of type "
-            "bytes is not JSON s; TypeError not naming doc: Object of type object is not "
-            "JSON "
-        ),
-    },
-    "cacheroute.sim.request.Request.hit_tokens": {
-        "matched": (
-            "sim: accepts float, nan, bool; TypeError not naming matched: '<' not supported"
-            " between inst; TypeError not naming matched: unsupported operand type(s) fo"
-        ),
-    },
-    "cacheroute.sim.request.ideal_hit_tokens": {
-        "requests": (
-            "sim: accepts dict; AttributeError: 'int' object has no attribute 'hit_tokens';"
-            " AttributeError: 'str' object has no attribute 'hit_tokens'"
-        ),
-    },
-    "cacheroute.sim.request.matched_blocks": {
-        "blocks": (
-            "sim: accepts str, bytes, dict; TypeError not naming blocks: object of type "
-            "'NoneType' has n; TypeError not naming blocks: object of type 'bool' has no le"
-        ),
-        "present": (
-            "sim: accepts bytes, nested, dict; TypeError not naming present: 'in <string>' "
-            "requires string ; TypeError not naming present: argument of type 'NoneType' is"
-        ),
-    },
-    "cacheroute.sim.specs.PolicySpec": {
-        "name": ("sim: accepts None, int, bool, bytes, generator, nested, dict, object"),
-        "config": ("sim: accepts None, int, bool, str, bytes, generator, dict, object"),
-        "label": ("sim: accepts None, int, bool, bytes, generator, nested, dict, object"),
-    },
-}
+KNOWN: dict[str, dict[str, str]] = {}
 
 
 # --------------------------------------------------------------------------- exemptions

@@ -143,6 +143,10 @@ class EngineConfig:
 
     def prefill_time(self, new_tokens: int, attention_units: float) -> float:
         """Seconds for one prefill iteration of ``new_tokens`` uncached tokens."""
+        if type(new_tokens) is not int or new_tokens < 0:
+            check_int("new_tokens", new_tokens, minimum=0)
+        if not (type(attention_units) in (int, float) and 0 <= attention_units < math.inf):
+            check_real("attention_units", attention_units, minimum=0.0)
         return (
             self.prefill_overhead_s
             + self.prefill_per_token_s * new_tokens
@@ -151,6 +155,8 @@ class EngineConfig:
 
     def decode_step_time(self, batch: int, context_tokens: int) -> float:
         """Seconds for one decode step of ``batch`` sequences holding ``context_tokens``."""
+        check_int("batch", batch, minimum=0)
+        check_int("context_tokens", context_tokens, minimum=0)
         return (
             max(self.decode_weights_s, batch * self.decode_per_seq_s)
             + self.decode_per_context_token_s * context_tokens
@@ -273,7 +279,15 @@ class Engine:
 
         Returns ``True`` when :attr:`next_time` changed (the simulator must schedule an
         event at it, with the current :attr:`version`).
+
+        Raises:
+            TypeError, ValueError: ``rid`` is not an index into the engine's requests, or
+                ``now`` is not a finite real number (nothing is queued then).
         """
+        if type(rid) is not int or not 0 <= rid < len(self.requests):
+            check_int("rid", rid, minimum=0, maximum=len(self.requests) - 1)
+        if not (type(now) in (float, int) and -math.inf < now < math.inf):
+            check_real("now", now)
         self._waiting.append(rid)
         if self._phase == _IDLE:
             self._schedule(now)
@@ -296,7 +310,12 @@ class Engine:
         Afterwards :attr:`next_time` is the next boundary (``None`` when idle) with a new
         :attr:`version`, and :attr:`prefilled` lists the requests whose first token this
         boundary produced (the simulator reports them to their leases).
+
+        Raises:
+            TypeError, ValueError: ``now`` is not a finite real number (nothing changes).
         """
+        if not (type(now) in (float, int) and -math.inf < now < math.inf):
+            check_real("now", now)
         finished: list[int] = []
         self.prefilled = []
         if self._phase == _PREFILL:

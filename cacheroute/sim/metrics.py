@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cacheroute._validation import check_int, check_real, fail
+from cacheroute._validation import check_int, check_real, check_sequence, fail
 from cacheroute.sim.request import ideal_hit_tokens
 from cacheroute.sim.simulator import RunResult
 
@@ -31,11 +31,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     ``values`` must be sorted ascending.
 
     Raises:
-        TypeError: ``q`` is not a real number.
+        TypeError: ``q`` is not a real number, ``values`` not a list or tuple (or its
+            first or last element not a real number).
         ValueError: ``q`` is outside [0, 100] (or NaN).
     """
     check_real("q", q, minimum=0.0, maximum=100.0)
+    check_sequence("values", values)
     n = len(values)
+    if n and not all(type(v) in (float, int) for v in (values[0], values[-1])):
+        for i, v in enumerate(values):  # O(n) only on the way to the error
+            check_real(f"values[{i}]", v, finite=False)
     if n == 0:
         return math.nan
     pos = (n - 1) * q / 100.0

@@ -50,6 +50,8 @@ class ProgressBar:
         if enabled is not None and not isinstance(enabled, bool):
             raise fail("enabled", "a bool or None", enabled, TypeError)
         check_bool("fancy", fancy)
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise fail("stream", "None or a text stream (with write)", stream, TypeError)
         self.total = total
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
@@ -66,6 +68,8 @@ class ProgressBar:
 
     def update(self, done: int) -> None:
         """Report ``done`` of ``total``; redraws at most 10 times a second."""
+        if type(done) is not int or done < 0:
+            check_int("done", done, minimum=0)
         if not self.enabled:
             return
         now = time.monotonic()

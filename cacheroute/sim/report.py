@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cacheroute._validation import check_sequence, check_str, fail
 from cacheroute.sim.metrics import Summary
 from cacheroute.sim.simulator import RunResult
 from cacheroute.sim.traces import _check_path
@@ -67,8 +68,20 @@ def _label(label: str, summaries: Sequence[Summary]) -> str:
     return f"TTFT SLO met ({listed})" if "SLO met" in label else f"goodput (req/s; {listed})"
 
 
+def _check_summary(param: str, value: object) -> None:
+    if not isinstance(value, Summary):
+        raise fail(param, "a Summary", value, TypeError)
+
+
 def format_table(summaries: Sequence[Summary], title: str = "") -> str:
-    """The policies side by side: one column per policy, one row per metric."""
+    """The policies side by side: one column per policy, one row per metric.
+
+    Raises:
+        TypeError: ``summaries`` is not a list or tuple of :class:`Summary`, or ``title``
+            not a ``str``.
+    """
+    check_sequence("summaries", summaries, item=_check_summary)
+    check_str("title", title, empty_ok=True)
     header = ["", *(s.policy for s in summaries)]
     rows = [[_label(label, summaries), *(fmt(s) for s in summaries)] for label, fmt in _ROWS]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -86,7 +99,15 @@ def format_table(summaries: Sequence[Summary], title: str = "") -> str:
 
 
 def to_json(summaries: Sequence[Summary], config: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document: ``{"config": ..., "results": [summary, ...]}``."""
+    """The JSON document: ``{"config": ..., "results": [summary, ...]}``.
+
+    Raises:
+        TypeError: ``summaries`` is not a list or tuple of :class:`Summary`, or ``config``
+            not a ``dict``.
+    """
+    check_sequence("summaries", summaries, item=_check_summary)
+    if not isinstance(config, dict):
+        raise fail("config", "a dict", config, TypeError)
     return {"config": config, "results": [s.to_dict() for s in summaries]}
 
 
@@ -95,9 +116,11 @@ def write_json(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
 
     Raises:
         TypeError: ``path`` is not a ``str`` or ``os.PathLike`` (an ``int`` would be
-            written to, and closed, as a file descriptor).
+            written to, and closed, as a file descriptor), or ``doc`` not a ``dict``.
     """
     _check_path(path)
+    if not isinstance(doc, dict):
+        raise fail("doc", "a dict", doc, TypeError)
 
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not math.isfinite(x):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cacheroute._validation import check_int, check_real, check_str, fail
+from cacheroute._validation import check_int, check_real, check_sequence, check_str, fail
 
 __all__ = [
     "MAX_BLOCKS",
@@ -89,6 +89,8 @@ class Request:
 
     def hit_tokens(self, matched: int) -> int:
         """Tokens covered by the first ``matched`` blocks."""
+        if type(matched) is not int or matched < 0:
+            check_int("matched", matched, minimum=0)
         return min(matched * self.block_size, self.span_tokens)
 
 
@@ -167,7 +169,14 @@ def matched_blocks(blocks: Sequence[int], present: dict[int, Any] | set[int]) ->
     Uses a binary search, which is exact when ``present`` is *prefix-closed* (every block
     present has all its ancestors present). Chained ids make that true of every cache the
     simulator keeps: a block is inserted after its ancestors and evicted before them.
+
+    Raises:
+        TypeError: ``blocks`` is not a list or tuple, or ``present`` not a dict or set.
     """
+    if type(blocks) is not list and type(blocks) is not tuple:
+        check_sequence("blocks", blocks)
+    if not isinstance(present, (dict, set, frozenset)):
+        raise fail("present", "a dict or set of block ids", present, TypeError)
     n = len(blocks)
     if n == 0 or blocks[0] not in present:
         return 0
@@ -183,12 +192,21 @@ def matched_blocks(blocks: Sequence[int], present: dict[int, Any] | set[int]) ->
     return lo
 
 
+def _check_request(param: str, value: object) -> None:
+    if not isinstance(value, Request):
+        raise fail(param, "a Request", value, TypeError)
+
+
 def ideal_hit_tokens(requests: Sequence[Request]) -> int:
     """Hit tokens of one unbounded cache that sees every request in arrival order.
 
     This is the ceiling of any routing policy: a block can only hit if some earlier
     request brought it.
+
+    Raises:
+        TypeError: ``requests`` is not a list or tuple of :class:`Request`.
     """
+    check_sequence("requests", requests, item=_check_request)
     seen: set[int] = set()
     total = 0
     for r in requests:

@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from cacheroute import DEFAULT_POLICY
-from cacheroute._validation import check_str
+from cacheroute._validation import check_str, fail
 from cacheroute.policies import (
     LoadBalancingPolicy,
     available_policies,
@@ -101,6 +101,14 @@ class PolicySpec:
     name: str
     config: tuple[tuple[str, Any], ...] = ()
     label: str = ""
+
+    def __post_init__(self) -> None:
+        check_str("name", self.name)
+        if type(self.config) is not tuple or not all(
+            type(kv) is tuple and len(kv) == 2 and type(kv[0]) is str for kv in self.config
+        ):
+            raise fail("config", "a tuple of (str, value) pairs", self.config, TypeError)
+        check_str("label", self.label, empty_ok=True)
 
     @classmethod
     def parse(cls, text: str) -> PolicySpec:
