@@ -222,7 +222,8 @@ class Tree:
     is left is prefix-closed), one unit at a time: a bound is never exceeded after a call
     returns and eviction stops as soon as it holds, so each insert evicts about what it adds.
 
-    Bounds, all enforced inside the inserting call (no background thread):
+    Bounds, all enforced inside the call that grows the tree (an insert; a remove or a
+    lower tenant limit that splits a shared node), with no background thread:
 
     * ``max_size``: cap on :meth:`total_size` (units summed over tenants). Evicts the least
       recent (tenant, prefix) pairs of all tenants.
@@ -1240,6 +1241,8 @@ class Tree:
             before = o.size
             if not s:
                 self._evict_tenant(o, 0)
+                if self._holdings > self._max_nodes:
+                    self._evict_global()
                 return before // self._w
             w = self._w
             path, pos, part, k = self._walk(s)
@@ -1302,6 +1305,8 @@ class Tree:
                 o.stale += 1
             if o.stale > len(o.q) >> 1:
                 o.compact()
+            if self._holdings > self._max_nodes:  # the split above added holdings
+                self._evict_global()
             return (before - o.size) // w
 
     def add_tenant(self, tenant: str) -> None:
@@ -1418,6 +1423,8 @@ class Tree:
                 self._bounded = True
             if o.size > o.limit:
                 self._evict_tenant(o, o.limit)
+                if self._holdings > self._max_nodes:  # a cut shared node split in two
+                    self._evict_global()
 
     def tenant_limit(self, tenant: str) -> int | None:
         """The cap that applies to ``tenant`` (its own, else ``max_size_per_tenant``).

@@ -312,6 +312,27 @@ def test_max_nodes_counts_nodes_per_holder_and_evicts_lru_pairs() -> None:
         check_invariants(t)
 
 
+def test_max_nodes_holds_after_remove_and_set_tenant_limit_too() -> None:
+    """A remove or a lower tenant limit can split a shared node (one more holding per
+    other holder); the node bound is enforced there as in every insert."""
+    rng = random.Random(7)
+    for trial in range(200):
+        bound = rng.randint(2, 12)
+        t = Tree(max_nodes=bound)
+        for _ in range(30):
+            s = "".join(rng.choices("ab", k=rng.randint(1, 6)))
+            op = rng.random()
+            who = f"w{rng.randrange(3)}"
+            if op < 0.6:
+                t.insert(s, who)
+            elif op < 0.85:
+                t.remove(s[: rng.randint(1, len(s))], who)
+            else:
+                t.set_tenant_limit(who, rng.randint(1, 6))
+            assert t._holdings <= bound, (trial, op, t._holdings, bound)
+            check_invariants(t)
+
+
 def test_max_nodes_for_a_memory_budget() -> None:
     n = Tree.max_nodes_for(256 * 2**20, max_size=2**24)
     assert n * Tree.NODE_BYTES + 2**24 * 4 <= 256 * 2**20
