@@ -317,8 +317,8 @@ def test_max_nodes_holds_after_remove_and_set_tenant_limit_too() -> None:
     other holder); the node bound is enforced there as in every insert."""
     rng = random.Random(7)
     for trial in range(200):
-        bound = rng.randint(2, 12)
-        t = Tree(max_nodes=bound)
+        bound, units = rng.randint(2, 12), rng.randint(3, 20)
+        t = Tree(max_nodes=bound, max_size=units if trial % 2 else None)
         for _ in range(30):
             s = "".join(rng.choices("ab", k=rng.randint(1, 6)))
             op = rng.random()
@@ -330,6 +330,7 @@ def test_max_nodes_holds_after_remove_and_set_tenant_limit_too() -> None:
             else:
                 t.set_tenant_limit(who, rng.randint(1, 6))
             assert t._holdings <= bound, (trial, op, t._holdings, bound)
+            assert trial % 2 == 0 or t.total_size() <= units
             check_invariants(t)
 
 
