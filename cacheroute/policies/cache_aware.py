@@ -223,19 +223,7 @@ class CacheAwarePolicy(PrefixPolicy):
         self._abs = config.balance_abs_threshold
         self._rel = config.balance_rel_threshold
         self._locality = config.imbalance_mode == "locality"
-        self._init_prefix(
-            config.max_tree_size,
-            config.max_tree_size_per_worker,
-            config.on_decision,
-            config.tokens_per_unit,
-            config.kv_capacity_tokens,
-            config.index,
-            config.index_mode,
-            config.claim_ttl_s,
-            config.index_namespace,
-            clock,
-            config.max_tree_nodes,
-        )
+        self._init_prefix_from(config, clock)
 
     @property
     def config(self) -> CacheAwareConfig:

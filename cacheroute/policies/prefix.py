@@ -259,6 +259,23 @@ class PrefixPolicy(LoadBalancingPolicy):
     reads_work: ClassVar[bool] = False
     """Whether :meth:`choose` needs pending prefill and decode tokens in its view."""
 
+    def _init_prefix_from(self, config: Any, clock: Callable[[], float] | None) -> None:
+        """:meth:`_init_prefix` with the settings every prefix policy's config dataclass
+        has under the same names (``CacheAwareConfig``, ``WorkAwareConfig``)."""
+        self._init_prefix(
+            config.max_tree_size,
+            config.max_tree_size_per_worker,
+            config.on_decision,
+            config.tokens_per_unit,
+            config.kv_capacity_tokens,
+            config.index,
+            config.index_mode,
+            config.claim_ttl_s,
+            config.index_namespace,
+            clock,
+            config.max_tree_nodes,
+        )
+
     def _init_prefix(
         self,
         max_tree_size: int,

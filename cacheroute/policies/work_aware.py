@@ -326,19 +326,7 @@ class WorkAwarePolicy(PrefixPolicy):
         self._ledgers: dict[str, _Ledger] = {}
         self._aligned: dict[int, tuple[_Pool, list[_Ledger]]] = {}
         self._state_lock = threading.Lock()
-        self._init_prefix(
-            config.max_tree_size,
-            config.max_tree_size_per_worker,
-            config.on_decision,
-            config.tokens_per_unit,
-            config.kv_capacity_tokens,
-            config.index,
-            config.index_mode,
-            config.claim_ttl_s,
-            config.index_namespace,
-            clock,
-            config.max_tree_nodes,
-        )
+        self._init_prefix_from(config, clock)
 
     @property
     def config(self) -> WorkAwareConfig:
