@@ -139,6 +139,48 @@ def test_claims_expire_and_removed_workers_lose_theirs() -> None:
     assert m.lengths(PROMPT, {}) == {}
 
 
+def _matcher(ttl: float = 10.0) -> tuple[PreciseMatcher, dict[str, _Feed], _Clock]:
+    clock = _Clock()
+    index = KVEventIndex(block_size=BS, clock=clock)
+    feeds = {url: _Feed(index, url) for url in ("a", "b")}
+    for f in feeds.values():
+        f.send()
+    return PreciseMatcher(index, "hybrid", ttl, Tree, clock=clock), feeds, clock
+
+
+def test_a_confirmed_claim_goes_with_the_blocks_the_engine_evicts() -> None:
+    m, feeds, _ = _matcher()
+    m.claim(PROMPT, "a")
+    assert m.lengths(PROMPT, {}) == {"a": 24}  # routed, not reported yet: the claim counts
+    feeds["a"].stored(PROMPT, 1)
+    assert m.lengths(PROMPT, {}) == {"a": 24}  # reported: confirmed
+    feeds["a"].send(BlockRemoved([3]))  # evicts blocks 3-6
+    # The claim was confirmed: the report is the truth, the claim does not bring it back.
+    assert m.lengths(PROMPT, {}) == {"a": 8}
+    assert m.lengths([*PROMPT, 1], {}) == {"a": 8}
+
+
+def test_an_unconfirmed_claim_outlives_the_eviction_of_an_older_prefix() -> None:
+    m, feeds, _ = _matcher()
+    feeds["a"].stored(PROMPT[:8], 1)
+    m.claim(PROMPT, "a")  # the request that will compute blocks 3-6 is still queued
+    assert m.lengths(PROMPT, {}) == {"a": 24}
+    feeds["a"].send(BlockRemoved([1]))
+    assert m.lengths(PROMPT, {}) == {"a": 24}  # its prefill will store all of it
+    m.claim([*PROMPT, *range(7, 11)], "a")  # the next turn, routed before the last is done
+    feeds["a"].stored(PROMPT, 11)
+    assert m.lengths([*PROMPT, *range(7, 11)], {}) == {"a": 28}  # the next turn still claims
+
+
+def test_a_claim_confirmed_in_part_keeps_its_unconfirmed_part() -> None:
+    m, feeds, _ = _matcher()
+    m.claim(PROMPT, "a")
+    feeds["a"].stored(PROMPT[:8], 1)  # two of six blocks computed (chunked prefill)
+    assert m.lengths(PROMPT, {}) == {"a": 24}
+    feeds["a"].send(BlockRemoved([1]))
+    assert m.lengths(PROMPT, {}) == {"a": 24}
+
+
 def test_text_requests_ignore_the_index() -> None:
     workers, _, feeds, policy, _ = _setup(index_mode="precise")
     feeds[2].stored(PROMPT, 1)

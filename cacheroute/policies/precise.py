@@ -13,9 +13,13 @@ token-id requests against the engines' own reports instead:
   had time to confirm it (``claim_ttl_s``). Without claims a burst sharing a new prefix
   would scatter, since no engine reports it until its prefill is done.
 
-Claims live in two generations of trees, swapped every ``claim_ttl_s / 2``: a claim
-counts for between half and all of ``claim_ttl_s``, with no per-entry timer. Text
-requests (no token ids) always use the routed history.
+A claim stops counting once its engine *confirms* it: the first time a request finds the
+engine reporting everything the claim covers, the claim is marked confirmed, and from
+then on the reports alone speak for it, so a ``BlockRemoved`` removes it too. A claim
+never confirmed (its request failed, or is still queued) expires: claims live in two
+generations of trees, swapped every ``claim_ttl_s / 2``, so one counts for between half
+and all of ``claim_ttl_s``, with no per-entry timer. Text requests (no token ids) always
+use the routed history.
 """
 
 from __future__ import annotations
@@ -50,6 +54,17 @@ class KVIndex(Protocol):
         ...
 
 
+class _Generation:
+    """Claims made in one half-TTL: what was routed where, and which of it the engines
+    confirmed (a confirmed claim no longer counts: the reports speak for it)."""
+
+    __slots__ = ("claimed", "confirmed")
+
+    def __init__(self, new_tree: Callable[[], Tree]) -> None:
+        self.claimed = new_tree()
+        self.confirmed = new_tree()
+
+
 class PreciseMatcher:
     """Combines a KV-event index, claims and the routed history into one match.
 
@@ -74,10 +89,12 @@ class PreciseMatcher:
         self._new = new_tree  # bounded like the routed history
         self._lock = threading.Lock()
         # [current, previous] generations of claims; None in precise mode.
-        self._claims: list[Tree] | None = [new_tree(), new_tree()] if mode == "hybrid" else None
+        self._claims: list[_Generation] | None = (
+            [_Generation(new_tree), _Generation(new_tree)] if mode == "hybrid" else None
+        )
         self._swap_at = clock() + self._half
 
-    def _generations(self) -> list[Tree]:
+    def _generations(self) -> list[_Generation]:
         claims = self._claims
         assert claims is not None
         now = self._clock()
@@ -87,8 +104,12 @@ class PreciseMatcher:
                 assert claims is not None
                 if now >= self._swap_at:
                     # Two swaps' worth of time passed: both generations are too old.
-                    old = claims[0] if now < self._swap_at + self._half else self._new()
-                    self._claims = claims = [self._new(), old]
+                    old = (
+                        claims[0]
+                        if now < self._swap_at + self._half
+                        else _Generation(self._new)
+                    )
+                    self._claims = claims = [_Generation(self._new), old]
                     self._swap_at = now + self._half
         return claims
 
@@ -106,19 +127,31 @@ class PreciseMatcher:
             if u in fresh:
                 out[u] = m
         if self._claims is not None:
-            for tree in self._generations():
-                for u, m in tree.match_lengths(token_ids).items():
-                    if u in fresh and m > out.get(u, 0):
-                        out[u] = m
+            for gen in self._generations():
+                claimed = gen.claimed.match_lengths(token_ids)
+                if not claimed:
+                    continue
+                confirmed: dict[str, int] | None = None
+                for u, m in claimed.items():
+                    if u not in fresh:
+                        continue
+                    if m <= reported.get(u, 0):  # the engine reports all of it
+                        gen.confirmed.insert(token_ids[:m], u)
+                        continue
+                    if confirmed is None:
+                        confirmed = gen.confirmed.match_lengths(token_ids)
+                    if m > confirmed.get(u, 0) and m > out.get(u, 0):
+                        out[u] = m  # not confirmed yet: counts
         return out
 
     def claim(self, token_ids: Sequence[int], url: str) -> None:
         """``url`` was chosen for ``token_ids``: claim them until events can confirm."""
         if self._claims is not None:
-            self._generations()[0].insert(token_ids, url)
+            self._generations()[0].claimed.insert(token_ids, url)
 
     def forget(self, url: str) -> None:
         """A worker left: drop its claims."""
         if self._claims is not None:
-            for tree in self._claims:
-                tree.remove_tenant(url)
+            for gen in self._claims:
+                gen.claimed.remove_tenant(url)
+                gen.confirmed.remove_tenant(url)
