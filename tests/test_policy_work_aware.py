@@ -336,6 +336,25 @@ def test_unhealthy_and_removed_workers_are_never_chosen() -> None:
     assert p.select_worker([], _tokens(0, 5)) is None
 
 
+def test_queued_prompts_beyond_the_kv_capacity_do_not_lengthen_the_decode_steps() -> None:
+    """A decode step reads at most the KV the engine holds, however much is queued: more
+    queued prefill costs its prefill time, not longer decode steps to wait for. (Pricing
+    queued prompts into the step made an overloaded cluster's estimates 10-20x too high
+    and noisy enough to pull sessions off their caches.)"""
+
+    def ttft(pending: int) -> float:
+        w = BasicWorker("http://a")
+        for _ in range(300):  # beyond max_batch: it waits for a slot, and for memory
+            w.increment_load()
+        w.add_work(pending, 50_000)
+        d = WorkAwarePolicy(kv_capacity_tokens=100_000).decide([w], _tokens(0, 1000))
+        assert d is not None and d.cost is not None
+        return d.cost
+
+    a = WorkAwareConfig().prefill_token_s
+    assert ttft(20_000_000) - ttft(10_000_000) == pytest.approx(a * 10_000_000, rel=1e-3)
+
+
 def test_large_pools_price_holders_and_a_shortlist() -> None:
     ws = _workers(40)
     for i, w in enumerate(ws):

@@ -14,7 +14,8 @@ measurements). The estimate starts with the request's **time to first token** th
 * ``A``, waiting to be admitted: for a batch slot when the worker already runs
   ``max_batch`` requests, and for KV memory when its in-flight contexts plus this prompt
   exceed ``kv_capacity_tokens``: the part of a decode run (``reply_tokens`` steps) that
-  must complete first; plus the decode step in progress.
+  must complete first, each step reading at most ``kv_capacity_tokens`` of KV (queued
+  prompts are prefill to wait for, not a longer step); plus the decode step in progress.
 
 To ``T`` it adds what the request does to the others there, which depends on whether its
 context already lives somewhere:
@@ -470,18 +471,15 @@ class WorkAwarePolicy(PrefixPolicy):
                 ttft = queued + p
                 if dw:
                     ttft += d0 + e * dw  # the decode step in progress
+                # A decode step while it waits: no step reads more KV than the engine holds.
+                step = d0 + e * (ctx if cap is None or ctx < cap else cap)
                 if ld >= max_batch:  # wait for a batch slot
                     running = ld - queued_n
-                    ttft += (
-                        (ld + 1 - max_batch)
-                        * reply
-                        * (d0 + e * ctx)
-                        / (running if running > 1 else 1.0)
-                    )
+                    ttft += (ld + 1 - max_batch) * reply * step / (running if running > 1 else 1.0)
                 if cap is not None:  # wait for KV memory
                     over = ctx + prompt + reply - cap
                     if over > 0 and ctx > 0:
-                        ttft += (over / ctx if over < ctx else 1.0) * reply * (d0 + e * ctx)
+                        ttft += (over / ctx if over < ctx else 1.0) * reply * step
                 if continuation:  # its prefill here stalls the requests in flight here
                     cost = ttft + p * ld
                 else:  # new context joins this decode batch; recompute stalls the others
