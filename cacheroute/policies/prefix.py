@@ -247,8 +247,9 @@ class PrefixPolicy(LoadBalancingPolicy):
             for token-id requests (see :mod:`cacheroute.policies.precise`).
         index_mode: ``"hybrid"`` (default: reports plus short-lived claims of what was
             just routed) or ``"precise"`` (reports only).
-        claim_ttl_s: real > 0: how long a hybrid claim counts (default 30 s: a long
-            prefill plus the event delay).
+        claim_ttl_s: real > 0: how long a hybrid claim counts at most (default 30 s: a
+            long prefill plus the event delay); it stops counting sooner once the
+            engine's reports cover it.
         index_namespace: keyword arguments for the index's ``match`` (e.g.
             ``{"lora_name": "my-adapter"}`` for a policy routing one LoRA adapter).
         clock: ``None`` (``time.monotonic``) or a callable returning seconds: the clock
