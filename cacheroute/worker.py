@@ -389,15 +389,24 @@ def read_work(
     ([0], [300], [2000])
     """
     loads = read_loads(workers, basic)
+    return (loads, *_read_tokens(workers, basic))
+
+
+def _read_tokens(
+    workers: Sequence[Worker], basic: bool, indices: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """``(pending prefill tokens, decode tokens)`` of each worker, or of ``workers[i]``
+    for each ``i`` in ``indices``: a policy may read only the few workers it prices.
+    ``basic`` as in :func:`read_loads`. O(n), or O(len(indices))."""
+    ws = workers if indices is None else [workers[i] for i in indices]
     if basic:
         return (
-            loads,
-            [w._prefill for w in workers],  # type: ignore[attr-defined]
-            [w._decode for w in workers],  # type: ignore[attr-defined]
+            [w._prefill for w in ws],  # type: ignore[attr-defined]
+            [w._decode for w in ws],  # type: ignore[attr-defined]
         )
     prefill: list[int] = []
     decode: list[int] = []
-    for w in workers:
+    for w in ws:
         # getattr, not isinstance(w, WorkAccounting): a runtime protocol check costs µs.
         pending = getattr(w, "pending_prefill_tokens", None)
         if pending is None:
@@ -406,4 +415,4 @@ def read_work(
         else:
             prefill.append(pending())
             decode.append(w.decode_tokens())  # type: ignore[attr-defined]
-    return loads, prefill, decode
+    return prefill, decode
