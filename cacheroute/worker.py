@@ -169,6 +169,7 @@ class BasicWorker:
         "_prefill",
         "_processed",
         "_url",
+        "_work",
         "_worker_type",
     )
 
@@ -199,6 +200,7 @@ class BasicWorker:
         self._processed = 0
         self._prefill = 0
         self._decode = 0
+        self._work = 0  # _prefill + _decode, kept for policies that rank workers by it
         self._lock = threading.Lock()
 
     @property
@@ -283,6 +285,7 @@ class BasicWorker:
                 )
             self._prefill = p
             self._decode = d
+            self._work = p + d
 
     def _transition(
         self, state: list[int], expect: int, new: int, load: int, prefill: int, decode: int
@@ -310,6 +313,7 @@ class BasicWorker:
             self._load = n
             self._prefill = p
             self._decode = d
+            self._work = p + d
             state[0] = new
             return True
 
@@ -416,3 +420,12 @@ def _read_tokens(
             prefill.append(pending())
             decode.append(w.decode_tokens())  # type: ignore[attr-defined]
     return prefill, decode
+
+
+def _read_work_totals(workers: Sequence[Worker], basic: bool) -> list[int]:
+    """Pending prefill plus decode tokens of each worker (0 without
+    :class:`WorkAccounting`): one read per ``BasicWorker``, which keeps the sum. O(n)."""
+    if basic:
+        return [w._work for w in workers]  # type: ignore[attr-defined]
+    prefill, decode = _read_tokens(workers, False)
+    return [p + d for p, d in zip(prefill, decode, strict=True)]
