@@ -402,12 +402,17 @@ def _read_tokens(
     """``(pending prefill tokens, decode tokens)`` of each worker, or of ``workers[i]``
     for each ``i`` in ``indices``: a policy may read only the few workers it prices.
     ``basic`` as in :func:`read_loads`. O(n), or O(len(indices))."""
-    ws = workers if indices is None else [workers[i] for i in indices]
     if basic:
+        if indices is not None:
+            return (
+                [workers[i]._prefill for i in indices],  # type: ignore[attr-defined]
+                [workers[i]._decode for i in indices],  # type: ignore[attr-defined]
+            )
         return (
-            [w._prefill for w in ws],  # type: ignore[attr-defined]
-            [w._decode for w in ws],  # type: ignore[attr-defined]
+            [w._prefill for w in workers],  # type: ignore[attr-defined]
+            [w._decode for w in workers],  # type: ignore[attr-defined]
         )
+    ws = workers if indices is None else [workers[i] for i in indices]
     prefill: list[int] = []
     decode: list[int] = []
     for w in ws:

@@ -210,21 +210,22 @@ def _least_busy(
     if len(g) <= _SHORTLIST + len(skip):
         return [i for i in g if i not in skip], None
     ks = work if len(g) == len(work) else [work[i] for i in g]
-    if collapse and not sum(ks):  # no work anywhere (sum: a cheap C loop): no sort
-        free = [i for i in g if i not in skip] if skip else g
+    idle = collapse and not any(ks)  # no work anywhere: no need to sort
+    order = g.copy() if idle else sorted(g, key=work.__getitem__)  # stable: by index
+    if len(skip) <= _SHORTLIST:
+        for i in skip:  # a few C scans: cheaper than a Python pass over the list
+            order.remove(i)
     else:
-        order = sorted(g, key=work.__getitem__)  # stable: equal work stays in index order
-        head = order[: _SHORTLIST + len(skip)]
-        if skip:
-            head = [i for i in head if i not in skip]
-        cut = work[head[_SHORTLIST - 1]]
+        order = [i for i in order if i not in skip]
+    if not idle:
+        cut = work[order[_SHORTLIST - 1]]
         end = bisect_right(order, cut, key=work.__getitem__)
         if cut or not collapse:
-            return [i for i in order[:end] if i not in skip], None
-        free = [i for i in order[:end] if i not in skip]  # no work, in index order
-    rep = min(free, key=loads.__getitem__)  # the first of the least loaded
+            return order[:end], None
+        del order[end:]  # those without work, in index order
+    rep = min(order, key=loads.__getitem__)  # the first of the least loaded
     low = loads[rep]
-    return [rep], lambda: [i for i in free if loads[i] == low and i != rep]
+    return [rep], lambda: [i for i in order if loads[i] == low and i != rep]
 
 
 class _Ledger:
