@@ -169,6 +169,7 @@ class BasicWorker:
         "_prefill",
         "_processed",
         "_url",
+        "_work",
         "_worker_type",
     )
 
@@ -199,6 +200,7 @@ class BasicWorker:
         self._processed = 0
         self._prefill = 0
         self._decode = 0
+        self._work = 0  # _prefill + _decode, kept for policies that rank workers by it
         self._lock = threading.Lock()
 
     @property
@@ -283,6 +285,7 @@ class BasicWorker:
                 )
             self._prefill = p
             self._decode = d
+            self._work = p + d
 
     def _transition(
         self, state: list[int], expect: int, new: int, load: int, prefill: int, decode: int
@@ -310,6 +313,7 @@ class BasicWorker:
             self._load = n
             self._prefill = p
             self._decode = d
+            self._work = p + d
             state[0] = new
             return True
 
@@ -389,15 +393,29 @@ def read_work(
     ([0], [300], [2000])
     """
     loads = read_loads(workers, basic)
+    return (loads, *_read_tokens(workers, basic))
+
+
+def _read_tokens(
+    workers: Sequence[Worker], basic: bool, indices: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """``(pending prefill tokens, decode tokens)`` of each worker, or of ``workers[i]``
+    for each ``i`` in ``indices``: a policy may read only the few workers it prices.
+    ``basic`` as in :func:`read_loads`. O(n), or O(len(indices))."""
     if basic:
+        if indices is not None:
+            return (
+                [workers[i]._prefill for i in indices],  # type: ignore[attr-defined]
+                [workers[i]._decode for i in indices],  # type: ignore[attr-defined]
+            )
         return (
-            loads,
             [w._prefill for w in workers],  # type: ignore[attr-defined]
             [w._decode for w in workers],  # type: ignore[attr-defined]
         )
+    ws = workers if indices is None else [workers[i] for i in indices]
     prefill: list[int] = []
     decode: list[int] = []
-    for w in workers:
+    for w in ws:
         # getattr, not isinstance(w, WorkAccounting): a runtime protocol check costs µs.
         pending = getattr(w, "pending_prefill_tokens", None)
         if pending is None:
@@ -406,4 +424,13 @@ def read_work(
         else:
             prefill.append(pending())
             decode.append(w.decode_tokens())  # type: ignore[attr-defined]
-    return loads, prefill, decode
+    return prefill, decode
+
+
+def _read_work_totals(workers: Sequence[Worker], basic: bool) -> list[int]:
+    """Pending prefill plus decode tokens of each worker (0 without
+    :class:`WorkAccounting`): one read per ``BasicWorker``, which keeps the sum. O(n)."""
+    if basic:
+        return [w._work for w in workers]  # type: ignore[attr-defined]
+    prefill, decode = _read_tokens(workers, False)
+    return [p + d for p, d in zip(prefill, decode, strict=True)]

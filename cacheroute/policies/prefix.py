@@ -3,9 +3,10 @@
 A prefix-aware policy decides one request in four steps, all in :meth:`PrefixPolicy.decide`,
 top to bottom:
 
-1. **View.** Read every worker's health and load (and, for work-aware policies, its
-   pending prefill and decode tokens) once, through :mod:`cacheroute.worker`'s fast
-   readers. Workers that are unhealthy or removed are not eligible.
+1. **View.** Read every worker's health and load once, through
+   :mod:`cacheroute.worker`'s fast readers (work-aware policies read pending prefill
+   and decode tokens too, of the workers they need, when they need them). Workers that
+   are unhealthy or removed are not eligible.
 2. **Match.** Ask the prefix index of the request's model which workers hold how much of
    the prompt (one tree descent, :meth:`cacheroute.tree.Tree.match_lengths`).
 3. **Choose.** The subclass's rule, :meth:`PrefixPolicy.choose`, returns the index, the
@@ -52,7 +53,7 @@ from cacheroute.policies.base import (
 )
 from cacheroute.policies.precise import IndexMode, KVIndex, PreciseMatcher
 from cacheroute.tree import Tree, TreeMatch
-from cacheroute.worker import Worker, _not_a_worker, all_basic, read_loads, read_work
+from cacheroute.worker import Worker, _not_a_worker, _read_tokens, all_basic, read_loads
 
 __all__ = ["DEFAULT_MAX_TREE_NODES", "DecisionObserver", "PoolView", "PrefixPolicy", "TreeKind"]
 
@@ -110,41 +111,74 @@ class PoolView:
         prefill_tokens, decode_tokens: per index (policies with ``reads_work``), else
             ``None``.
         units: units of the request (0 without text).
+
+    ``min_load``, ``max_load`` and the token lists are computed on first use (each an
+    O(n) pass over the workers that not every policy needs), then kept.
     """
 
     __slots__ = (
-        "decode_tokens",
+        "_bounds",
+        "_reads_work",
+        "_tokens",
         "eligible",
         "loads",
-        "max_load",
-        "min_load",
         "pool",
-        "prefill_tokens",
         "units",
         "urls",
         "workers",
     )
 
     def __init__(
-        self,
-        pool: _Pool,
-        loads: list[int],
-        eligible: list[int],
-        prefill: list[int] | None,
-        decode: list[int] | None,
-        units: int,
+        self, pool: _Pool, loads: list[int], eligible: list[int], units: int, reads_work: bool
     ) -> None:
         self.pool = pool
         self.workers = pool.key
         self.urls = pool.urls
         self.loads = loads
         self.eligible = eligible
-        el = loads if eligible is pool.all else [loads[i] for i in eligible]
-        self.min_load = min(el)
-        self.max_load = max(el)
-        self.prefill_tokens = prefill
-        self.decode_tokens = decode
         self.units = units
+        self._reads_work = reads_work
+        self._bounds: tuple[int, int] | None = None
+        self._tokens: tuple[list[int], list[int]] | None = None
+
+    def _load_bounds(self) -> tuple[int, int]:
+        # Computed on first use: two O(n) passes that not every policy needs.
+        b = self._bounds
+        if b is None:
+            loads, eligible = self.loads, self.eligible
+            el = loads if eligible is self.pool.all else [loads[i] for i in eligible]
+            b = self._bounds = (min(el), max(el))
+        return b
+
+    @property
+    def min_load(self) -> int:
+        """The least load over the eligible workers. O(n) on first use, then O(1)."""
+        return self._load_bounds()[0]
+
+    @property
+    def max_load(self) -> int:
+        """The greatest load over the eligible workers. O(n) on first use, then O(1)."""
+        return self._load_bounds()[1]
+
+    def _token_lists(self) -> tuple[list[int], list[int]] | None:
+        if not self._reads_work:
+            return None
+        t = self._tokens
+        if t is None:
+            t = self._tokens = _read_tokens(self.workers, self.pool.basic)
+        return t
+
+    @property
+    def prefill_tokens(self) -> list[int] | None:
+        """Pending prefill tokens per index (policies with ``reads_work``), else ``None``."""
+        t = self._token_lists()
+        return None if t is None else t[0]
+
+    @property
+    def decode_tokens(self) -> list[int] | None:
+        """Decode tokens per index (policies with ``reads_work``), else ``None``."""
+        t = self._token_lists()
+        return None if t is None else t[1]
 
     def holders(self, lengths: dict[str, int], limit: int | None = None) -> tuple[int, list[int]]:
         """The longest match among eligible workers (with load <= ``limit`` if given).
@@ -177,15 +211,20 @@ class PoolView:
         if len(cands) == 1:
             return cands[0]
         loads = self.loads
-        low = min(loads[i] for i in cands)
-        ties = [i for i in cands if loads[i] == low]
+        ls = [loads[i] for i in cands]
+        low = min(ls)
+        ties = [i for i, x in zip(cands, ls, strict=True) if x == low]
         if len(ties) == 1:
             return ties[0]
-        ws, urls = self.workers, self.urls
-        if tree is None:
-            return min(ties, key=lambda i: (ws[i].processed(), i))
-        sizes = tree.used_size_per_tenant()
-        return min(ties, key=lambda i: (sizes.get(urls[i], 0), ws[i].processed(), i))
+        ws = self.workers
+        if tree is not None:  # one criterion at a time: no key tuple per candidate
+            sizes, urls = tree.used_size_per_tenant(), self.urls
+            ss = [sizes.get(urls[i], 0) for i in ties]
+            low = min(ss)
+            ties = [i for i, x in zip(ties, ss, strict=True) if x == low]
+            if len(ties) == 1:
+                return ties[0]
+        return min(ties, key=lambda i: (ws[i].processed(), i))
 
 
 def _match(tree: Tree, units: str | Sequence[int]) -> TreeMatch:
@@ -477,21 +516,20 @@ class PrefixPolicy(LoadBalancingPolicy):
         self._pools = [pool, *self._pools[: _POOL_CACHE - 1]]
 
     def _view(self, pool: _Pool, units: int) -> PoolView | None:
-        if self.reads_work:
-            loads, prefill, decode = read_work(pool.key, pool.basic)
-        else:
-            loads, prefill, decode = read_loads(pool.key, pool.basic), None, None
+        loads = read_loads(pool.key, pool.basic)  # token totals: when the policy asks
         if not loads:
             return None
         mask = pool.mask
-        if mask is None and min(loads) >= 0:  # all eligible: the common case
-            return PoolView(pool, loads, pool.all, prefill, decode, units)
+        # All eligible, the common case. A BasicWorker's load is never negative, so -1
+        # (unhealthy) is the one value to look for, a cheaper scan than min().
+        if mask is None and (-1 not in loads if pool.basic else min(loads) >= 0):
+            return PoolView(pool, loads, pool.all, units, self.reads_work)
         if mask is not None:
             loads = [x if ok else -1 for x, ok in zip(loads, mask, strict=True)]
         eligible = list(compress(pool.all, [x >= 0 for x in loads]))
         if not eligible:
             return None
-        return PoolView(pool, loads, eligible, prefill, decode, units)
+        return PoolView(pool, loads, eligible, units, self.reads_work)
 
     def _tree(self, model: str, kind: TreeKind) -> Tree:
         key = (model, kind)

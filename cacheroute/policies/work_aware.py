@@ -48,8 +48,9 @@ derive them for another model and GPU.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,7 @@ from cacheroute.policies.prefix import (
     _Pool,
 )
 from cacheroute.tree import Tree
+from cacheroute.worker import _read_tokens, _read_work_totals
 
 __all__ = ["WorkAwareConfig", "WorkAwarePolicy"]
 
@@ -191,6 +193,42 @@ class WorkAwareConfig:
         object.__setattr__(self, "tokens_per_unit", tpu)
 
 
+def _least_busy(
+    g: list[int], work: list[int], skip: Collection[int], loads: list[int], collapse: bool
+) -> tuple[list[int], Callable[[], list[int]] | None]:
+    """Of the workers ``g`` (ascending) of one match, less those in ``skip`` (priced
+    elsewhere): those to price, and (or ``None``) a function listing those that tie with
+    the first of them without being priced.
+
+    ``work[i]`` is worker ``i``'s pending prefill plus decode tokens (never negative, as
+    :class:`~cacheroute.worker.WorkAccounting` requires). Priced: the ``_SHORTLIST`` with
+    the least work, ties at the cut kept. When that many have none (an idle cluster) and
+    ``collapse``, those cost the same for the same load and no less for more (the same
+    own prefill, nothing queued, every load term growing with load), so only the least
+    loaded of them can win: the first is priced and the others tie with it.
+    O(len(g) log len(g)).
+    """
+    if len(g) <= _SHORTLIST + len(skip):
+        return [i for i in g if i not in skip], None
+    ks = work if len(g) == len(work) else [work[i] for i in g]
+    idle = collapse and not any(ks)  # no work anywhere: no need to sort
+    order = g.copy() if idle else sorted(g, key=work.__getitem__)  # stable: by index
+    if len(skip) <= _SHORTLIST:
+        for i in skip:  # a few C scans: cheaper than a Python pass over the list
+            order.remove(i)
+    else:
+        order = [i for i in order if i not in skip]
+    if not idle:
+        cut = work[order[_SHORTLIST - 1]]
+        end = bisect_right(order, cut, key=work.__getitem__)
+        if cut or not collapse:
+            return order[:end], None
+        del order[end:]  # those without work, in index order
+    rep = min(order, key=loads.__getitem__)  # the first of the least loaded
+    low = loads[rep]
+    return [rep], lambda: [i for i in order if loads[i] == low and i != rep]
+
+
 class _Ledger:
     """The prefills this policy queued on one worker whose first token is not out yet.
 
@@ -260,8 +298,13 @@ class WorkAwarePolicy(PrefixPolicy):
     :class:`~cacheroute.policies.prefix.PrefixPolicy`. Thread-safe; no background thread.
 
     Complexity of ``decide``: O(n) worker reads + one tree match and insert + O(n) pricing,
-    n the eligible workers; beyond 16 eligible workers only the longest-match holders and
-    the 8 others with the least pending plus decode tokens are priced.
+    n the eligible workers. Beyond 16 eligible workers, a sort by pending plus decode
+    tokens (one read per worker) and the pricing of a few: every worker holding some of
+    the prompt (of a match held by more than 8, the 8 least busy), and of the others the
+    8 least busy, ties at the cut kept; when 8 or more of those have no work at all (and
+    ``kv_capacity_tokens`` is unset), one of the least loaded of them is priced and the
+    others of its load tie with it (the same cost). Only the priced workers' token totals
+    are read.
     """
 
     name = "work_aware"
@@ -355,12 +398,10 @@ class WorkAwarePolicy(PrefixPolicy):
         self, view: PoolView, lengths: dict[str, int], tree: Tree | None
     ) -> tuple[int, str, float | None]:
         """The worker of least estimated cost (see the module doc); the cost reported is
-        the estimated time to first token there. O(n + t)."""
+        the estimated time to first token there. O(n + t); O(n log n + t) beyond 16
+        eligible workers (see the class doc)."""
         a, b, d0, e, reply, he, max_batch, cap = self._consts
         loads = view.loads
-        n_all = len(loads)
-        pre = view.prefill_tokens or [0] * n_all
-        dec = view.decode_tokens or [0] * n_all
         tpu = self._tpu_text if tree is not None and tree.kind == "text" else self._tpu_tokens
         prompt = view.units * tpu
         eligible = view.eligible
@@ -393,59 +434,47 @@ class WorkAwarePolicy(PrefixPolicy):
         continuation = top > prompt - top  # most of the prompt already lives somewhere
 
         cands = eligible
-        alike: dict[int, list[int]] | None = None  # priced worker -> others of equal cost
+        # priced worker -> lists the unpriced ones of equal cost (only if needed: when it
+        # wins or ties, which a request whose prefix is held somewhere seldom lets it)
+        alike: dict[int, Callable[[], list[int]]] = {}
         if len(eligible) > _EXACT_UP_TO:
             # Workers with the same match pay the same own prefill: of each such group
-            # only the few with the least pending prefill + decode tokens are priced.
-            key = [x + y for x, y in zip(pre, dec, strict=True)].__getitem__
-            groups: dict[float, list[int]] = {}
-            for i, (ci, _) in own.items():
-                groups.setdefault(ci, []).append(i)
-            if len(own) < len(eligible):
-                groups[0.0] = [i for i in eligible if i not in own] if own else eligible
+            # only the least busy are priced (see _least_busy).
+            work = _read_work_totals(view.workers, view.pool.basic)
+            collapse = cap is None  # with KV capacity, eviction prices differ per worker
+            parts: list[tuple[list[int], Callable[[], list[int]] | None]] = []
+            if len(own) <= _SHORTLIST:  # no match has more holders than that: all priced
+                parts.append((list(own), None))
+            else:
+                groups: dict[float, list[int]] = {}
+                for i, (ci, _) in own.items():
+                    groups.setdefault(ci, []).append(i)
+                parts += (_least_busy(g, work, (), loads, collapse) for g in groups.values())
+            if len(own) < len(eligible):  # the non-holders
+                parts.append(_least_busy(eligible, work, own, loads, collapse))
             cands = []
-            for g in groups.values():
-                if len(g) > _SHORTLIST:
-                    g = sorted(g, key=key)
-                    cut = key(g[_SHORTLIST - 1])
-                    g = [i for i in g if key(i) <= cut]  # keep the ties at the cut
-                if cap is not None or len(g) <= _SHORTLIST:
-                    cands += g
-                    continue
-                # Many tied at the cut (an idle cluster): of one match, those with nothing
-                # pending cost the same for the same load and decode tokens, so one of
-                # each kind is priced and the others tie with it.
-                kinds: dict[tuple[int, int], list[int]] = {}
-                for i in g:
-                    if pre[i]:
-                        cands.append(i)
-                    else:
-                        same = kinds.get((loads[i], dec[i]))
-                        if same is None:
-                            kinds[(loads[i], dec[i])] = [i]
-                            cands.append(i)
-                        else:
-                            same.append(i)
-                for same in kinds.values():
-                    if len(same) > 1:
-                        if alike is None:
-                            alike = {}
-                        alike[same[0]] = same[1:]
+            for priced, tied in parts:
+                cands += priced
+                if tied is not None:
+                    alike[priced[0]] = tied
         sizes = tree.used_size_per_tenant() if cap is not None and tree is not None else None
         urls = view.urls
         he_prompt = he * prompt
         evict_rate = a + b * (prompt if cap is None or prompt < cap else cap) / 2
         no_own = (0.0, p_cold)
+        # Token totals of the priced workers only (beyond 16, not of every worker).
+        pre, dec = _read_tokens(
+            view.workers, view.pool.basic, None if cands is view.pool.all else cands
+        )
 
         with self._state_lock:
             ledgers = self._ledgers_of(view.pool)
-            best = -1
+            best = best_pw = -1
             best_cost = best_ttft = best_p = 0.0
-            ties: dict[int, tuple[float, float]] | None = None
-            for i in cands:
+            ties: dict[int, tuple[float, float, int]] | None = None
+            dw: float
+            for i, pw, dw in zip(cands, pre, dec, strict=True):
                 ld = loads[i]
-                pw = pre[i]
-                dw: float = dec[i]
                 lg = ledgers[i]
                 n_led = lg.n
                 if n_led and (pw <= 0 or lg.tok > pw):
@@ -491,25 +520,26 @@ class WorkAwarePolicy(PrefixPolicy):
                         if over > 0:
                             cost += (over if over < held else held) * evict_rate
                 if best < 0 or cost < best_cost:
-                    best, best_cost, best_ttft, best_p, ties = i, cost, ttft, p, None
+                    best, best_cost, best_ttft, best_p, best_pw, ties = i, cost, ttft, p, pw, None
                 elif cost == best_cost:
                     if ties is None:
-                        ties = {best: (best_ttft, best_p)}
-                    ties[i] = (ttft, p)
-            if alike:
-                for j in [j for same in alike.values() for j in same]:
-                    if ledgers[j].n:  # as pricing it would: nothing pending, nothing queued
-                        ledgers[j].sync(0)
+                        ties = {best: (best_ttft, best_p, best_pw)}
+                    ties[i] = (ttft, p, pw)
+            if alike:  # the workers costing the same as a priced one tie with it
                 for i in [best] if ties is None else list(ties):
-                    for j in alike.get(i, ()):
+                    tied = alike.get(i)
+                    if tied is not None:
                         if ties is None:
-                            ties = {best: (best_ttft, best_p)}
-                        ties[j] = ties[i]
+                            ties = {best: (best_ttft, best_p, best_pw)}
+                        ties.update(dict.fromkeys(tied(), ties[i]))
             if ties is not None:
                 best = view.pick(list(ties), tree)
-                best_ttft, best_p = ties[best]
+                best_ttft, best_p, best_pw = ties[best]
             if prompt:
-                ledgers[best].push(prompt - own.get(best, no_own)[0], best_p, prompt)
+                lg = ledgers[best]
+                if lg.n and best_pw <= 0:  # an alike chosen unpriced: sync as pricing would
+                    lg.sync(0)
+                lg.push(prompt - own.get(best, no_own)[0], best_p, prompt)
         return best, DecisionReason.LEAST_COST, best_ttft
 
     def _describe_config(self) -> str:
