@@ -104,11 +104,7 @@ class PreciseMatcher:
                 assert claims is not None
                 if now >= self._swap_at:
                     # Two swaps' worth of time passed: both generations are too old.
-                    old = (
-                        claims[0]
-                        if now < self._swap_at + self._half
-                        else _Generation(self._new)
-                    )
+                    old = claims[0] if now < self._swap_at + self._half else _Generation(self._new)
                     self._claims = claims = [_Generation(self._new), old]
                     self._swap_at = now + self._half
         return claims
