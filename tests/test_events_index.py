@@ -9,6 +9,8 @@ import threading
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cacheroute.events import (
     AllBlocksCleared,
@@ -483,3 +485,188 @@ def test_a_follow_up_request_matches_into_a_decode_tail(index: KVEventIndex) -> 
     feed(BlockRemoved([5]))  # a removal inside the tail drops what extends it
     assert index.match(toks(1, 2, 3, 4, 5, 6)) == {W1: 16}
     assert index.match(toks(1, 2, 3, 4, 9)) == {W1: 20}
+
+
+# ------------------------------------------------------------------ decode steps
+
+
+def _step_stream(choices: list[tuple[int, int]]) -> list[tuple[object, ...]]:
+    """Messages ``(worker, seq, payload)`` and queries ``("?", tokens)`` from drawn
+    choices: mostly decode steps under a chain's last block (what the index's decode-step
+    path takes), in both shapes, and around them each case that path leaves to the
+    general one: another group, medium, block size or LoRA, extra keys, bad or SGLang
+    bigram token ids, a wrong token count, a step from inside a chain, a re-stored or
+    orphan block, several events in a batch; prompts, removals, clears and restarts.
+    Hashes are a function of the path, as an engine's."""
+    hash_of: dict[tuple[int, ...], int] = {}
+    live: dict[str, dict[int, tuple[int, ...]]] = {w: {} for w in ("a", "b", "c")}
+    tips: dict[str, list[int]] = {w: [] for w in live}
+    seqs = dict.fromkeys(live, 0)
+    out: list[tuple[object, ...]] = []
+
+    def step(w: str, parent: int, r: int, case: int) -> KVEvent:
+        """One block under ``parent``: plain (``case`` < 6), else a case of its own."""
+        new = [r % 3, r // 3 % 3]  # one block of 2 tokens, tiny vocabulary
+        path = live[w][parent] + tuple(new)
+        h = hash_of.setdefault(path, len(hash_of) + 1)
+        kw: dict[str, object] = {"medium": "GPU" if r % 2 else None}
+        toks: list[object] = list(new)
+        bs = 2
+        if case == 6:
+            kw |= {"group_idx": 0, "kv_cache_spec_kind": "full_attention"}
+        elif case == 7:
+            kw |= {"group_idx": 1, "kv_cache_spec_kind": "sliding_window"}
+        elif case == 8:
+            kw["medium"] = "CPU"
+        elif case == 9:
+            kw["extra_keys"] = [None]
+        elif case == 10:
+            kw["extra_keys"] = [[["img", 0]]]
+        elif case == 11:
+            kw |= {"lora_id": 3, "lora_name": "x", "extra_keys": [["x"]]}
+        elif case == 12:
+            toks, bs = [*new, *new], 4  # another block size
+        elif case == 13:
+            toks = [new[0], 2**32 + r % 2 * (-(2**32) - 1)]  # an id >= 2**32, or < 0
+        elif case == 14:
+            toks = [[t, t] for t in new]  # SGLang's EAGLE bigram pairs
+        elif case == 15:
+            toks = new[:1]  # 1 token for a block of 2
+        if case not in (7, 10, 12, 13, 15):  # (roughly what the worker holds: enough here)
+            live[w][h] = path
+        return BlockStored([h], parent, toks, bs, **kw)  # type: ignore[arg-type]
+
+    for sel, r in choices:
+        w = "abc"[r % 3]
+        op = sel % 20
+        events: list[KVEvent] = []
+        if op < 9 and tips[w]:  # a decode step under a chain's last block
+            i = r % len(tips[w])
+            events.append(step(w, tips[w][i], r, r // 9 % 16))
+            h = events[0].block_hashes[0]  # type: ignore[union-attr]
+            if h in live[w]:
+                tips[w][i] = h
+        elif op < 11 and live[w]:  # a step from inside a chain
+            events.append(step(w, sorted(live[w])[r % len(live[w])], r, r // 9 % 16))
+        elif op == 11 and live[w]:  # a held block stored again
+            h = sorted(live[w])[r % len(live[w])]
+            path = live[w][h]
+            up = hash_of[path[:-2]] if len(path) > 2 else None
+            if up is not None and r % 3 == 0:  # its parent's path first, as a new chain
+                ups = [hash_of[path[: 2 * (j + 1)]] for j in range(len(path) // 2 - 1)]
+                events.append(BlockStored(ups, None, list(path[:-2]), 2))
+            medium = ("GPU", "CPU")[r % 2]
+            events.append(BlockStored([h], up, list(path[-2:]), 2, medium=medium))
+        elif op == 12:  # an orphan
+            events.append(BlockStored([10_000 + r], 9_999 + r, [1, 2], 2))
+        elif op < 15 or not live[w]:  # a prompt, new or from a held block
+            parent = sorted(live[w])[r % len(live[w])] if live[w] and r % 2 else None
+            base = live[w][parent] if parent is not None else ()
+            new = [(r >> k) % 3 for k in range(2 * (1 + r % 3))]
+            paths = [base + tuple(new[: 2 * (j + 1)]) for j in range(len(new) // 2)]
+            hashes = [hash_of.setdefault(p, len(hash_of) + 1) for p in paths]
+            events.append(BlockStored(hashes, parent, new, 2))
+            live[w].update(zip(hashes, paths, strict=True))
+            tips[w].append(hashes[-1])
+        elif op < 17:
+            gone = sorted(live[w])[r % len(live[w]) :][:2]
+            events.append(BlockRemoved(gone, (None, "GPU", "CPU")[r % 3]))
+            if r % 3 != 2:
+                for h in gone:
+                    del live[w][h]
+                tips[w] = [t for t in tips[w] if t in live[w]]
+        elif op == 17:
+            events.append(AllBlocksCleared())
+            live[w].clear()
+            tips[w].clear()
+        elif op == 18 and tips[w]:  # several steps in one batch
+            for k in range(2 + r % 2):
+                events.append(step(w, tips[w][0], r + k, 0))
+                tips[w][0] = events[-1].block_hashes[0]  # type: ignore[union-attr]
+        else:  # a restart: seq 0 again, another batch
+            seqs[w] = 0
+            live[w].clear()
+            tips[w].clear()
+        shape = ("map", "array")[sel // 20 % 2]
+        out.append((w, seqs[w], encode_batch(events, shape=shape, ts=float(len(out)))))  # type: ignore[arg-type]
+        seqs[w] += 1
+        paths = [p for ls in live.values() for p in ls.values()]
+        if paths:
+            q = list(paths[r % len(paths)])
+            out.append(("?", [*q[: len(q) - r % 3], r % 3]))
+    return out
+
+
+def _index_state(index: KVEventIndex) -> object:
+    """What the index holds, internals included: every worker's blocks (in order),
+    media, chains, tails, epochs, and per namespace the tree's units per worker."""
+    workers = {
+        w: (
+            list(ws.blocks.items()),
+            dict(ws.media),
+            {c.base: (bytes(c.buf), c.ns, c.tree_end, c.tail, c.epoch) for c in ws.chains.values()},
+            sorted(c.base for c in ws.tails),
+            (ws.epoch, ws.group, ws.block_size, ws.last_seq, ws.next_chain),
+        )
+        for w, ws in index._workers.items()
+    }
+    trees = {ns: t.used_size_per_tenant() for ns, t in index._trees.items()}
+    tails = {
+        ns: {e: {w: sorted(c.base for c in cs) for w, cs in by.items()} for e, by in ends.items()}
+        for ns, ends in index._tails.items()
+    }
+    return workers, trees, tails, index.stats()
+
+
+def _with_and_without_decode_steps(stream: list[tuple[object, ...]], cap: int) -> None:
+    """The same answers (``apply``'s and ``match``'s, after every message) and the same
+    state with the decode-step path as with the general path alone."""
+    import cacheroute.events.index as index_module
+
+    def run(decode_step: bool) -> tuple[list[object], object]:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(index_module, "_DECODE_STEP", decode_step)
+            index = KVEventIndex(block_size=2, max_blocks_per_worker=cap, clock=lambda: 0.0)
+            answers: list[object] = []
+            for item in stream:
+                if item[0] == "?":
+                    answers.append(index.match(item[1]))  # type: ignore[arg-type]
+                else:
+                    answers.append(index.apply(*item))  # type: ignore[arg-type]
+            return answers, _index_state(index)
+
+    assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("cap", [6, 1000])  # (6: blocks evicted often, decode steps too)
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 39), st.integers(0, 1000)), min_size=1, max_size=120))
+def test_the_decode_step_path_stores_what_the_general_path_stores(
+    cap: int, choices: list[tuple[int, int]]
+) -> None:
+    _with_and_without_decode_steps(_step_stream(choices), cap)
+
+
+@pytest.mark.parametrize("cap", [6, 1000])
+@pytest.mark.parametrize("seed", range(25))
+def test_the_decode_step_path_on_long_random_streams(cap: int, seed: int) -> None:
+    rng = random.Random(seed)
+    choices = [(rng.randrange(40), rng.randrange(1001)) for _ in range(150)]
+    _with_and_without_decode_steps(_step_stream(choices), cap)
+
+
+def test_decode_steps_extend_their_chain_in_place(index: KVEventIndex) -> None:
+    feed = Feed(index, W1)
+    feed(stored([1, 2], None, [1, 2], group_idx=0))  # (the worker follows group 0)
+    feed(stored([3], 2, [3], medium="GPU"))  # into the tail
+    v026 = {"group_idx": 0, "extra_keys": [None], "kv_cache_spec_kind": "full_attention"}
+    feed(stored([4], 3, [4], **v026))  # vLLM 0.26's defaults
+    ws = index._workers[W1]
+    assert len(ws.chains) == 1 and ws.tails
+    feed(stored([5], 4, [5], group_idx=1))  # another group: ignored
+    feed(BlockStored([6], 4, [2**32, *toks(6)[1:]], BS))  # an id the index cannot hold
+    feed(BlockStored([7], 4, toks(7)[:3], BS))  # a token short
+    assert index.match(toks(1, 2, 3, 4, 5)) == {W1: 16}
+    s = index.stats()[W1]
+    assert (s.blocks, s.blocks_stored, s.ignored_events, s.bad_events) == (4, 4, 1, 2)
+    assert len(ws.chains) == 1 and ws.chains[0].buf.tolist() == toks(1, 2, 3, 4)

@@ -138,6 +138,46 @@ def test_bad_events_become_none_and_the_rest_survives() -> None:
     assert batch.events == [None] * len(bad) + [BlockRemoved([1])]
 
 
+_MAP = {
+    "type": "BlockStored",
+    "block_hashes": [1],
+    "parent_block_hash": None,
+    "token_ids": [1, 2],
+    "block_size": 2,
+    "lora_id": None,
+    "medium": "GPU",
+    "lora_name": None,
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("block_hashes", [1.5]),
+        ("parent_block_hash", "p"),
+        ("token_ids", "t"),
+        ("block_size", True),
+        ("lora_id", "3"),
+        ("medium", 1),
+        ("lora_name", 2),
+        ("extra_keys", "k"),
+        ("group_idx", "0"),
+        ("kv_cache_spec_kind", 1),
+        ("cache_salt", 1),
+        ("metadata", {"cache_salt": 1}),
+    ],
+)
+def test_a_map_field_of_a_wrong_type_makes_a_bad_event(name: str, value: object) -> None:
+    batch = decode_batch(msgpack.packb([0.0, [{**_MAP, name: value}, _MAP]]))
+    assert batch.events == [None, BlockStored([1], None, [1, 2], 2, medium="GPU")]
+
+
+def test_a_map_metadata_salt_and_map_keys_other_than_str() -> None:
+    ev = {**_MAP, "metadata": {"cache_salt": "s"}, 7: "an int key"}
+    (e,) = decode_batch(msgpack.packb([0.0, [ev]])).events
+    assert e == BlockStored([1], None, [1, 2], 2, medium="GPU", cache_salt="s")
+
+
 def test_encoder_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="shape must be one of 'map', 'array', got 'json'"):
         encode_batch([], shape="json")  # type: ignore[arg-type]

@@ -59,6 +59,7 @@ _EVENTS_PER_LOCK = 32  # events applied per hold of the index lock
 # its whole prefix (O(prefix) copies and compares), amortized.
 _TAIL_BLOCKS = 8
 _TAIL_SHARE = 8
+_DECODE_STEP = True  # _stored's path for decode steps (tests compare it with the general one)
 
 Namespace = tuple[Any, tuple[Any, ...]]
 _DEFAULT_NS: Namespace = (None, ())
@@ -165,7 +166,6 @@ class _Worker:
         "alive_at",
         "block_size",
         "blocks",
-        "c",
         "chains",
         "connected",
         "down_since",
@@ -181,7 +181,29 @@ class _Worker:
         "suppressed",
         "sweep_at",
         "tails",
+        *_COUNTERS,
     )
+    # WorkerStats' counters, one attribute each: cheaper to bump than dict items, and
+    # every batch bumps a few.
+    batches: int
+    events: int
+    bad_messages: int
+    bad_events: int
+    ignored_events: int
+    ignored_batches: int
+    duplicates: int
+    blocks_stored: int
+    blocks_removed: int
+    blocks_evicted: int
+    orphan_blocks: int
+    unindexed_blocks: int
+    unknown_removals: int
+    clears: int
+    resets: int
+    gaps: int
+    replays: int
+    replayed_batches: int
+    lost_batches: int
 
     def __init__(self, key: str, block_size: int, now: float) -> None:
         self.key = key
@@ -202,7 +224,8 @@ class _Worker:
         self.alive_at = now
         self.connected: bool | None = None
         self.down_since: float | None = None
-        self.c = dict.fromkeys(_COUNTERS, 0)
+        for counter in _COUNTERS:
+            setattr(self, counter, 0)
         self.last_log = -1e18
         self.suppressed = 0
 
@@ -532,7 +555,7 @@ class KVEventIndex:
             now = self._clock()
             return {
                 k: WorkerStats(
-                    **ws.c,
+                    **{counter: getattr(ws, counter) for counter in _COUNTERS},
                     blocks=len(ws.blocks),
                     last_seq=ws.last_seq,
                     stale=self._stale(ws, now),
@@ -642,12 +665,13 @@ class KVEventIndex:
 
     def _count(self, key: str, counter: str, n: int = 1) -> None:
         with self._lock:
-            self._worker(key).c[counter] += n
+            ws = self._worker(key)
+            setattr(ws, counter, getattr(ws, counter) + n)
 
     def _bad(self, key: str, seq: int | None, reason: str) -> None:
         with self._lock:
             ws = self._worker(key)
-            ws.c["bad_messages"] += 1
+            ws.bad_messages += 1
             ws.alive_at = self._clock()
             self._log_bad(ws, seq, reason)
 
@@ -672,7 +696,7 @@ class KVEventIndex:
         with self._lock:
             ws = self._worker(key)
             self._clear(ws)
-            ws.c["resets"] += 1
+            ws.resets += 1
             ws.last_seq = ws.last_payload = None
             ws.group = None
 
@@ -691,7 +715,7 @@ class KVEventIndex:
                 ):
                     # Gone long enough to have restarted unseen: start over.
                     self._clear(ws)
-                    ws.c["resets"] += 1
+                    ws.resets += 1
                     ws.last_seq = ws.last_payload = None
                     ws.group = None
                 ws.connected = True
@@ -713,8 +737,7 @@ class KVEventIndex:
     ) -> bool:
         events: list[Any] | None
         try:
-            _, events, rank = _decode_raw(payload)
-            reason = ""
+            _, events, rank = _decode_raw(payload)  # (apply and the subscriber pass bytes)
         except WireFormatError as exc:
             events, rank, reason = None, None, str(exc)
         lock = self._lock
@@ -723,33 +746,32 @@ class KVEventIndex:
         try:
             ws = workers.get(key) or self._worker(key)
             ws.alive_at = self._clock()
-            c = ws.c
             last = ws.last_seq
             if last is not None:
                 if seq <= last:
                     if replayed or (seq == last and payload == ws.last_payload):
-                        c["duplicates"] += 1
+                        ws.duplicates += 1
                         return False
                     # sequence went down, or seq 0 again with another batch: a new process
                     self._clear(ws)
-                    c["resets"] += 1
+                    ws.resets += 1
                     ws.group = None
                 elif seq > last + 1:
-                    c["lost_batches"] += seq - last - 1
+                    ws.lost_batches += seq - last - 1
                     if not (gap_noted or replayed):
-                        c["gaps"] += 1
+                        ws.gaps += 1
             ws.last_seq = seq
             ws.last_payload = payload if type(payload) is bytes else bytes(payload)
             if events is None:
-                c["bad_messages"] += 1
+                ws.bad_messages += 1
                 self._log_bad(ws, seq, reason)
                 return False
             if dp_rank is not None and rank is not None and rank != dp_rank:
-                c["ignored_batches"] += 1
+                ws.ignored_batches += 1
                 return False
-            c["batches"] += 1
+            ws.batches += 1
             if replayed:
-                c["replayed_batches"] += 1
+                ws.replayed_batches += 1
             held = 0
             for raw in events:
                 if held == _EVENTS_PER_LOCK:  # a large batch never holds up a match long
@@ -761,7 +783,7 @@ class KVEventIndex:
                 held += 1
                 try:
                     ev = _read_event(raw)
-                    c["events"] += 1
+                    ws.events += 1
                     tag = ev[0]
                     if tag == STORED:
                         self._stored(ws, ev)
@@ -769,11 +791,11 @@ class KVEventIndex:
                         self._removed(ws, ev)
                     else:
                         self._clear(ws)
-                        c["clears"] += 1
+                        ws.clears += 1
                 except WireFormatError:  # an event the wire reader cannot read
-                    c["bad_events"] += 1
+                    ws.bad_events += 1
                 except Exception as exc:  # never let one event kill a subscriber
-                    c["bad_events"] += 1
+                    ws.bad_events += 1
                     self._log_bad(ws, seq, f"event failed: {exc!r}")
         finally:
             lock.release()
@@ -786,19 +808,51 @@ class KVEventIndex:
         if ws.group is None and kind in (None, "full_attention"):
             ws.group = group
             return True
-        ws.c["ignored_events"] += 1
+        ws.ignored_events += 1
         return False
 
     def _stored(self, ws: _Worker, ev: RawEvent) -> None:
         """O(k) in C for k blocks (one array, one dict update, one tree insert of the
         chain's prefix, itself O(prefix) in C), O(1) Python steps but for multimodal
-        keys and blocks already held."""
+        keys and blocks already held; a decode step's block (the usual event) takes a
+        shorter path to the same state."""
         _, hashes, parent, toks, bs, _, medium, name, extra, group, kind, _ = ev
+        blocks = ws.blocks
+        chain: _Chain | None
+        if (
+            _DECODE_STEP
+            and len(hashes) == 1
+            and bs == ws.block_size
+            and len(toks) == bs
+            and (group is None or group == ws.group)
+            and not (extra and extra[0])
+            and (not medium or medium == _GPU)
+            and (code := blocks.get(parent)) is not None  # (None is never a key)
+            and hashes[0] not in blocks
+        ):
+            # A decode step, most of what an engine sends: one new plain GPU block of the
+            # worker's block size and group under a held one (a new block on the GPU has
+            # no media to note). If that one ends its chain, stored here as the general
+            # path below stores it, in the fewest steps.
+            chain = ws.chains[code >> _SHIFT]
+            buf = chain.buf
+            if code & _END == len(buf):
+                try:
+                    buf.fromlist(toks)  # in place (a failed one leaves buf as it was)
+                except (OverflowError, TypeError):
+                    pass  # the general path counts it
+                else:
+                    self._grown(ws, chain, bs)
+                    blocks[hashes[0]] = chain.base + len(buf)
+                    ws.blocks_stored += 1
+                    if len(blocks) > self._cap:
+                        self._evict(ws)
+                    return
         if group is not None and group != ws.group and not self._group_ok(ws, group, kind):
             return
         n = len(hashes)
         if len(toks) != n * bs:
-            ws.c["bad_events"] += 1
+            ws.bad_events += 1
             return
         if n == 0:
             return
@@ -806,17 +860,16 @@ class KVEventIndex:
         try:
             a.fromlist(toks)  # (~2x faster than array(code, list)); ids >= 2**32: bad
         except (OverflowError, TypeError):
-            ws.c["bad_events"] += 1
+            ws.bad_events += 1
             return
-        blocks = ws.blocks
-        chain: _Chain | None = None
+        chain = None
         end = 0
         if parent is None:
             first = 1  # the first block's extra keys are the namespace
         else:
             code = blocks.get(parent)
             if code is None:
-                ws.c["orphan_blocks"] += n
+                ws.orphan_blocks += n
                 return
             chain = ws.chains[code >> _SHIFT]
             end = code & _END
@@ -836,7 +889,7 @@ class KVEventIndex:
                             k = i  # content the tokens do not show: the chain stops here
                             break
         if k < n:
-            ws.c["unindexed_blocks"] += n - k
+            ws.unindexed_blocks += n - k
             if k == 0:
                 return
             hashes = hashes[:k]
@@ -846,36 +899,17 @@ class KVEventIndex:
             self._block_sizes_changed()
         if chain is None:
             chain = self._new_chain(ws, a, self._event_namespace(ev))
-            grown = False
+            self._to_tree(ws, chain)
         elif end == len(chain.buf):
-            buf = chain.buf
-            buf.extend(a)  # the chain's last block grows (decode): in place
-            tree_end = chain.tree_end
-            grown = chain.epoch == ws.epoch and len(buf) - tree_end < max(
-                _TAIL_BLOCKS * bs, tree_end // _TAIL_SHARE
-            )
-            if grown:  # into its tail: no tree work
-                if not chain.tail:
-                    self._add_tail(ws, chain)
-                chain.tail = len(buf)
+            chain.buf.extend(a)  # the chain's last block grows (decode): in place
+            self._grown(ws, chain, bs)
         else:
             if chain.tail and end > chain.tree_end:
                 self._flush(ws, chain)  # the branch starts in the tail: tree first
             buf = chain.buf[:end]  # a branch: its parent's prefix, copied once
             buf.extend(a)
             chain = self._new_chain(ws, buf, chain.ns)
-            grown = False
-        if not grown:
-            ns = chain.ns
-            tree = self._trees.get(ns)
-            if tree is None:
-                tree = self._trees[ns] = Tree()
-            ws.namespaces.add(ns)
-            tree.insert(str(chain.buf, "latin-1"), ws.key)
-            if chain.tail:
-                self._drop_tail(ws, chain)
-            chain.tree_end = len(chain.buf)
-            chain.epoch = ws.epoch
+            self._to_tree(ws, chain)
         medium = medium or _GPU
         if medium != _GPU or ws.media:
             self._store_media(ws, hashes, medium)
@@ -895,9 +929,36 @@ class KVEventIndex:
                     blocks[h] = blocks.pop(h)
                 if ws.tails:
                     self._flush_tails(ws)
-        ws.c["blocks_stored"] += k
+        ws.blocks_stored += k
         if len(blocks) > self._cap:
             self._evict(ws)
+
+    def _grown(self, ws: _Worker, chain: _Chain, bs: int) -> None:
+        """``chain`` grew in place by blocks of ``bs``: they join its tail while that stays
+        short (no tree work), else the whole chain goes into the tree."""
+        end = len(chain.buf)
+        tree_end = chain.tree_end
+        tail = end - tree_end
+        # (two comparisons: the builtin max() costs a decode step ~0.1 us)
+        if chain.epoch == ws.epoch and (tail < _TAIL_BLOCKS * bs or tail < tree_end // _TAIL_SHARE):
+            if not chain.tail:
+                self._add_tail(ws, chain)
+            chain.tail = end
+        else:
+            self._to_tree(ws, chain)
+
+    def _to_tree(self, ws: _Worker, chain: _Chain) -> None:
+        """Insert ``chain``'s whole prefix (its tail too) into its namespace's tree."""
+        ns = chain.ns
+        tree = self._trees.get(ns)
+        if tree is None:
+            tree = self._trees[ns] = Tree()
+        ws.namespaces.add(ns)
+        tree.insert(str(chain.buf, "latin-1"), ws.key)
+        if chain.tail:
+            self._drop_tail(ws, chain)
+        chain.tree_end = len(chain.buf)
+        chain.epoch = ws.epoch
 
     # Tails, exactly: a chain grows one only while the tree holds its tree part as last
     # inserted (no removal for the worker since: the epochs agree), and every removal puts
@@ -987,7 +1048,7 @@ class KVEventIndex:
     def _removed(self, ws: _Worker, ev: RawEvent) -> None:
         _, hashes, medium, g = ev
         if g is not None and g != ws.group:
-            ws.c["ignored_events"] += 1
+            ws.ignored_events += 1
             return
         medium = medium or _GPU
         blocks = ws.blocks
@@ -998,9 +1059,9 @@ class KVEventIndex:
         else:
             dead, unknown = self._remove_media(ws, hashes, medium)
         if unknown:
-            ws.c["unknown_removals"] += unknown
+            ws.unknown_removals += unknown
         if dead:
-            ws.c["blocks_removed"] += len(dead)
+            ws.blocks_removed += len(dead)
             self._drop(ws, dead)
 
     @staticmethod
@@ -1039,7 +1100,7 @@ class KVEventIndex:
         if ws.media:
             for h in keys:
                 ws.media.pop(h, None)
-        ws.c["blocks_evicted"] += len(dead)
+        ws.blocks_evicted += len(dead)
         self._drop(ws, dead)
 
     def _drop(self, ws: _Worker, dead: list[int]) -> None:

@@ -25,6 +25,7 @@ import importlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Literal
 
 from cacheroute._validation import check_choice, check_int, check_real, check_sequence
@@ -142,6 +143,11 @@ RawEvent = tuple[Any, ...]
 _PAD: list[None] = [None] * 11
 _HASH_TYPES = frozenset((int, bytes))  # msgpack ints are in [-2**63, 2**64) already
 _LACKS = "BlockStored lacks block_hashes, token_ids or block_size"
+# The fields every vLLM map BlockStored carries (msgspec omits only defaulted trailing
+# ones), read in one C call; with "type" they are a map's 8 keys when nothing else is set.
+_MAP_FIELDS = itemgetter(
+    "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name"
+)
 
 
 def _tokens(raw: object) -> list[int]:
@@ -205,28 +211,37 @@ def _other_array(raw: list[Any], n: int, tag: object) -> RawEvent:
 
 def _read_event(raw: object) -> RawEvent:
     """One event, tagged array or tagged map, to its tuple (see above). BlockStored, the
-    hot one, is read and checked in this one frame."""
-    meta: object = None
-    salt: object = None
+    hot one, is read and checked in this one frame, fewest steps first: a decode step's
+    event is most of what an engine sends."""
     if type(raw) is dict:
         tag = raw.get("type")
         if tag != "BlockStored":
             return _other_map(raw, tag)
-        g = raw.get
-        hashes = g("block_hashes", _LACKS)
-        toks = g("token_ids", _LACKS)
-        bs = g("block_size", _LACKS)
-        if hashes is _LACKS or toks is _LACKS or bs is _LACKS:
-            raise WireFormatError(_LACKS)
-        parent = g("parent_block_hash")
-        lora_id = g("lora_id")
-        medium = g("medium")
-        name = g("lora_name")
-        extra = g("extra_keys")
-        group = g("group_idx")
-        kind = g("kv_cache_spec_kind")
-        salt = g("cache_salt")
-        meta = g("metadata")
+        try:
+            hashes, parent, toks, bs, lora_id, medium, name = _MAP_FIELDS(raw)
+            rest = len(raw) > 8  # keys besides "type" and those seven
+        except KeyError:  # an engine that omits some: each field or its default
+            g = raw.get
+            hashes = g("block_hashes", _LACKS)
+            toks = g("token_ids", _LACKS)
+            bs = g("block_size", _LACKS)
+            if hashes is _LACKS or toks is _LACKS or bs is _LACKS:
+                raise WireFormatError(_LACKS) from None
+            parent = g("parent_block_hash")
+            lora_id = g("lora_id")
+            medium = g("medium")
+            name = g("lora_name")
+            rest = True
+        if rest:
+            g = raw.get
+            extra = g("extra_keys")
+            group = g("group_idx")
+            kind = g("kv_cache_spec_kind")
+            salt = g("cache_salt")
+            if salt is None and type(meta := g("metadata")) is dict:
+                salt = meta.get("cache_salt")
+        else:
+            extra = group = kind = salt = None
     elif type(raw) is list:
         n = len(raw)
         tag = raw[0] if n else None
@@ -236,8 +251,11 @@ def _read_event(raw: object) -> RawEvent:
             raise WireFormatError(_LACKS)
         r = raw if n >= 11 else raw + _PAD[n:]
         _, hashes, parent, toks, bs, lora_id, medium, name, extra, group, kind = r[:11]
+        salt = None
+        rest = True
         if type(name) is dict:  # SGLang's metadata in lora_name's place
-            meta, name = name, None
+            salt = name.get("cache_salt")
+            name = None
     else:
         raise WireFormatError(f"event must be an array or a map, got {type(raw).__name__}")
     if type(hashes) is list and len(hashes) == 1:  # a decode step's one block
@@ -250,30 +268,23 @@ def _read_event(raw: object) -> RawEvent:
         raise WireFormatError("parent_block_hash must be an int, a bin or nil")
     if type(bs) is not int or bs < 1:
         raise WireFormatError(f"block_size must be a positive int, got {bs!r}")
-    if extra is not None and type(extra) is not list:
-        raise WireFormatError("extra_keys must be an array or nil")
     if type(toks) is not list or (toks and type(toks[0]) is list):
         toks = _tokens(toks)
-    if salt is None and type(meta) is dict:
-        salt = meta.get("cache_salt")
     if lora_id is not None and type(lora_id) is not int:
         raise _bad_type("lora_id", "an int or nil", lora_id)
-    if group is not None and type(group) is not int:
-        raise _bad_type("group_idx", "an int or nil", group)
-    if (
-        (medium is not None and type(medium) is not str)
-        or (name is not None and type(name) is not str)
-        or (kind is not None and type(kind) is not str)
-        or (salt is not None and type(salt) is not str)
-    ):
-        for field_name, v in (
-            ("medium", medium),
-            ("lora_name", name),
-            ("kv_cache_spec_kind", kind),
-            ("cache_salt", salt),
-        ):
-            if v is not None and type(v) is not str:
-                raise _bad_type(field_name, "a str or nil", v)
+    if medium is not None and type(medium) is not str:
+        raise _bad_type("medium", "a str or nil", medium)
+    if name is not None and type(name) is not str:
+        raise _bad_type("lora_name", "a str or nil", name)
+    if rest:  # (else the fields below are all nil)
+        if extra is not None and type(extra) is not list:
+            raise WireFormatError("extra_keys must be an array or nil")
+        if group is not None and type(group) is not int:
+            raise _bad_type("group_idx", "an int or nil", group)
+        if kind is not None and type(kind) is not str:
+            raise _bad_type("kv_cache_spec_kind", "a str or nil", kind)
+        if salt is not None and type(salt) is not str:
+            raise _bad_type("cache_salt", "a str or nil", salt)
     return (STORED, hashes, parent, toks, bs, lora_id, medium, name, extra, group, kind, salt)
 
 
@@ -297,21 +308,26 @@ def _to_dataclass(e: RawEvent | None) -> KVEvent | None:
     return AllBlocksCleared()
 
 
-def _decode_raw(payload: bytes) -> tuple[float, list[Any], int | None]:
-    """The batch envelope, checked: ``(ts, raw events, data_parallel_rank)``; the events
-    are left as msgpack gave them (read them with ``_read_event``)."""
-    if type(payload) is not bytes and not isinstance(payload, (bytearray, memoryview)):
-        raise WireFormatError(f"payload must be bytes, got {type(payload).__name__}")
+def _decode_raw(payload: bytes) -> tuple[int | float, list[Any], int | None]:
+    """The batch envelope of a bytes-like ``payload``, checked: ``(ts, raw events,
+    data_parallel_rank)``; the events are left as msgpack gave them (read them with
+    ``_read_event``)."""
     mp = _MSGPACK or _msgpack()
-    try:
-        raw = mp.unpackb(payload, strict_map_key=False)  # (raw=False: the default)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise WireFormatError(f"payload is not msgpack: {exc}") from None
+    try:  # without keywords first: Cython's keyword parsing costs each call
+        raw = mp.unpackb(payload)  # (raw=False: the default)
+    except Exception:  # msgpack raises several unrelated types
+        try:  # map keys other than str and bytes too (strict_map_key rejects them)
+            raw = mp.unpackb(payload, strict_map_key=False)
+        except Exception as exc:
+            raise WireFormatError(f"payload is not msgpack: {exc}") from None
     if type(raw) is list:
-        if len(raw) < 2:
+        if len(raw) == 3:  # what engines send
+            ts, events, rank = raw
+        elif len(raw) < 2:
             raise WireFormatError("batch array must hold at least [ts, events]")
-        ts, events = raw[0], raw[1]
-        rank = raw[2] if len(raw) > 2 else None
+        else:
+            ts, events = raw[0], raw[1]
+            rank = raw[2] if len(raw) > 2 else None
     elif type(raw) is dict:
         ts, events, rank = raw.get("ts"), raw.get("events"), raw.get("data_parallel_rank")
     else:
@@ -322,7 +338,7 @@ def _decode_raw(payload: bytes) -> tuple[float, list[Any], int | None]:
         raise WireFormatError(f"batch events must be an array, got {type(events).__name__}")
     if rank is not None and type(rank) is not int:
         raise WireFormatError(f"data_parallel_rank must be an int or nil, got {rank!r}")
-    return float(ts), events, rank
+    return ts, events, rank
 
 
 def decode_batch(payload: bytes) -> KVEventBatch:
@@ -333,8 +349,10 @@ def decode_batch(payload: bytes) -> KVEventBatch:
 
     :raises WireFormatError: not msgpack, or not a batch.
     """
+    if type(payload) is not bytes and not isinstance(payload, (bytearray, memoryview)):
+        raise WireFormatError(f"payload must be bytes, got {type(payload).__name__}")
     ts, events, rank = _decode_raw(payload)
-    return KVEventBatch(ts, [_to_dataclass(e) for e in _read_events(events)], rank)
+    return KVEventBatch(float(ts), [_to_dataclass(e) for e in _read_events(events)], rank)
 
 
 # --------------------------------------------------------------------------- encoder
