@@ -211,7 +211,7 @@ def _least_busy(
         return [i for i in g if i not in skip], None
     ks = work if len(g) == len(work) else [work[i] for i in g]
     idle = collapse and not any(ks)  # no work anywhere: no need to sort
-    order = g.copy() if idle else sorted(g, key=work.__getitem__)  # stable: by index
+    order = g.copy() if idle else sorted(g, key=work.__getitem__)  # stable: ties by index
     if len(skip) <= _SHORTLIST:
         for i in skip:  # a few C scans: cheaper than a Python pass over the list
             order.remove(i)
