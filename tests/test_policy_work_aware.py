@@ -366,6 +366,40 @@ def test_large_pools_price_holders_and_a_shortlist() -> None:
     assert d.index == 0
 
 
+class _SubWorker(BasicWorker):
+    """Not exactly a BasicWorker: read through its methods, not its slots."""
+
+
+@pytest.mark.parametrize("unhealthy", [(), (3, 20)])
+def test_large_pools_decide_alike_through_methods_and_slots(unhealthy: tuple[int, ...]) -> None:
+    """Beyond 16 workers one work total per worker and the token totals of the priced
+    ones are read: the same decisions whether read from slots or through methods."""
+
+    def state(cls: type[BasicWorker]) -> tuple[WorkAwarePolicy, list[BasicWorker]]:
+        ws = [cls(f"http://w{i}:8000") for i in range(40)]
+        for i, w in enumerate(ws):
+            w.add_work(1000 * (i % 7), 10_000 * (i % 3) if i % 4 else 0)
+            for _ in range(i % 5):
+                w.increment_load()
+        for i in unhealthy:
+            ws[i].set_healthy(False)
+        p = WorkAwarePolicy()
+        tree = p.tree("default", "tokens", create=True)
+        assert tree is not None
+        for g in range(12):
+            tree.insert(_tokens(10_000 * g, 500), ws[(7 * g) % 40].url)
+        return p, ws
+
+    decisions = []
+    for cls in (BasicWorker, _SubWorker):
+        p, ws = state(cls)
+        ds = [p.decide(ws, [*_tokens(10_000 * (k % 16), 600), k]) for k in range(24)]
+        decisions.append([(d.index, d.cost) for d in ds if d is not None])
+    assert decisions[0] == decisions[1]
+    assert len(decisions[0]) == 24
+    assert not set(unhealthy) & {i for i, _ in decisions[0]}
+
+
 # ----------------------------------------------------------------------------- properties
 
 _ops = st.lists(
