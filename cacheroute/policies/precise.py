@@ -131,12 +131,13 @@ class PreciseMatcher:
                 for u, m in claimed.items():
                     if u not in fresh:
                         continue
-                    if m <= reported.get(u, 0):  # the engine reports all of it
-                        gen.confirmed.insert(token_ids[:m], u)
-                        continue
                     if confirmed is None:
                         confirmed = gen.confirmed.match_lengths(token_ids)
-                    if m > confirmed.get(u, 0) and m > out.get(u, 0):
+                    if m <= confirmed.get(u, 0):
+                        continue  # confirmed before: the reports speak for it
+                    if m <= reported.get(u, 0):  # the engine reports all of it now
+                        gen.confirmed.insert(token_ids[:m], u)
+                    elif m > out.get(u, 0):
                         out[u] = m  # not confirmed yet: counts
         return out
 
