@@ -12,7 +12,7 @@ Why it is fast, in pure Python:
   point) and token ids as fixed-width ``latin-1`` strings (4 or 8 code points per id, built
   by ``array`` and the codec at C speed). A descent is one dict lookup and one
   ``str.startswith(edge, pos)`` (a ``memcmp``) per node; a mismatch inside an edge is found
-  by galloping over slice compares, never by a per-unit Python loop.
+  by bisecting with slice compares, never by a per-unit Python loop.
 * **Struct of arrays.** A node is an integer index into a few lists (edge, parent, children,
   holders, recency stamp). Children are ``dict[str, int]`` (first unit -> node), holders are
   the tenant's ``str`` (one holder) or a ``dict[str, int]``; CPython tracks none of these
@@ -42,10 +42,10 @@ import sys
 import threading
 from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from cacheroute._validation import check_int, check_str, fail
+from cacheroute._validation import check_callable, check_int, check_str, fail
 
 __all__ = ["Tree", "TreeMatch", "Units"]
 
@@ -97,8 +97,10 @@ class _Tenant:
 def _lcp(e: str, s: str, pos: int) -> int:
     """Length of the common prefix of ``e`` and ``s[pos:]``, given ``e[0] == s[pos]``.
 
-    A short loop settles the common case (a mismatch within a few units); longer runs are
-    found by galloping then bisecting with C-level ``startswith`` slice compares.
+    A short loop settles the common case (a mismatch within a few units). A longer run is
+    bisected over the whole rest with C-level ``startswith`` slice compares: one compare
+    per halving, ~14 for a 4,000-unit shared prompt, where galloping up first took ~20
+    (each compare costs about the same, ~0.3 us, whatever its length).
     """
     hi = min(len(e), len(s) - pos)
     i = 1
@@ -107,19 +109,10 @@ def _lcp(e: str, s: str, pos: int) -> int:
         if e[i] != s[pos + i]:
             return i
         i += 1
-    if i >= hi:
+    if i >= hi or s.startswith(e[i:hi], pos + i):
         return hi
-    lo = i  # e[:lo] matches
-    step = 16
-    while True:
-        m = min(lo + step, hi)
-        if not s.startswith(e[lo:m], pos + lo):
-            hi = m - 1
-            break
-        lo = m
-        if lo == hi:
-            return lo
-        step <<= 1
+    lo = i  # e[:lo] matches, e[:hi] does not
+    hi -= 1
     while lo < hi:
         mid = (lo + hi + 1) >> 1
         if s.startswith(e[lo:mid], pos + lo):
@@ -1201,6 +1194,51 @@ class Tree:
         finally:
             lock.release()
         return match.lengths.get(tenant, 0)
+
+    def match_and_insert(
+        self, units: Units, choose: Callable[[dict[str, int]], str | None]
+    ) -> tuple[str | None, int]:
+        """Match ``units``, let ``choose`` pick a tenant, insert the prompt for it.
+
+        The fused call of SGLang/smg-style trees, for routers written against that API;
+        it is :meth:`match`, then ``choose(match.lengths)``, then :meth:`insert_match`
+        (one descent when nothing wrote the tree in between). ``choose`` runs outside the
+        tree's lock, so it may call any method of the tree.
+
+        Args:
+            units: the prompt.
+            choose: called once with ``{tenant: matched units}`` (a dict of its own); it
+                returns the tenant that now holds the prompt, or ``None`` to insert
+                nothing.
+
+        Returns:
+            ``(chosen, units of the prompt chosen held before)``; ``(None, 0)`` when
+            ``choose`` returned ``None``.
+
+        Raises:
+            TypeError, ValueError: invalid ``units``, or ``choose`` returned something
+                that is neither a tenant name nor ``None``. Whatever ``choose`` raises
+                propagates; in every case the tree is left unchanged.
+
+        Complexity: as :meth:`match` + :meth:`insert_match`.
+
+        >>> t = Tree()
+        >>> t.insert("system prompt A", "w1")
+        >>> t.match_and_insert("system prompt B", lambda lengths: "w2")
+        ('w2', 0)
+        >>> t.match_and_insert("system prompt A, then more", max)
+        ('w2', 14)
+        >>> t.match_and_insert("anything", lambda lengths: None)
+        (None, 0)
+        """
+        check_callable("choose", choose)
+        m = self.match(units)
+        chosen = choose(m.lengths)
+        if chosen is None:
+            return None, 0
+        if type(chosen) is not str:
+            chosen = str(check_str("choose(lengths)", chosen, empty_ok=True))
+        return chosen, self.insert_match(m, chosen)
 
     def remove(self, units: Units, tenant: str) -> int:
         """``tenant`` stops holding ``units`` and every sequence that starts with it.

@@ -683,6 +683,10 @@ TABLE: dict[str, Entry] = {
     ),
     "cacheroute.tree.Tree.match": _tree_method("match", units="hello"),
     "cacheroute.tree.Tree.insert_match": Entry(_tree_insert_match),
+    "cacheroute.tree.Tree.match_and_insert": Entry(
+        _tree_method("match_and_insert", units="hello you", choose=lambda lengths: "c").setup,
+        {"choose": "callable"},
+    ),
     "cacheroute.tree.Tree.remove": _tree_method("remove", units="hello", tenant="a"),
     "cacheroute.tree.Tree.set_tenant_limit": _tree_method(
         "set_tenant_limit", tenant="a", max_units=5

@@ -10,9 +10,11 @@ from array import array
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_tree_state import Model, check_invariants
 
-from cacheroute.tree import Tree, TreeMatch
+from cacheroute.tree import Tree, TreeMatch, _lcp
 
 
 def held(t: Tree) -> dict[str, set[str]]:
@@ -175,6 +177,49 @@ def test_insert_match_errors_leave_the_tree_unchanged() -> None:
     with pytest.raises(TypeError, match=r"match must be a match of text"):
         u.insert_match(m, "b")
     assert t.used_size_per_tenant() == {"a": 3} and u.tenants() == ["a"]
+
+
+def test_match_and_insert_is_match_choose_insert_match() -> None:
+    t = Tree()
+    t.insert("system prompt A", "w1")
+    seen: list[dict[str, int]] = []
+
+    def choose(lengths: dict[str, int]) -> str:
+        seen.append(lengths)
+        return "w2"
+
+    assert t.match_and_insert("system prompt B", choose) == ("w2", 0)
+    assert t.match_and_insert("system prompt B, more", choose) == ("w2", 15)
+    assert seen == [{"w1": 14}, {"w1": 14, "w2": 15}]
+    assert t.match_and_insert("system prompt C", lambda lengths: None) == (None, 0)
+    assert t.match_lengths("system prompt C") == {"w1": 14, "w2": 14}  # nothing inserted
+    assert held(t)["w2"] == {"system prompt B, more"}
+    check_invariants(t)
+
+
+def test_match_and_insert_may_read_the_tree_inside_choose() -> None:
+    t = Tree()
+    t.insert("abc", "a")
+    t.insert("xyz", "b")
+    # the lock is not held while choosing: a smallest-tenant rule can ask the tree
+    assert t.match_and_insert("q", lambda lengths: t.smallest_tenant()) == ("a", 0)
+
+
+def test_match_and_insert_errors_leave_the_tree_unchanged() -> None:
+    t = Tree()
+    t.insert("abc", "a")
+
+    def boom(lengths: dict[str, int]) -> str:
+        raise RuntimeError("no worker")
+
+    with pytest.raises(RuntimeError, match="no worker"):
+        t.match_and_insert("abd", boom)
+    with pytest.raises(TypeError, match=r"choose\(lengths\) must be a str, got 7 \(int\)"):
+        t.match_and_insert("abd", lambda lengths: 7)  # type: ignore[arg-type, return-value]
+    with pytest.raises(TypeError, match=r"choose must be callable, got 'a' \(str\)"):
+        t.match_and_insert("abd", "a")  # type: ignore[arg-type]
+    assert t.used_size_per_tenant() == {"a": 3} and t.tenants() == ["a"]
+    check_invariants(t)
 
 
 # ------------------------------------------------------------------- remove
@@ -617,3 +662,24 @@ def test_thread_safety_smoke() -> None:
         th.join()
     assert not errors
     check_invariants(t)
+
+
+# ------------------------------------------------------------ common prefix
+
+
+@given(
+    shared=st.integers(1, 5000),
+    e_extra=st.text("ab", max_size=40),
+    s_extra=st.text("ac", max_size=40),
+    pos=st.integers(0, 3),
+)
+def test_lcp_is_the_common_prefix_length(shared: int, e_extra: str, s_extra: str, pos: int) -> None:
+    # long shared runs reach the bisection; the extras end them anywhere, or not at all
+    rng = random.Random(shared)
+    run = "".join(rng.choice("xyz") for _ in range(shared))
+    e, s = run + e_extra, "q" * pos + run + s_extra
+    want = next(
+        (i for i, (a, b) in enumerate(zip(e, s[pos:], strict=False)) if a != b),
+        min(len(e), len(s) - pos),
+    )
+    assert _lcp(e, s, pos) == want
