@@ -372,6 +372,61 @@ def test_observer_prometheus_style_counters() -> None:
     assert counts == {("cache_miss", "http://w0"): 1, ("cache_hit", "http://w0"): 2}
 
 
+def test_an_observer_may_route_from_inside_its_callback() -> None:
+    # The observer runs after the decision is committed, outside the policy's lock.
+    inner: list[int | None] = []
+    seen: list[Decision] = []
+
+    def observe(d: Decision) -> None:
+        seen.append(d)
+        if len(seen) == 1:
+            inner.append(policy.select_worker(workers, "routed from the observer"))
+
+    policy = make_policy("work_aware", on_decision=observe)
+    workers = build_workers([0, 0])
+    assert policy.select_worker(workers, "abc") is not None
+    assert inner and inner[0] is not None
+    assert sum(w.processed() for w in workers) == 2
+
+
+@pytest.mark.parametrize("name", ["cache_aware", "work_aware"])
+def test_decisions_are_serialized_so_threads_wait_once_per_decision(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thread deciding while another is inside a decision waits for the whole decision:
+    # it never enters the tree (or any inner lock) in between, where a preempted holder
+    # would make every inner lock a context-switch handoff (a lock convoy).
+    policy = make_policy(name)
+    workers = build_workers([0, 0])
+    policy.select_worker(workers, "warm up the pool and the tree")
+    inside, release = threading.Event(), threading.Event()
+    matches: list[str] = []
+    real_match = Tree.match
+
+    def match(self: Tree, units: object) -> TreeMatch:
+        matches.append(threading.current_thread().name)
+        if threading.current_thread().name == "first":
+            inside.set()
+            assert release.wait(10)
+        return real_match(self, units)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Tree, "match", match)
+    first = threading.Thread(target=policy.select_worker, args=(workers, "a"), name="first")
+    second = threading.Thread(target=policy.select_worker, args=(workers, "b"), name="second")
+    first.start()
+    try:
+        assert inside.wait(10)
+        second.start()
+        second.join(0.2)
+        assert second.is_alive() and matches == ["first"]  # waiting outside the tree
+    finally:
+        release.set()
+    first.join(10)
+    second.join(10)
+    assert matches == ["first", "second"]
+    assert sum(w.processed() for w in workers) == 3
+
+
 def test_decision_carries_tokens_and_the_lease_takes_uncached_work() -> None:
     policy = CacheAwarePolicy()
     workers = build_workers([0, 0])
