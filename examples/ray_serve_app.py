@@ -16,6 +16,13 @@ Two deployments:
   replica's process) reads it. It also serves ``GET /metrics`` (Prometheus, the router's
   metrics) and ``GET /cacheroute/stats`` (the router's replicas, loads and ledger).
 
+**Precise mode** (``--kv-events``): every ``Engine`` publishes its cache's changes for
+token-id prompts as vLLM-format KV events (``BlockStored`` / ``BlockRemoved``, through
+:class:`cacheroute.events.KVEventPublisher`) and advertises where in its routing stats
+(``record_routing_stats``); the routers, built with ``kv_events=``, follow every replica's
+feed, so each of them (one per ingress replica, one in any process holding a handle) routes
+on what every engine reports, not only on what it routed itself.
+
 Run it (a local Ray with 2 CPUs; the deployments reserve no CPU)::
 
     pip install -e '.[ray,metrics]'
@@ -44,7 +51,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from cacheroute.integrations.ray_serve import prompt_from_body, request_router_config
+from cacheroute.integrations.ray_serve import (
+    kv_events_routing_stats,
+    prompt_from_body,
+    request_router_config,
+)
 from cacheroute.integrations.ray_serve_state import process_metrics, snapshot
 
 CHARS_PER_TOKEN = 4
@@ -70,11 +81,28 @@ def block_keys(prompt: str | Sequence[int]) -> tuple[int, list[int]]:
 class Engine:
     """Stands in for one engine replica: a prefix cache and a prefill delay."""
 
-    def __init__(self, cache_blocks: int = 4096, prefill_s_per_token: float = 0.0002) -> None:
+    def __init__(
+        self,
+        cache_blocks: int = 4096,
+        prefill_s_per_token: float = 0.0002,
+        kv_events_host: str | None = None,
+    ) -> None:
         self._blocks: OrderedDict[int, None] = OrderedDict()
         self._capacity = cache_blocks
         self._prefill_s = prefill_s_per_token
         self._id = serve.get_replica_context().replica_id.to_full_id_str()
+        self._events: Any = None
+        if kv_events_host is not None:  # a real engine: vLLM's --kv-events-config
+            from cacheroute.events import KVEventPublisher
+
+            addr = f"tcp://{kv_events_host}:*"  # a free port each
+            self._events = KVEventPublisher(addr, replay=addr)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Ray's controller: where this replica's engine publishes KV events."""
+        if self._events is None:
+            return {}
+        return kv_events_routing_stats(self._events.endpoint, self._events.replay_endpoint)
 
     async def generate(self, prompt: str | list[int], max_tokens: int = 8) -> dict[str, Any]:
         tokens, keys = block_keys(prompt)
@@ -85,11 +113,15 @@ class Engine:
             hit += 1
         cached = min(hit * BLOCK_TOKENS, tokens)
         await asyncio.sleep((tokens - cached) * self._prefill_s)  # prefill the uncached part
+        new = [k for k in keys if k not in self._blocks]
         for key in reversed(keys):  # the prompt is now cached here (LRU, head kept longest)
             self._blocks[key] = None
             self._blocks.move_to_end(key)
+        evicted = []
         while len(self._blocks) > self._capacity:
-            self._blocks.popitem(last=False)
+            evicted.append(self._blocks.popitem(last=False)[0])
+        if self._events is not None and not isinstance(prompt, str):
+            self._publish(prompt, keys, len(keys) - len(new), evicted)
         return {
             "replica": self._id,
             "text": " ".join(["token"] * max_tokens),
@@ -99,6 +131,21 @@ class Engine:
                 "prompt_tokens_details": {"cached_tokens": cached},
             },
         }
+
+    def _publish(self, tokens: list[int], keys: list[int], hit: int, evicted: list[int]) -> None:
+        """The cache change as an engine reports it: the new blocks, chained to the last
+        cached one, then the evicted ones."""
+        from cacheroute.events import BlockRemoved, BlockStored
+
+        events: list[Any] = []
+        if hit < len(keys):
+            parent = keys[hit - 1] if hit else None
+            body = tokens[hit * BLOCK_TOKENS : len(keys) * BLOCK_TOKENS]
+            events.append(BlockStored(keys[hit:], parent, body, BLOCK_TOKENS))
+        if evicted:
+            events.append(BlockRemoved(evicted))
+        if events:
+            self._events.publish(events)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -144,16 +191,25 @@ def build_app(
     policy: str | None = None,
     *,
     metrics: bool = True,
+    kv_events: bool = False,
     engine_options: dict[str, Any] | None = None,
     **policy_config: Any,
 ) -> Any:
     """The application: ``Ingress`` in front of ``num_replicas`` ``Engine`` replicas routed
-    by cacheroute's ``policy`` (default: cacheroute's default policy)."""
-    router = request_router_config(policy, metrics=metrics, **policy_config)
+    by cacheroute's ``policy`` (default: cacheroute's default policy); ``kv_events``:
+    precise mode (the engines publish on loopback, for this one-machine demo)."""
+    router = request_router_config(
+        policy,
+        metrics=metrics,
+        kv_events={"block_size": BLOCK_TOKENS} if kv_events else None,
+        routing_stats_period_s=1.0 if kv_events else None,
+        **policy_config,
+    )
     engine = Engine.options(
         num_replicas=num_replicas, request_router_config=router, **(engine_options or {})
     )
-    return Ingress.bind(engine.bind(), metrics=metrics)
+    host = "127.0.0.1" if kv_events else None
+    return Ingress.bind(engine.bind(kv_events_host=host), metrics=metrics)
 
 
 def post(port: int, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -187,17 +243,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--groups", type=int, default=6, help="prefix groups of the demo")
     parser.add_argument("--requests", type=int, default=24, help="demo requests")
     parser.add_argument("--serve", action="store_true", help="keep serving after the demo")
+    parser.add_argument(
+        "--kv-events", action="store_true", help="precise mode: the engines publish KV events"
+    )
     args = parser.parse_args(argv)
 
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        serve.run(build_app(args.replicas, args.policy), name="cacheroute", route_prefix="/")
+        app = build_app(args.replicas, args.policy, kv_events=args.kv_events)
+        serve.run(app, name="cacheroute", route_prefix="/")
         served: dict[int, list[tuple[str, int]]] = defaultdict(list)
         per_group = max(1, args.requests // args.groups)
         start = time.perf_counter()
         for g, prompt in demo_prompts(args.groups, per_group):
-            answer = post(args.port, {"prompt": prompt})
+            # precise mode routes token ids (a real gateway tokenizes; code points here)
+            body = {"prompt": [ord(c) for c in prompt] if args.kv_events else prompt}
+            answer = post(args.port, body)
             cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
             served[g].append((answer["replica"].rsplit("#", 1)[-1], cached))
         took = time.perf_counter() - start

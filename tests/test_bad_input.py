@@ -511,6 +511,7 @@ def _index_method(method: str, **kinds: str | None) -> Entry:
             "is_stale": {"url": "http://w0"},
             "match": {"token_ids": list(range(8))},
             "subscribe": {"url": "http://w1", "endpoint": "tcp://127.0.0.1:1"},
+            "sync_subscriptions": {"feeds": {"http://w1": {"endpoint": "tcp://127.0.0.1:1"}}},
             "touch": {"url": "http://w0"},
             "unsubscribe": {"url": "http://w0"},
         }
@@ -570,6 +571,9 @@ _EVENTS_TABLE: dict[str, Entry] = {
         "match", token_ids="units", extra_keys="sequence|None"
     ),
     "cacheroute.events.index.KVEventIndex.subscribe": _index_method("subscribe"),
+    "cacheroute.events.index.KVEventIndex.sync_subscriptions": _index_method(
+        "sync_subscriptions", feeds="mapping"
+    ),
     "cacheroute.events.index.KVEventIndex.touch": _index_method("touch"),
     "cacheroute.events.index.KVEventIndex.unsubscribe": _index_method("unsubscribe"),
     "cacheroute.events.publisher.KVEventPublisher": Entry(_publisher_new),

@@ -310,8 +310,70 @@ def test_subscribe_checks_and_refuses_twice(index: KVEventIndex, pub: KVEventPub
         index.subscribe("x", 5557)  # type: ignore[arg-type]
     with pytest.raises(zmq.ZMQError):
         index.subscribe("y", "not-an-endpoint")
+    with pytest.raises(zmq.ZMQError):
+        index.subscribe("z", pub.endpoint, "not-a-replay-endpoint")
+    assert not {"y", "z"} & set(index.stats())  # no trace of either failure
     index.unsubscribe(W)
     index.subscribe(W, pub.endpoint)  # again after unsubscribing
+
+
+def test_sync_subscriptions_follows_the_pool(index: KVEventIndex) -> None:
+    a, b, b2 = (KVEventPublisher(ANY, ANY) for _ in range(3))
+    try:
+
+        def feed(p: KVEventPublisher) -> dict[str, object]:
+            return {"endpoint": p.endpoint, "replay": p.replay_endpoint}
+
+        index.apply("manual", 0, encode_batch([stored(9, None, 9)]))  # fed by hand: kept
+        index.sync_subscriptions({"a": feed(a), "b": feed(b)})
+        wait_for(lambda: index.stats()["a"].connected and index.stats()["b"].connected)
+        time.sleep(0.05)
+        a.publish([stored(1, None, 1)])
+        b.publish([stored(1, None, 1, 2)])
+        wait_for(lambda: index.match(blocks(1, 2)) == {"a": 4, "b": 8})
+        thread_a = index._subs["a"]
+        index.sync_subscriptions({"a": feed(a), "b": feed(b)})  # nothing changed
+        assert index._subs["a"] is thread_a and index.match(blocks(1, 2))["b"] == 8
+        # b restarted elsewhere: its old view describes a dead process, so it goes
+        index.sync_subscriptions({"a": feed(a), "b": feed(b2)})
+        assert index.match(blocks(1, 2)) == {"a": 4}
+        wait_for(lambda: index.stats()["b"].connected)
+        time.sleep(0.05)
+        b2.publish([stored(1, None, 1)])
+        wait_for(lambda: index.match(blocks(1, 2)) == {"a": 4, "b": 4})
+        index.sync_subscriptions({"b": feed(b2)})  # a left the pool
+        assert "a" not in index.urls() and "a" not in index._subs
+        assert index.match(blocks(1, 2)) == {"b": 4}
+        assert index.match(blocks(9)) == {"manual": 4}
+    finally:
+        for p in (a, b, b2):
+            p.close()
+
+
+def test_sync_subscriptions_refuses_bad_feeds_changing_nothing(
+    index: KVEventIndex, pub: KVEventPublisher
+) -> None:
+    index.sync_subscriptions({W: {"endpoint": pub.endpoint}})
+    before = dict(index._feeds)
+    bad: list[tuple[object, type[Exception], str]] = [
+        ([W], TypeError, r"feeds must be a mapping of url -> feed, got \['http"),
+        ({W: "tcp://x:1"}, TypeError, r"feeds\['http://w1:8000'\] must be a mapping"),
+        ({W: {"replay": pub.endpoint}}, TypeError, r"\['endpoint'\] must be a str, got None"),
+        ({W: {"endpoint": pub.endpoint, "port": 1}}, ValueError, r"catch_up, dp_rank, endpoint"),
+        ({W: {"endpoint": pub.endpoint, "dp_rank": -1}}, ValueError, r"\['dp_rank'\] must be"),
+        ({5: {"endpoint": pub.endpoint}}, TypeError, r"feeds key must be a str, got 5"),
+    ]
+    for feeds, exc, message in bad:
+        with pytest.raises(exc, match=message):
+            index.sync_subscriptions(feeds)  # type: ignore[arg-type]
+        assert index._feeds == before
+    # an address ZMQ refuses: the other urls still sync; the failed one is named
+    with pytest.raises(ValueError, match=r"could not subscribe to 'y': "):
+        index.sync_subscriptions({W: {"endpoint": pub.endpoint}, "y": {"endpoint": "nope"}})
+    assert index._feeds == before and "y" not in index._subs
+    index.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        index.sync_subscriptions({})
 
 
 def test_close_stops_every_subscriber_thread() -> None:

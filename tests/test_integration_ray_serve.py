@@ -34,8 +34,10 @@ import pytest
 
 from cacheroute import make_policy
 from cacheroute.integrations.ray_serve_state import (
+    KV_EVENTS_STAT,
     RouterCore,
     default_policy,
+    kv_events_routing_stats,
     prompt_from_body,
     prompt_from_call,
     routers,
@@ -246,6 +248,65 @@ def test_from_config_and_the_default_policy() -> None:
     shortest.completed("r", A)
 
 
+def test_precise_mode_follows_the_feeds_the_replicas_advertise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("zmq")
+    from cacheroute.events import BlockStored, KVEventPublisher
+
+    pubs = {k: KVEventPublisher("tcp://127.0.0.1:*") for k in (A, B)}
+    feeds = {k: kv_events_routing_stats(p.endpoint)[KV_EVENTS_STAT] for k, p in pubs.items()}
+    core = RouterCore.from_config(
+        name="precise", policy="work_aware", kv_events={"block_size": 4, "heartbeat": 0.1}
+    )
+    try:
+        assert core.index is not None and core.policy.config.index is core.index  # type: ignore[attr-defined]
+        core.sync([A, B], feeds)
+        wait_for(
+            lambda: (
+                all(f["connected"] for f in core.stats()["kv_events"].values())
+                and len(core.stats()["kv_events"]) == 2
+            ),
+            5,
+            "both feeds connected",
+        )
+        time.sleep(0.05)  # the subscription reaches the PUB side just after the handshake
+        # B's engine holds a prefix this router never routed anywhere
+        prefix = list(range(1000, 1064))
+        pubs[B].publish([BlockStored(list(range(16)), None, prefix, 4)])
+        wait_for(lambda: core.index.match(prefix) == {B: 64}, 5, "B's report")  # type: ignore[union-attr]
+        for q in range(3):
+            assert core.choose(f"q{q}", [A, B], [*prefix, 7, q])[0] == [B]
+            core.completed(f"q{q}", B)
+        # B leaves: its feed and its view go; a replica without a feed is fine
+        core.sync([A, C], {A: feeds[A]})
+        assert core.index.urls() == [A]  # type: ignore[union-attr]
+        # a malformed feed is logged and not followed, never raised
+        with caplog.at_level("WARNING", logger="cacheroute.integrations.ray_serve"):
+            core.sync([A, C], {A: feeds[A], C: {"endpoint": 5557}})
+        assert "bad KV-event feed" in caplog.text and core.index.urls() == [A]  # type: ignore[union-attr]
+        with caplog.at_level("WARNING", logger="cacheroute.integrations.ray_serve"):
+            core.sync([A, C], {A: feeds[A], C: {"endpoint": "nope"}})
+        assert "could not subscribe to" in caplog.text
+        assert sorted(core.stats()["kv_events"]) == [A]
+    finally:
+        core.close()
+        for p in pubs.values():
+            p.close()
+    assert core not in routers()
+    with pytest.raises(TypeError, match="kv_events must be None or a mapping"):
+        RouterCore.from_config(kv_events=[16])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"unknown config key.*index"):
+        RouterCore.from_config(policy="shortest_queue", kv_events={"block_size": 16})
+
+
+def test_without_kv_events_the_advertised_feeds_are_ignored() -> None:
+    core = RouterCore.from_config(policy="work_aware")
+    core.sync([A], {A: {"endpoint": "tcp://127.0.0.1:1"}})
+    assert core.index is None and core.stats()["kv_events"] == {}
+    core.close()
+
+
 def test_metrics_wiring() -> None:
     prometheus_client = pytest.importorskip("prometheus_client")
     from cacheroute.metrics import RouterMetrics
@@ -329,7 +390,7 @@ class Serve:
         self.port = port
         self.example = example
 
-    def post(self, prompt: str) -> dict[str, Any]:
+    def post(self, prompt: str | list[int]) -> dict[str, Any]:
         answer: dict[str, Any] = self.example.post(self.port, {"prompt": prompt}, timeout=30)
         return answer
 
@@ -377,6 +438,7 @@ def serve_app() -> Iterator[Serve]:
         app = example.build_app(
             3,
             "cache_aware",
+            kv_events=True,  # precise mode for token-id prompts; text is routed as before
             engine_options={"health_check_period_s": 1, "graceful_shutdown_timeout_s": 1},
         )
         serve.run(app, name=APP, route_prefix="/")
@@ -461,6 +523,39 @@ def test_ray_metrics_are_served_by_the_ingress(serve_app: Serve) -> None:
         total("cacheroute_engine_cached_tokens_total"),
     )
     assert actual > 0 and 0.5 < predicted / actual < 2, (predicted, actual)
+
+
+def test_ray_precise_mode_finds_what_another_router_placed(serve_app: Serve) -> None:
+    # Two routers of one deployment: the ingress replica's (HTTP) and this test process's
+    # (its own handle). A prefix the test's router places is found by the ingress's
+    # router, which never routed it, through the engine's KV events.
+    from ray import serve
+
+    def feeds() -> dict[str, dict[str, Any]]:
+        return dict(serve_app.stats()["kv_events"])
+
+    serve_app.post("hello")  # the ingress's router is made by its first request
+    wait_for(
+        lambda: len(feeds()) == 3 and all(f["connected"] for f in feeds().values()),
+        60,
+        "the ingress's router following the 3 engines' feeds",
+    )
+    handle = serve.get_deployment_handle("Engine", app_name=APP)
+    placed: set[str] = set()
+    for g in range(4):
+        prefix = [100_000 * (g + 1) + i for i in range(160)]  # 10 blocks of 16
+        before = sum(f["batches"] for f in feeds().values())
+        replica = handle.generate.remote(prompt=prefix).result(timeout_s=30)["replica"]
+        placed.add(replica)
+        wait_for(
+            lambda before=before: sum(f["batches"] for f in feeds().values()) > before,
+            10,
+            "the engine's report of the placed prefix",
+        )
+        answer = serve_app.post([*prefix, 7, g])
+        assert answer["replica"] == replica, f"prefix {g} placed on {replica}"
+        assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 160
+    assert len(placed) >= 2  # the test's router spread the new prefixes
 
 
 def test_ray_a_killed_replica_is_routed_around_and_the_pool_follows(serve_app: Serve) -> None:

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice, repeat
 from operator import rshift
@@ -269,6 +269,28 @@ def _freeze(x: Any) -> Any:
     return x
 
 
+_Feed = tuple[str, "str | None", str, "int | None", bool]
+"""``(endpoint, replay, topic, dp_rank, catch_up)``: what a worker was subscribed with."""
+_FEED_KEYS = frozenset(("endpoint", "replay", "topic", "dp_rank", "catch_up"))
+
+
+def _feed(url: str, feed: object) -> _Feed:
+    """One :meth:`KVEventIndex.sync_subscriptions` feed, checked and normalized."""
+    param = f"feeds[{url!r}]"
+    if not isinstance(feed, Mapping):
+        raise fail(param, "a mapping with an 'endpoint'", feed, TypeError)
+    unknown = sorted(map(str, set(feed).difference(_FEED_KEYS)))
+    if unknown:
+        raise fail(param, "a mapping of " + ", ".join(sorted(_FEED_KEYS)) + " only", feed)
+    return (
+        check_str(f"{param}['endpoint']", feed.get("endpoint")),
+        check_str(f"{param}['replay']", feed.get("replay"), none_ok=True),
+        check_str(f"{param}['topic']", feed.get("topic", ""), empty_ok=True),
+        check_int(f"{param}['dp_rank']", feed.get("dp_rank"), minimum=0, none_ok=True),
+        check_bool(f"{param}['catch_up']", feed.get("catch_up", True)),
+    )
+
+
 class KVEventIndex:
     """Per-worker exact view of engine prefix caches, fed by vLLM/SGLang KV events.
 
@@ -327,6 +349,7 @@ class KVEventIndex:
         self._tails: dict[Namespace, dict[int, dict[str, list[_Chain]]]] = {}
         self._lora_alias: dict[int, str] = {}
         self._subs: dict[str, Subscription] = {}
+        self._feeds: dict[str, _Feed] = {}  # the subscribe() arguments of each of _subs
         self._ctx: Any = None
         self._closed = False
 
@@ -371,10 +394,7 @@ class KVEventIndex:
                 import zmq
 
                 self._ctx = zmq.Context()
-            ws = self._worker(url)
-            ws.connected = False
-            ws.down_since = ws.alive_at = self._clock()
-            sub = Subscription(
+            sub = Subscription(  # first: a malformed address raises before any state
                 self,
                 url,
                 self._ctx,
@@ -386,7 +406,11 @@ class KVEventIndex:
                 heartbeat=self._heartbeat,
                 replay_timeout=self._replay_timeout,
             )
+            ws = self._worker(url)
+            ws.connected = False
+            ws.down_since = ws.alive_at = self._clock()
             self._subs[url] = sub
+            self._feeds[url] = (endpoint, replay, topic, dp_rank, catch_up)
         sub.start()
 
     def unsubscribe(self, url: str) -> None:
@@ -394,12 +418,61 @@ class KVEventIndex:
         check_str("url", url)
         with self._lock:
             sub = self._subs.pop(url, None)
+            self._feeds.pop(url, None)
             ws = self._workers.get(url)
             if ws is not None:
                 ws.connected = None
         if sub is not None:
             sub.stop()
             sub.join()
+
+    def sync_subscriptions(self, feeds: Mapping[str, Mapping[str, Any]]) -> None:
+        """Be subscribed to exactly ``feeds``, ``{url: feed}``: for gateways whose service
+        discovery says where each engine publishes (Ray Serve's routing stats, a registry).
+
+        A feed is a mapping of :meth:`subscribe`'s keyword arguments: ``endpoint``
+        (required), ``replay``, ``topic``, ``dp_rank``, ``catch_up``. A url already
+        subscribed to the same feed is left as it is; one whose feed changed (an engine
+        restarted on another port) is forgotten and subscribed again, since its view
+        describes a process that is gone; a subscribed url absent from ``feeds`` is
+        forgotten. Workers fed only through :meth:`apply` are not touched.
+
+        :raises TypeError, ValueError: ``feeds`` or one of its feeds is malformed (the
+            message names ``feeds[url]``); nothing changed.
+        :raises ValueError: some subscriptions could not be made (a malformed address):
+            raised after every other url was synced, naming each failed url, which is
+            left unsubscribed.
+        :raises RuntimeError: the index is closed.
+
+        >>> from cacheroute.events import KVEventPublisher
+        >>> with KVEventPublisher("tcp://127.0.0.1:*") as engine, KVEventIndex() as index:
+        ...     index.sync_subscriptions({"http://w1:8000": {"endpoint": engine.endpoint}})
+        ...     index.sync_subscriptions({})  # w1 left the pool: forgotten
+        ...     index.urls()
+        []
+        """
+        if not isinstance(feeds, Mapping):
+            raise fail("feeds", "a mapping of url -> feed", feeds, TypeError)
+        wanted = {check_str("feeds key", url): _feed(url, feed) for url, feed in feeds.items()}
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("KVEventIndex is closed")
+            current = dict(self._feeds)
+        for url, old in current.items():
+            if wanted.get(url) != old:
+                self.forget(url)  # gone, or publishing elsewhere now
+        failed: list[str] = []
+        for url, (endpoint, replay, topic, dp_rank, catch_up) in wanted.items():
+            if current.get(url) == wanted[url]:
+                continue
+            try:
+                self.subscribe(
+                    url, endpoint, replay, topic=topic, dp_rank=dp_rank, catch_up=catch_up
+                )
+            except Exception as exc:  # a malformed address: the others still sync
+                failed.append(f"{url!r}: {exc}")
+        if failed:
+            raise ValueError("could not subscribe to " + "; ".join(failed))
 
     def apply(self, url: str, seq: int, payload: bytes, *, dp_rank: int | None = None) -> bool:
         """Apply one published message of ``url``'s engine: its ``seq`` and ``payload``.

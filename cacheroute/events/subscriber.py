@@ -108,7 +108,12 @@ class Subscription(threading.Thread):
             sub.close(linger=0)
             raise
         self._sub = sub
-        self._dealer: Any = self._new_dealer() if replay is not None else None
+        try:
+            self._dealer: Any = self._new_dealer() if replay is not None else None
+        except Exception:  # a malformed replay address: leave no socket behind
+            self._mon.close(linger=0)
+            sub.close(linger=0)
+            raise
 
     def _new_dealer(self) -> Any:
         zmq = self._zmq

@@ -48,18 +48,22 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "cacheroute.integrations.ray_serve needs Ray Serve: pip install 'cacheroute[ray]'"
     ) from exc
 
-from cacheroute._validation import check_bool, check_int, check_str
+from cacheroute._validation import check_bool, check_int, check_real, check_str
 from cacheroute.integrations.ray_serve_state import (
+    KV_EVENTS_STAT,
     RouterCore,
     default_policy,
+    kv_events_routing_stats,
     prompt_from_body,
     prompt_from_call,
 )
 
 __all__ = [
+    "KV_EVENTS_STAT",
     "CacheRouteRequestRouter",
     "RouterCore",
     "default_policy",
+    "kv_events_routing_stats",
     "prompt_from_body",
     "prompt_from_call",
     "request_router_config",
@@ -84,7 +88,12 @@ class CacheRouteRequestRouter(RequestRouter):
       for keywords only);
     * ``metrics``: report to the process's
       :func:`~cacheroute.integrations.ray_serve_state.process_metrics` (the ``metrics``
-      extra), served by whatever serves ``prometheus_client.REGISTRY`` in that process.
+      extra), served by whatever serves ``prometheus_client.REGISTRY`` in that process;
+    * ``kv_events``: precise mode, keyword arguments of
+      :class:`~cacheroute.events.KVEventIndex` (e.g. ``{"block_size": 16}``; default
+      ``None``). The router follows the KV events of every replica whose routing stats
+      advertise its engine's feed (:func:`kv_events_routing_stats`), so all routers of
+      the deployment (one per handle-holding process) see what every engine caches.
     """
 
     def initialize_state(self, **kwargs: Any) -> None:
@@ -100,6 +109,7 @@ class CacheRouteRequestRouter(RequestRouter):
         prompt_kwarg: str = "prompt",
         prompt_arg: int | None = 0,
         metrics: bool = False,
+        kv_events: dict[str, Any] | None = None,
     ) -> None:
         _check_settings(policy, model_id, prompt_kwarg, prompt_arg, metrics)
         dep = self._deployment_id
@@ -110,6 +120,7 @@ class CacheRouteRequestRouter(RequestRouter):
             policy_config=policy_config,
             model_id=model_id,
             metrics=metrics,
+            kv_events=kv_events,
         )
         self._prompt_kwarg = prompt_kwarg
         self._prompt_arg = prompt_arg
@@ -139,7 +150,14 @@ class CacheRouteRequestRouter(RequestRouter):
         keys = [self._key(r.replica_id) for r in replicas]
         live = {r.replica_id for r in replicas}
         self._keys = {rid: key for rid, key in self._keys.items() if rid in live}
-        core.sync(keys)
+        feeds = None
+        if core.index is not None:  # routing stats come with the replica updates
+            feeds = {
+                key: r.routing_stats[KV_EVENTS_STAT]
+                for key, r in zip(keys, replicas, strict=True)
+                if KV_EVENTS_STAT in (r.routing_stats or {})
+            }
+        core.sync(keys, feeds)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         """A replica died: it is removed from the pool now."""
@@ -218,6 +236,8 @@ def request_router_config(
     prompt_kwarg: str = "prompt",
     prompt_arg: int | None = 0,
     metrics: bool = False,
+    kv_events: dict[str, Any] | None = None,
+    routing_stats_period_s: float | None = None,
     **policy_config: Any,
 ) -> RequestRouterConfig:
     """A ``RequestRouterConfig`` for a deployment routed by :class:`CacheRouteRequestRouter`.
@@ -231,6 +251,12 @@ def request_router_config(
             keyword only).
         metrics: report to the handle process's
             :func:`~cacheroute.integrations.ray_serve_state.process_metrics`.
+        kv_events: ``None``, or keyword arguments of
+            :class:`~cacheroute.events.KVEventIndex` (JSON values, e.g.
+            ``{"block_size": 16}``): precise mode (see :class:`CacheRouteRequestRouter`).
+        routing_stats_period_s: how often Ray polls each replica's
+            ``record_routing_stats`` (Ray's ``request_routing_stats_period_s``; its default
+            when ``None``): how soon a new replica's feed is followed.
         **policy_config: the policy's settings (JSON values), e.g. ``cache_threshold=0.5``.
 
     Raises:
@@ -238,10 +264,12 @@ def request_router_config(
             above, are wrong (checked here, in the process that builds the application,
             not later in every replica).
     """
-    from cacheroute import make_policy
-
     _check_settings(policy, model_id, prompt_kwarg, prompt_arg, metrics)
-    make_policy(policy or default_policy(), **policy_config).close()  # fail fast
+    check_real(
+        "routing_stats_period_s", routing_stats_period_s, minimum=0.0, min_open=True, none_ok=True
+    )
+    # Built and dropped here, to fail fast on a bad name, setting or index setting.
+    RouterCore.from_config(policy=policy, policy_config=policy_config, kv_events=kv_events).close()
     kwargs: dict[str, Any] = {
         "policy": policy,
         "policy_config": policy_config,
@@ -249,10 +277,13 @@ def request_router_config(
         "prompt_kwarg": prompt_kwarg,
         "prompt_arg": prompt_arg,
         "metrics": metrics,
+        "kv_events": kv_events,
     }
     # One mapping of Any values: Ray 2.60 annotates the constructor's **kwargs as dicts.
     config: dict[str, Any] = {
         "request_router_class": CacheRouteRequestRouter,
         "request_router_kwargs": kwargs,
     }
+    if routing_stats_period_s is not None:
+        config["request_routing_stats_period_s"] = routing_stats_period_s
     return RequestRouterConfig(**config)

@@ -60,11 +60,14 @@ from cacheroute.policies.registry import make_policy
 from cacheroute.worker import BasicWorker, Worker
 
 if TYPE_CHECKING:
+    from cacheroute.events import KVEventIndex
     from cacheroute.metrics import RouterMetrics
 
 __all__ = [
+    "KV_EVENTS_STAT",
     "RouterCore",
     "default_policy",
+    "kv_events_routing_stats",
     "process_metrics",
     "prompt_from_body",
     "prompt_from_call",
@@ -73,6 +76,37 @@ __all__ = [
 ]
 
 _log = logging.getLogger("cacheroute.integrations.ray_serve")
+
+
+KV_EVENTS_STAT = "cacheroute_kv_events"
+"""The key of a replica's routing stats that says where its engine publishes KV events
+(see :func:`kv_events_routing_stats`)."""
+
+
+def kv_events_routing_stats(
+    endpoint: str, replay: str | None = None, *, topic: str = ""
+) -> dict[str, Any]:
+    """What an engine replica's ``record_routing_stats`` returns so that routers in
+    precise mode follow its engine's KV events (``kv_events=`` of the router config).
+
+    Args:
+        endpoint: the engine's ZMQ PUB address as the routers reach it, e.g.
+            ``"tcp://10.0.0.5:5557"`` (the engine binds ``tcp://*:5557``).
+        replay: its replay (ROUTER) address, or ``None``.
+        topic: its topic.
+
+    Raises:
+        TypeError, ValueError: an argument that is not a (non-empty) ``str``.
+
+    >>> kv_events_routing_stats("tcp://10.0.0.5:5557")[KV_EVENTS_STAT]
+    {'endpoint': 'tcp://10.0.0.5:5557', 'replay': None, 'topic': ''}
+    """
+    feed = {
+        "endpoint": check_str("endpoint", endpoint),
+        "replay": check_str("replay", replay, none_ok=True),
+        "topic": check_str("topic", topic, empty_ok=True),
+    }
+    return {KV_EVENTS_STAT: feed}
 
 
 def default_policy() -> str:
@@ -225,6 +259,9 @@ class RouterCore:
         name: a name for :func:`snapshot` and logs (the Ray router passes its deployment).
         on_decision: ``None`` or a callable receiving each decision (after the policy's
             own observer, if any). Its exceptions are logged, never raised.
+        index: ``None`` or the KV-event index the policy reads (precise mode): the core
+            keeps it subscribed to the feeds the replicas advertise (:meth:`sync`) and
+            closes it with the core.
 
     Replicas are identified by a string key (the Ray router uses the replica's full id,
     ``SERVE_REPLICA::app#deployment#id``), which is also the worker's URL. Thread-safe: one
@@ -241,6 +278,7 @@ class RouterCore:
         model_id: str = "default",
         name: str = "",
         on_decision: Callable[[Decision], None] | None = None,
+        index: KVEventIndex | None = None,
     ) -> None:
         if not isinstance(policy, LoadBalancingPolicy):
             raise TypeError(f"policy must be a LoadBalancingPolicy, got {type(policy).__name__}")
@@ -256,6 +294,8 @@ class RouterCore:
         self._requests: dict[str, _Request] = {}
         self._view: tuple[tuple[str, ...], tuple[BasicWorker, ...]] = ((), ())
         self._metrics: RouterMetrics | None = None
+        self.index = index
+        """The KV-event index the replicas' feeds go to, or ``None`` (approximate mode)."""
         _register(self)
 
     @classmethod
@@ -267,6 +307,7 @@ class RouterCore:
         policy_config: Mapping[str, Any] | None = None,
         model_id: str = "default",
         metrics: bool = False,
+        kv_events: Mapping[str, Any] | None = None,
     ) -> RouterCore:
         """Build a core from a deployment's ``request_router_kwargs`` (JSON values only).
 
@@ -277,12 +318,32 @@ class RouterCore:
             model_id: the replicas' model.
             metrics: report to :func:`process_metrics` (needs the ``metrics`` extra):
                 decisions, the replicas' load and work, the policy's trees.
+            kv_events: ``None`` (approximate mode), or keyword arguments of
+                :class:`~cacheroute.events.KVEventIndex` (e.g. ``{"block_size": 16}``;
+                the ``events`` extra): precise mode. The policy (a prefix policy) gets the
+                index; replicas advertise their engines' feeds in their routing stats
+                (:func:`kv_events_routing_stats`); prompts must be token ids.
 
         Raises:
-            ValueError, TypeError: as :func:`cacheroute.make_policy` for a bad name or config.
+            ValueError, TypeError: as :func:`cacheroute.make_policy` for a bad name or
+                config, or as :class:`~cacheroute.events.KVEventIndex` for ``kv_events``.
         """
-        built = make_policy(policy or default_policy(), **dict(policy_config or {}))
-        core = cls(built, model_id=model_id, name=name)
+        config = dict(policy_config or {})
+        index = None
+        if kv_events is not None:
+            if not isinstance(kv_events, Mapping):
+                raise fail("kv_events", "None or a mapping", kv_events, TypeError)
+            from cacheroute.events import KVEventIndex
+
+            index = KVEventIndex(**kv_events)
+            config["index"] = index
+        try:
+            built = make_policy(policy or default_policy(), **config)
+        except BaseException:
+            if index is not None:
+                index.close()
+            raise
+        core = cls(built, model_id=model_id, name=name, index=index)
         if metrics:
             core.enable_metrics(process_metrics())
         return core
@@ -309,12 +370,27 @@ class RouterCore:
         self._metrics = metrics
         self._on_decision = metrics.observer(label)
 
+    def close(self) -> None:
+        """Stop following KV events (the index's subscriber threads end), release the
+        policy's resources, and leave :func:`routers`. Idempotent."""
+        with _lock:
+            _cores.pop(self, None)
+        if self.index is not None:
+            self.index.close()
+        self.policy.close()
+
     # ------------------------------------------------------------------ membership
 
-    def sync(self, keys: Sequence[str]) -> None:
+    def sync(self, keys: Sequence[str], feeds: Mapping[str, Any] | None = None) -> None:
         """Make the replicas exactly ``keys`` (Ray's running replicas): new ones become
         workers, gone ones are dropped and the policy is synced
-        (:meth:`~cacheroute.policies.LoadBalancingPolicy.sync_workers`: their trees go)."""
+        (:meth:`~cacheroute.policies.LoadBalancingPolicy.sync_workers`: their trees go).
+
+        With an :attr:`index`, ``feeds`` (``{key: feed}``, what replicas advertise under
+        :data:`KV_EVENTS_STAT`) are what it follows
+        (:meth:`~cacheroute.events.KVEventIndex.sync_subscriptions`): a replica without a
+        feed is routed on the routed history. A malformed feed is logged, never raised:
+        it comes from a replica, and the others still sync."""
         with self._lock:
             old = self._workers
             workers = {k: old.get(k) or BasicWorker(k, self.model_id) for k in keys}
@@ -325,6 +401,21 @@ class RouterCore:
             w.set_healthy(False)
             if self._metrics is not None:
                 self._metrics.forget_worker(w.url)
+        if self.index is not None:
+            wanted = {}
+            for k, f in (feeds or {}).items():
+                if k not in workers:
+                    continue
+                if isinstance(f, Mapping) and isinstance(f.get("endpoint"), str):
+                    wanted[k] = f
+                else:
+                    _log.warning(
+                        "%s: replica %s advertises a bad KV-event feed %r", self.name, k, f
+                    )
+            try:
+                self.index.sync_subscriptions(wanted)
+            except (TypeError, ValueError) as exc:  # the index says which, and why
+                _log.warning("%s: KV-event feeds not followed: %s", self.name, exc)
 
     def remove(self, key: str) -> None:
         """A replica died: never choose it again and drop its tree share now (Ray's next
@@ -335,6 +426,8 @@ class RouterCore:
                 return
             worker.set_healthy(False)
             self.policy.on_worker_removed(worker)
+        if self.index is not None:
+            self.index.forget(key)
         if self._metrics is not None:
             self._metrics.forget_worker(worker.url)
 
@@ -452,7 +545,8 @@ class RouterCore:
     def stats(self) -> dict[str, Any]:
         """A JSON-able snapshot: the router's name, policy, requests in flight, and per
         replica its load, pending prefill and decode tokens, processed count and health;
-        plus the URLs the policy no longer chooses (``removed``, prefix policies)."""
+        plus the URLs the policy no longer chooses (``removed``, prefix policies) and, in
+        precise mode, each followed feed's state (``kv_events``)."""
         with self._lock:
             workers = list(self._workers.values())
             in_flight = len(self._requests)
@@ -473,6 +567,12 @@ class RouterCore:
                 for w in workers
             ],
             "removed": sorted(removed()) if removed is not None else [],
+            "kv_events": {}
+            if self.index is None
+            else {
+                url: {"connected": st.connected, "stale": st.stale, "batches": st.batches}
+                for url, st in self.index.stats().items()
+            },
         }
 
     # ------------------------------------------------------------------ helpers
