@@ -927,6 +927,12 @@ TABLE: dict[str, Entry] = {
         ),
         {"kwargs": "mapping"},
     ),
+    "cacheroute.integrations.ray_serve_state.kv_events_routing_stats": _fn(
+        lambda **kw: _ray_state().kv_events_routing_stats(**kw),
+        endpoint="tcp://10.0.0.5:5557",
+        replay=None,
+        topic="",
+    ),
     "cacheroute.integrations.ray_serve_state.routers": _fn(
         lambda **kw: _ray_state().routers(**kw), name="n"
     ),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 try:
@@ -109,7 +110,7 @@ class CacheRouteRequestRouter(RequestRouter):
         prompt_kwarg: str = "prompt",
         prompt_arg: int | None = 0,
         metrics: bool = False,
-        kv_events: dict[str, Any] | None = None,
+        kv_events: Mapping[str, Any] | None = None,
     ) -> None:
         _check_settings(policy, model_id, prompt_kwarg, prompt_arg, metrics)
         dep = self._deployment_id
@@ -236,7 +237,7 @@ def request_router_config(
     prompt_kwarg: str = "prompt",
     prompt_arg: int | None = 0,
     metrics: bool = False,
-    kv_events: dict[str, Any] | None = None,
+    kv_events: Mapping[str, Any] | None = None,
     routing_stats_period_s: float | None = None,
     **policy_config: Any,
 ) -> RequestRouterConfig:
@@ -277,7 +278,7 @@ def request_router_config(
         "prompt_kwarg": prompt_kwarg,
         "prompt_arg": prompt_arg,
         "metrics": metrics,
-        "kv_events": kv_events,
+        "kv_events": None if kv_events is None else dict(kv_events),
     }
     # One mapping of Any values: Ray 2.60 annotates the constructor's **kwargs as dicts.
     config: dict[str, Any] = {

@@ -294,6 +294,11 @@ class RouterCore:
         self._requests: dict[str, _Request] = {}
         self._view: tuple[tuple[str, ...], tuple[BasicWorker, ...]] = ((), ())
         self._metrics: RouterMetrics | None = None
+        if index is not None and not all(
+            callable(getattr(index, m, None))
+            for m in ("sync_subscriptions", "forget", "stats", "close")
+        ):
+            raise fail("index", "None or a KVEventIndex", index, TypeError)
         self.index = index
         """The KV-event index the replicas' feeds go to, or ``None`` (approximate mode)."""
         _register(self)
