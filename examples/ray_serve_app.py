@@ -28,7 +28,8 @@ Run it (a local Ray with 2 CPUs; the deployments reserve no CPU)::
     pip install -e '.[ray,metrics]'
     python examples/ray_serve_app.py --requests 24
 
-It serves on 127.0.0.1:8000 (``--port``), sends a few prefix groups through HTTP, prints
+It serves on 127.0.0.1:8000 (``--port``), sends a few prefix groups through HTTP (one user
+per group, all at once, a question per round), prints
 which replica served each group and its cached tokens, and shuts down (``--serve`` keeps it
 up until Ctrl-C)::
 
@@ -44,6 +45,7 @@ import time
 import urllib.request
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -256,12 +258,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         served: dict[int, list[tuple[str, int]]] = defaultdict(list)
         per_group = max(1, args.requests // args.groups)
         start = time.perf_counter()
-        for g, prompt in demo_prompts(args.groups, per_group):
+        prompts = demo_prompts(args.groups, per_group)
+        rounds = [prompts[q::per_group] for q in range(per_group)]  # question q of each group
+
+        def ask(job: tuple[int, str]) -> tuple[int, dict[str, Any]]:
+            g, prompt = job
             # precise mode routes token ids (a real gateway tokenizes; code points here)
-            body = {"prompt": [ord(c) for c in prompt] if args.kv_events else prompt}
-            answer = post(args.port, body)
-            cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
-            served[g].append((answer["replica"].rsplit("#", 1)[-1], cached))
+            return g, post(
+                args.port, {"prompt": [ord(c) for c in prompt] if args.kv_events else prompt}
+            )
+
+        with ThreadPoolExecutor(args.groups) as pool:  # the groups' users, at once
+            for jobs in rounds:
+                for g, answer in pool.map(ask, jobs):
+                    cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    served[g].append((answer["replica"].rsplit("#", 1)[-1], cached))
         took = time.perf_counter() - start
         print(f"{args.groups * per_group} requests in {took:.2f} s")
         for g, rows in sorted(served.items()):
