@@ -278,8 +278,14 @@ def test_precise_mode_follows_the_feeds_the_replicas_advertise(
         for q in range(3):
             assert core.choose(f"q{q}", [A, B], [*prefix, 7, q])[0] == [B]
             core.completed(f"q{q}", B)
-        # B leaves: its feed and its view go; a replica without a feed is fine
-        core.sync([A, C], {A: feeds[A]})
+        # B leaves while C advertises a feed the index refuses (an unknown key): B's
+        # feed and view still go, A is kept, C is routed on the routed history
+        with caplog.at_level("WARNING", logger="cacheroute.integrations.ray_serve"):
+            core.sync([A, C], {A: feeds[A], C: {**feeds[A], "port": 5557}})
+        assert "bad KV-event feed" in caplog.text
+        assert core.index.urls() == [A]  # type: ignore[union-attr]
+        caplog.clear()
+        core.sync([A, C], {A: feeds[A]})  # a replica without a feed is fine
         assert core.index.urls() == [A]  # type: ignore[union-attr]
         # a malformed feed is logged and not followed, never raised
         with caplog.at_level("WARNING", logger="cacheroute.integrations.ray_serve"):

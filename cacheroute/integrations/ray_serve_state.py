@@ -407,19 +407,23 @@ class RouterCore:
             if self._metrics is not None:
                 self._metrics.forget_worker(w.url)
         if self.index is not None:
+            from cacheroute.events.index import _feed  # the index's own check of a feed
+
             wanted = {}
             for k, f in (feeds or {}).items():
                 if k not in workers:
                     continue
-                if isinstance(f, Mapping) and isinstance(f.get("endpoint"), str):
-                    wanted[k] = f
-                else:
+                try:
+                    _feed(k, f)
+                except (TypeError, ValueError) as exc:  # one replica's: the others sync
                     _log.warning(
-                        "%s: replica %s advertises a bad KV-event feed %r", self.name, k, f
+                        "%s: replica %s advertises a bad KV-event feed: %s", self.name, k, exc
                     )
+                    continue
+                wanted[k] = f
             try:
                 self.index.sync_subscriptions(wanted)
-            except (TypeError, ValueError) as exc:  # the index says which, and why
+            except ValueError as exc:  # addresses ZMQ refused: the index names them
                 _log.warning("%s: KV-event feeds not followed: %s", self.name, exc)
 
     def remove(self, key: str) -> None:
