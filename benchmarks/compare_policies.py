@@ -18,6 +18,11 @@ most of it the Claude-Code cells. Every number is deterministic for the seed.
         --policies work_aware,dynamo
     python benchmarks/compare_policies.py --trace mine.jsonl.gz --format mooncake   # your trace
     python benchmarks/compare_policies.py --json results.json --markdown results.md
+    python benchmarks/compare_policies.py --cells default/8w --seeds 0,1,2,3,4   # seed means
+
+A p99 over the 1,024 requests of a built-in workload is its 11th slowest request, so it
+moves with the seed: ``--seeds`` runs the built-in workloads once per seed and reports the
+mean of each figure over the seeds (traces have no seed and run once).
 
 Peers that keep time (Dynamo's 120 s TTL index, Preble's 3-minute load window) are given
 the simulated arrival time of each request (:class:`ArrivalClock`); in a gateway they use
@@ -121,12 +126,30 @@ def _spec(text: str, workload: Workload) -> PolicySpec:
     return spec
 
 
-def load_workload(name: str, limit: int | None, traces: dict[str, tuple[Path, str]]) -> Workload:
-    """A built-in workload (seed 0) or a trace by its name in ``traces``."""
+def load_workload(
+    name: str, limit: int | None, traces: dict[str, tuple[Path, str]], seed: int = 0
+) -> Workload:
+    """A built-in workload (for ``seed``) or a trace by its name in ``traces``."""
     if name in traces:
         path, fmt = traces[name]
         return load_trace(path, fmt, limit=limit)
-    return WORKLOADS[name](0).limited(limit)
+    return WORKLOADS[name](seed).limited(limit)
+
+
+HEADLINE = ("hit_rate", "ttft_p50", "ttft_p99", "e2e_p99")
+"""The figures a cell shows, and the ones averaged over ``--seeds``."""
+
+
+def mean_over_seeds(runs: Sequence[Sequence[Any]], seeds: Sequence[int]) -> list[Any]:
+    """Per policy, the mean of each :data:`HEADLINE` figure over one run per seed (``runs[k]``
+    is the summaries of seed ``seeds[k]``, every run in the same policy order)."""
+    out = []
+    for per_seed in zip(*runs, strict=True):
+        names = {s.policy for s in per_seed}
+        assert len(names) == 1, names
+        means = {k: sum(getattr(s, k) for s in per_seed) / len(per_seed) for k in HEADLINE}
+        out.append(SimpleNamespace(policy=per_seed[0].policy, seeds=list(seeds), **means))
+    return out
 
 
 def run_cell(
@@ -153,7 +176,7 @@ def _best(values: list[float]) -> float:
     return min(values)
 
 
-def format_cell(cell: Cell, summaries: list[Summary], default: str) -> str:
+def format_cell(cell: Cell, summaries: Sequence[Any], default: str) -> str:
     """The cell's table and its verdict line."""
     ttft99 = _best([s.ttft_p99 for s in summaries])
     ttft50 = _best([s.ttft_p50 for s in summaries])
@@ -179,7 +202,7 @@ def format_cell(cell: Cell, summaries: list[Summary], default: str) -> str:
     return "\n".join(lines)
 
 
-def verdict(summaries: list[Summary], default: str) -> str:
+def verdict(summaries: Sequence[Any], default: str) -> str:
     """Whether ``default`` is best on TTFT p99 and E2E p99, and its hit-rate gap."""
     ours = next((s for s in summaries if s.policy == default), None)
     if ours is None:
@@ -252,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="only the first N requests of each workload")
     ap.add_argument("--trace", help="run your own trace instead of the development traces")
     ap.add_argument("--format", choices=("mooncake", "claude_code"), help="format of --trace")
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds of the built-in workloads; with several, each cell "
+        "shows the means over them (default 0)",
+    )
     ap.add_argument("--json", help="write every summary to this file")
     ap.add_argument("--markdown", help="write the matrix as markdown tables to this file")
     ap.add_argument(
@@ -289,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         workloads = [*traces, *BUILTINS] if not args.trace else list(traces)
         cells = [Cell(w, c) for w in workloads for c in CONFIGS]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        ap.error(f"--seeds must be distinct integers >= 0, got {args.seeds!r}")
     for c in cells:
         if c.config not in CONFIGS:
             ap.error(f"unknown config {c.config!r} in --cells; configs: {', '.join(CONFIGS)}")
@@ -299,21 +334,30 @@ def main(argv: list[str] | None = None) -> int:
         f"compare_policies: {len(cells)} cells x {len(policies)} policies, default "
         f"{DEFAULT_POLICY!r}, engine {EngineConfig().to_dict()}"
     )
-    results: dict[str, list[Summary]] = {}
-    loaded: dict[str, Workload] = {}
+    if len(seeds) > 1:
+        print(f"built-in workloads: the mean over seeds {args.seeds}")
+    results: dict[str, list[Any]] = {}
+    loaded: dict[tuple[str, int], Workload] = {}
     started = time.perf_counter()
     for cell in cells:
-        if cell.workload not in loaded:
-            loaded[cell.workload] = load_workload(cell.workload, limit, traces)
         workers, speed = CONFIGS[cell.config]
-        print(f"[{time.perf_counter() - started:7.0f} s] {cell.label}", file=sys.stderr)
-        summaries = run_cell(
-            loaded[cell.workload],
-            workers,
-            speed,
-            policies,
-            progress=lambda m: print(m, file=sys.stderr),
-        )
+        runs = []
+        for seed in [0] if cell.workload in traces else seeds:
+            key = (cell.workload, seed)
+            if key not in loaded:
+                loaded[key] = load_workload(cell.workload, limit, traces, seed)
+            note = f" seed {seed}" if len(seeds) > 1 and cell.workload not in traces else ""
+            print(f"[{time.perf_counter() - started:7.0f} s] {cell.label}{note}", file=sys.stderr)
+            runs.append(
+                run_cell(
+                    loaded[key],
+                    workers,
+                    speed,
+                    policies,
+                    progress=lambda m: print(m, file=sys.stderr),
+                )
+            )
+        summaries = runs[0] if len(runs) == 1 else mean_over_seeds(runs, seeds)
         results[cell.label] = summaries
         print(format_cell(cell, summaries, DEFAULT_POLICY))
         print()
@@ -324,7 +368,11 @@ def main(argv: list[str] | None = None) -> int:
             "policies": policies,
             "limit": limit,
             "engine": EngineConfig().to_dict(),
-            "cells": {k: [s.to_dict() for s in v] for k, v in results.items()},
+            "seeds": seeds,
+            "cells": {
+                k: [s.to_dict() if isinstance(s, Summary) else vars(s) for s in v]
+                for k, v in results.items()
+            },
         }
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     if args.markdown:

@@ -4,10 +4,13 @@ and re-rendering saved results gives them back exactly."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +46,29 @@ def test_markdown_from_a_run_and_from_its_json_are_the_same_tables(tmp_path: Pat
     for r in rows:
         for c in r.strip("| ").split(" | ")[1:]:
             assert cell.match(c), c
+
+
+def test_seeds_report_the_mean_of_the_runs_of_each_seed(tmp_path: Path) -> None:
+    cp = _script()
+    args = ["--cells", "default/8w", "--limit", "80", "--policies", "work_aware,round_robin"]
+    cells = {}
+    for seeds in ("0", "1", "0,1"):
+        out = tmp_path / f"s{seeds.replace(',', '_')}.json"
+        assert cp.main([*args, "--seeds", seeds, "--json", str(out)]) == 0
+        cells[seeds] = json.loads(out.read_text())["cells"]["default/8w"]
+    assert cells["0"] != cells["1"]  # the seed changes the workload
+    for k, name in enumerate(("work_aware", "round_robin")):
+        assert cells["0,1"][k]["policy"] == name and cells["0,1"][k]["seeds"] == [0, 1]
+        for key in cp.HEADLINE:
+            mean = (cells["0"][k][key] + cells["1"][k][key]) / 2
+            assert cells["0,1"][k][key] == pytest.approx(mean, rel=1e-12)
+
+
+@pytest.mark.parametrize("seeds", ["", "a", "1,1", "-1", "0,,1"])
+def test_bad_seeds_are_refused_naming_the_option(
+    seeds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        _script().main(["--cells", "default/8w", "--seeds", seeds])
+    assert e.value.code == 2
+    assert "--seeds" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import pytest
@@ -142,7 +143,9 @@ def test_membership_calls_refuse_what_is_not_a_worker() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [None, 3, b"ab", "ab", (w for w in ()), [[1]], {}, {"http://a"}], ids=repr
+    "bad",
+    [None, 3, b"ab", "ab", (w for w in ()), [[1]], {}, {"http://a"}],
+    ids=lambda x: "generator" if isinstance(x, Generator) else repr(x),  # no address in ids
 )
 def test_bad_workers_argument_raises_naming_workers_and_changes_nothing(bad: object) -> None:
     policy = CacheAwarePolicy()

@@ -35,6 +35,14 @@ def _prefill(u: float, c: float = 0.0) -> float:
     return A * u + B * u * (c + u / 2)
 
 
+def _served(p: WorkAwarePolicy, ws: list[BasicWorker], prompt: list[int]) -> int:
+    """Route ``prompt``, let the engine answer it (first token, release): its index."""
+    lease = acquire(p, ws, prompt)
+    lease.first_token()
+    lease.release()
+    return lease.index
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -139,30 +147,46 @@ def test_session_stays_while_staying_is_cheaper() -> None:
     ws = _workers(2)
     p = WorkAwarePolicy()
     convo = _tokens(0, 8000)
-    home = acquire(p, ws, convo)
-    home.first_token()
-    home.release()
-    other = 1 - home.index
+    home = _served(p, ws, convo)
     # the holder has a little queued work (another request's 2k-token prefill)
-    queued = acquire(p, [ws[home.index]], _tokens(50_000, 2000))
+    queued = acquire(p, [ws[home]], _tokens(50_000, 2000))
     d = p.decide(ws, [*convo, *_tokens(9000, 200)])
-    assert d is not None and d.index == home.index  # 0.07 s of queue < an 8k re-prefill
+    assert d is not None and d.index == home  # 0.07 s of queue < an 8k re-prefill
     assert d.cached_tokens == 8000
     queued.release()
-    assert other != home.index
+
+
+def test_session_does_not_leave_for_an_engine_that_is_merely_idle() -> None:
+    """The holder decodes 7 others: its 600-token prefill would stall them 7 x 0.022 s,
+    more than the 0.124 s of re-prefilling all 3,600 tokens on the idle engine. But that
+    re-prefill recomputes 3,000 tokens held elsewhere: work done for nothing, which the
+    next requests at that engine wait behind. Counted once, staying wins (the move sent
+    the conversation's turn into the chat TTFT tail)."""
+    ws = _workers(2)
+    p = WorkAwarePolicy()
+    convo = _tokens(0, 3000)
+    home = _served(p, ws, convo)
+    decoding = [acquire(p, [ws[home]], _tokens(100_000 + 10_000 * k, 3000)) for k in range(7)]
+    for lease in decoding:
+        lease.first_token()
+    stay = _prefill(600, 3000)
+    move = _prefill(3600)
+    assert stay * 8 > move  # the stall alone would send it away
+    d = p.decide(ws, [*convo, *_tokens(9000, 600)])
+    assert d is not None and d.index == home and d.cached_tokens == 3000
+    for lease in decoding:
+        lease.release()
 
 
 def test_session_moves_when_the_holder_is_saturated() -> None:
     ws = _workers(2)
     p = WorkAwarePolicy()
     convo = _tokens(0, 2000)
-    home = acquire(p, ws, convo)
-    home.first_token()
-    home.release()
+    home = _served(p, ws, convo)
     # the holder has 100k tokens of prefill queued (~10 s): re-prefilling 2k elsewhere wins
-    queued = acquire(p, [ws[home.index]], _tokens(900_000, 100_000))
+    queued = acquire(p, [ws[home]], _tokens(900_000, 100_000))
     d = p.decide(ws, [*convo, *_tokens(5000, 100)])
-    assert d is not None and d.index != home.index
+    assert d is not None and d.index != home
     queued.release()
 
 

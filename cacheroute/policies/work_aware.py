@@ -24,12 +24,18 @@ context already lives somewhere:
   a conversation's next turn, an agent's next step) adds ``p * in_flight``: engines run
   prefill before decode steps, so its prefill stalls every request in flight on that
   worker. Staying costs its short prefill there; moving costs its whole prompt, times
-  the requests it would stall;
+  the requests it would stall, plus the recompute once (below);
 * **new context** adds ``decode_horizon`` decode steps at ``decode_token_s`` per context
   token of the decode batch it joins (the worker's decode tokens plus its own), and the
-  recompute waste ``(p - p_min) * in_flight``: prefilling more than the best placement
-  would (``p_min``) stalls the requests in flight there for the difference, so recompute
-  is priced by the work queued behind it, free on an idle engine, decisive on a busy one.
+  recompute waste ``(p - p_min) * (in_flight + 1)``: prefilling more than the best
+  placement would (``p_min``) stalls the requests in flight there for the difference, so
+  recompute is priced by the work queued behind it, cheap on an idle engine, decisive on
+  a busy one.
+
+Either way the recompute ``p - p_min`` counts once more: it is work done for nothing,
+which the next requests at that engine wait behind even when it is idle now (without
+it, conversations left a holder decoding a few others for an engine that merely had
+nothing in flight, and each such move re-prefilled their history).
 
 With ``kv_capacity_tokens`` it also adds the prefill time of the other prefixes that worker
 would have to evict to hold this request.
@@ -509,10 +515,13 @@ class WorkAwarePolicy(PrefixPolicy):
                     over = ctx + prompt + reply - cap
                     if over > 0 and ctx > 0:
                         ttft += (over / ctx if over < ctx else 1.0) * reply * step
+                # Recompute (prefilling more than the best placement would) is work done
+                # for nothing: it delays the next requests here once, even when idle now.
+                waste = p - p_min
                 if continuation:  # its prefill here stalls the requests in flight here
-                    cost = ttft + p * ld
+                    cost = ttft + p * ld + waste
                 else:  # new context joins this decode batch; recompute stalls the others
-                    cost = ttft + he * dw + he_prompt + (p - p_min) * ld
+                    cost = ttft + he * dw + he_prompt + waste * (ld + 1)
                 if sizes is not None and cap is not None:  # evicting others' prefixes
                     held = sizes.get(urls[i], 0) * tpu - ci
                     if held > 0:
