@@ -3,27 +3,17 @@ and re-rendering saved results gives them back exactly."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import benchmark_script
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "compare_policies", ROOT / "benchmarks" / "compare_policies.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("compare_policies")
 
 
 def test_markdown_from_a_run_and_from_its_json_are_the_same_tables(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from cacheroute import (
     DEFAULT_POLICY,
     BasicWorker,
     Decision,
+    Lease,
     WorkerType,
     acquire,
     available_policies,
@@ -156,26 +157,50 @@ def test_session_stays_while_staying_is_cheaper() -> None:
     queued.release()
 
 
-def test_session_does_not_leave_for_an_engine_that_is_merely_idle() -> None:
-    """The holder decodes 7 others: its 600-token prefill would stall them 7 x 0.022 s,
-    more than the 0.124 s of re-prefilling all 3,600 tokens on the idle engine. But that
-    re-prefill recomputes 3,000 tokens held elsewhere: work done for nothing, which the
-    next requests at that engine wait behind. Counted once, staying wins (the move sent
-    the conversation's turn into the chat TTFT tail)."""
+def _decoding_home(
+    shared_everywhere: bool,
+) -> tuple[WorkAwarePolicy, list[BasicWorker], int, list[Lease]]:
+    """Two engines; a conversation (a 1,000-token system prompt + 2,000 of its own) served
+    on one of them, which now decodes 5 other requests (their leases); the system prompt
+    on both engines or only on that one."""
     ws = _workers(2)
     p = WorkAwarePolicy()
-    convo = _tokens(0, 3000)
-    home = _served(p, ws, convo)
-    decoding = [acquire(p, [ws[home]], _tokens(100_000 + 10_000 * k, 3000)) for k in range(7)]
+    system = _tokens(0, 1000)
+    if shared_everywhere:
+        for i in (0, 1):
+            _served(p, [ws[i]], [*system, *_tokens(500_000 + 1000 * i, 100)])
+    home = _served(p, ws, [*system, *_tokens(20_000, 2000)])
+    decoding = [acquire(p, [ws[home]], _tokens(100_000 + 10_000 * k, 3000)) for k in range(5)]
     for lease in decoding:
         lease.first_token()
+    return p, ws, home, decoding
+
+
+def test_session_does_not_leave_for_an_engine_that_is_merely_idle() -> None:
+    """The holder's 600-token prefill would stall its 5 decoding requests 5 x 0.022 s, more
+    than the 0.091 s of re-prefilling the 2,600 tokens the idle engine lacks (it holds the
+    system prompt). But that re-prefill duplicates the conversation's own history: work
+    done for nothing, which the next requests at that engine wait behind. Counted once,
+    staying wins (the move sent the conversation's turn into the chat TTFT tail)."""
+    p, ws, home, decoding = _decoding_home(shared_everywhere=True)
     stay = _prefill(600, 3000)
-    move = _prefill(3600)
-    assert stay * 8 > move  # the stall alone would send it away
-    d = p.decide(ws, [*convo, *_tokens(9000, 600)])
+    move = _prefill(2600, 1000)
+    assert stay * 6 > move  # the stall alone would send it away
+    d = p.decide(ws, [*_tokens(0, 1000), *_tokens(20_000, 2000), *_tokens(9000, 600)])
     assert d is not None and d.index == home and d.cached_tokens == 3000
-    for lease in decoding:
-        lease.release()
+    assert ws[home].decode_tokens() == len(decoding) * 3000  # they still decode there
+
+
+def test_a_prefix_only_its_holder_has_is_copied_when_the_stall_says_so() -> None:
+    """The same, but the other engine holds none of the prompt: a whole new copy, shared
+    part included, is how a shared prefix gains a second holder, so only the stall and the
+    request's own time to first token count, and they say move."""
+    p, ws, home, decoding = _decoding_home(shared_everywhere=False)
+    stay = _prefill(600, 3000)
+    assert stay * 6 > _prefill(3600)
+    d = p.decide(ws, [*_tokens(0, 1000), *_tokens(20_000, 2000), *_tokens(9000, 600)])
+    assert d is not None and d.index != home and d.cached_tokens == 0
+    assert ws[home].decode_tokens() == len(decoding) * 3000
 
 
 def test_session_moves_when_the_holder_is_saturated() -> None:
@@ -557,3 +582,16 @@ def test_an_idle_large_cluster_is_decided_as_if_every_worker_were_priced(
     finally:
         work_aware._EXACT_UP_TO = exact
     assert got == want
+
+
+def test_a_long_shared_system_prompt_is_copied_to_every_engine() -> None:
+    """Every session starts with a 4,096-token system prompt and a short question, so each
+    is a continuation of it. Pricing a new copy of it as wasted recompute (not only
+    stalls) kept new sessions piling onto its first holders while others idled: 3 of 8
+    engines got 3 requests or none of 512 (the rule's first version)."""
+    from cacheroute.sim import simulate
+    from cacheroute.sim.workloads import chat
+
+    result = simulate(chat(users=128, rounds=4, system_tokens=4096), "work_aware", workers=8)
+    served = [result.worker.count(i) for i in range(8)]
+    assert min(served) >= 0.04 * sum(served), served

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import benchmark_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "simulator.md"
@@ -16,13 +15,7 @@ COMMAND = "python benchmarks/simulator_tables.py"
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "simulator_tables", ROOT / "benchmarks" / "simulator_tables.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("simulator_tables")
 
 
 SMALL = "cacheroute simulate --workload shared_prefix --limit 16 --workers 2 --policies round_robin"
@@ -103,15 +96,7 @@ PRECISE_DOC = ROOT / "docs" / "precise_mode.md"
 
 
 def _precise_script() -> ModuleType:
-    name = "precise_tables"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "precise_tables.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("precise_tables")
 
 
 def test_the_precise_table_builder_runs_on_a_slice_and_regenerates_identically() -> None:

@@ -24,18 +24,20 @@ context already lives somewhere:
   a conversation's next turn, an agent's next step) adds ``p * in_flight``: engines run
   prefill before decode steps, so its prefill stalls every request in flight on that
   worker. Staying costs its short prefill there; moving costs its whole prompt, times
-  the requests it would stall, plus the recompute once (below);
+  the requests it would stall, plus the duplicate (below);
 * **new context** adds ``decode_horizon`` decode steps at ``decode_token_s`` per context
   token of the decode batch it joins (the worker's decode tokens plus its own), and the
-  recompute waste ``(p - p_min) * (in_flight + 1)``: prefilling more than the best
-  placement would (``p_min``) stalls the requests in flight there for the difference, so
-  recompute is priced by the work queued behind it, cheap on an idle engine, decisive on
-  a busy one.
+  recompute waste ``(p - p_min) * in_flight``: prefilling more than the best placement
+  would (``p_min``) stalls the requests in flight there for the difference, so recompute
+  is priced by the work queued behind it, free on an idle engine, decisive on a busy one.
 
-Either way the recompute ``p - p_min`` counts once more: it is work done for nothing,
-which the next requests at that engine wait behind even when it is idle now (without
-it, conversations left a holder decoding a few others for an engine that merely had
-nothing in flight, and each such move re-prefilled their history).
+On a worker that already holds part of the prompt (a shared system prompt) but less than
+the best, the recompute ``p - p_min`` duplicates what only others hold (a conversation's
+own history) and counts once more: work done for nothing, which the next requests there
+wait behind even when it is idle now (without it, conversations left a holder decoding a
+few others for an engine that merely had nothing in flight). On a worker holding none of
+it, the recompute makes a whole new copy, shared part included, which is how a shared
+prefix gains a holder: it counts only as a stall.
 
 With ``kv_capacity_tokens`` it also adds the prefill time of the other prefixes that worker
 would have to evict to hold this request.
@@ -515,13 +517,17 @@ class WorkAwarePolicy(PrefixPolicy):
                     over = ctx + prompt + reply - cap
                     if over > 0 and ctx > 0:
                         ttft += (over / ctx if over < ctx else 1.0) * reply * step
-                # Recompute (prefilling more than the best placement would) is work done
-                # for nothing: it delays the next requests here once, even when idle now.
+                # Recompute (prefilling more than the best placement would) stalls the
+                # requests in flight here. Where this worker holds part of the prompt, it
+                # also duplicates what only others hold: work done for nothing, which the
+                # next requests here wait behind even if idle now. (Holding none of it,
+                # it makes a whole new copy: how a shared prefix gains a holder.)
                 waste = p - p_min
+                dup = waste if ci > 0 else 0.0
                 if continuation:  # its prefill here stalls the requests in flight here
-                    cost = ttft + p * ld + waste
+                    cost = ttft + p * ld + dup
                 else:  # new context joins this decode batch; recompute stalls the others
-                    cost = ttft + he * dw + he_prompt + waste * (ld + 1)
+                    cost = ttft + he * dw + he_prompt + waste * ld + dup
                 if sizes is not None and cap is not None:  # evicting others' prefixes
                     held = sizes.get(urls[i], 0) * tpu - ci
                     if held > 0:
