@@ -189,6 +189,8 @@ def test_session_does_not_leave_for_an_engine_that_is_merely_idle() -> None:
     d = p.decide(ws, [*_tokens(0, 1000), *_tokens(20_000, 2000), *_tokens(9000, 600)])
     assert d is not None and d.index == home and d.cached_tokens == 3000
     assert ws[home].decode_tokens() == len(decoding) * 3000  # they still decode there
+    for lease in decoding:
+        lease.release()
 
 
 def test_a_prefix_only_its_holder_has_is_copied_when_the_stall_says_so() -> None:
@@ -201,6 +203,8 @@ def test_a_prefix_only_its_holder_has_is_copied_when_the_stall_says_so() -> None
     d = p.decide(ws, [*_tokens(0, 1000), *_tokens(20_000, 2000), *_tokens(9000, 600)])
     assert d is not None and d.index != home and d.cached_tokens == 0
     assert ws[home].decode_tokens() == len(decoding) * 3000
+    for lease in decoding:
+        lease.release()
 
 
 def test_session_moves_when_the_holder_is_saturated() -> None:
@@ -588,7 +592,7 @@ def test_a_long_shared_system_prompt_is_copied_to_every_engine() -> None:
     """Every session starts with a 4,096-token system prompt and a short question, so each
     is a continuation of it. Pricing a new copy of it as wasted recompute (not only
     stalls) kept new sessions piling onto its first holders while others idled: 3 of 8
-    engines got 3 requests or none of 512 (the rule's first version)."""
+    engines got no request at all (the rule's first version, 1430e9d)."""
     from cacheroute.sim import simulate
     from cacheroute.sim.workloads import chat
 
