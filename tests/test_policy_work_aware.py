@@ -79,6 +79,9 @@ def test_defaults_are_the_engine_facts() -> None:
         ("kv_capacity_tokens", 0, ValueError),
         ("tokens_per_unit", 0.0, ValueError),
         ("on_decision", 3, TypeError),
+        ("stall_weight", -0.5, ValueError),
+        ("stall_weight", float("inf"), ValueError),
+        ("stall_weight", "1", TypeError),
     ],
 )
 def test_config_validated(key: str, value: object, exc: type[Exception]) -> None:
@@ -158,13 +161,13 @@ def test_session_stays_while_staying_is_cheaper() -> None:
 
 
 def _decoding_home(
-    shared_everywhere: bool,
+    shared_everywhere: bool, stall_weight: float = 1.0
 ) -> tuple[WorkAwarePolicy, list[BasicWorker], int, list[Lease]]:
     """Two engines; a conversation (a 1,000-token system prompt + 2,000 of its own) served
     on one of them, which now decodes 5 other requests (their leases); the system prompt
     on both engines or only on that one."""
     ws = _workers(2)
-    p = WorkAwarePolicy()
+    p = WorkAwarePolicy(stall_weight=stall_weight)
     system = _tokens(0, 1000)
     if shared_everywhere:
         for i in (0, 1):
@@ -205,6 +208,62 @@ def test_a_prefix_only_its_holder_has_is_copied_when_the_stall_says_so() -> None
     assert ws[home].decode_tokens() == len(decoding) * 3000
     for lease in decoding:
         lease.release()
+
+
+@pytest.mark.parametrize("stall_weight", [0.0, 0.5, 0.8, 0.95, 1.0, 2.0])
+def test_stall_weight_sets_what_the_stalled_requests_count_for(stall_weight: float) -> None:
+    """The case above: staying costs the holder's decode step in progress, its short
+    prefill, and that prefill once more per decoding request, times ``stall_weight``;
+    moving costs the whole prompt's prefill on an idle engine. The policy stays exactly
+    when that sum is the smaller (the threshold is ~0.89 here)."""
+    p, ws, home, decoding = _decoding_home(shared_everywhere=False, stall_weight=stall_weight)
+    cfg = p.config
+    step = cfg.decode_step_s + cfg.decode_token_s * ws[home].decode_tokens()
+    stay = step + _prefill(600, 3000) * (1 + stall_weight * len(decoding))
+    move = _prefill(3600)
+    assert abs(stay - move) > 1e-3  # not a near tie: the expectation is unambiguous
+    d = p.decide(ws, [*_tokens(0, 1000), *_tokens(20_000, 2000), *_tokens(9000, 600)])
+    assert d is not None
+    assert (d.index == home) == (stay < move)
+    for lease in decoding:
+        lease.release()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 900), st.integers(0, 2_000), st.integers(0, 100_000)),
+        min_size=1,
+        max_size=20,
+    ),
+    st.floats(0.0, 8.0),
+)
+def test_stall_weight_changes_nothing_where_nothing_is_in_flight(
+    held: list[tuple[int, int, int]], stall_weight: float
+) -> None:
+    """It weighs the requests a prefill would stall; with none in flight anywhere (work
+    accounted, no load), every decision and its estimate are the default's. Each worker
+    holds some of the prompts' prefix (from none to all of it) and has queued prefill of
+    the order of a prompt's own, so the other terms (own prefill, duplicate, queue,
+    decode) are of one size and any weight on them would change decisions."""
+
+    def decisions(weight: float) -> list[tuple[int, float | None]]:
+        ws = _workers(len(held))
+        p = WorkAwarePolicy(stall_weight=weight)
+        tree = p.tree("default", "tokens", create=True)
+        assert tree is not None
+        for w, (length, pending, decode) in zip(ws, held, strict=True):
+            w.add_work(pending, decode)
+            if length:
+                tree.insert(_tokens(0, length), w.url)
+        out = []
+        for k in range(3):
+            d = p.decide(ws, [*_tokens(0, 700), k])
+            assert d is not None
+            out.append((d.index, d.cost))
+        return out
+
+    assert decisions(stall_weight) == decisions(1.0)
 
 
 def test_session_moves_when_the_holder_is_saturated() -> None:

@@ -39,6 +39,10 @@ few others for an engine that merely had nothing in flight). On a worker holding
 it, the recompute makes a whole new copy, shared part included, which is how a shared
 prefix gains a holder: it counts only as a stall.
 
+Both stalls (``p * in_flight`` and ``(p - p_min) * in_flight``) are scaled by
+``stall_weight`` (1 by default: a second of delay to each of the others counts as a second
+of this request's own TTFT; lower favours TTFT, higher end-to-end latency).
+
 With ``kv_capacity_tokens`` it also adds the prefill time of the other prefixes that worker
 would have to evict to hold this request.
 
@@ -138,6 +142,13 @@ class WorkAwareConfig:
         on_decision: ``None`` or a callable receiving each
             :class:`~cacheroute.policies.base.Decision`; its exceptions are logged
             (logger ``cacheroute.policies``), never raised.
+        stall_weight: real >= 0. What a second by which this request's prefill delays
+            each request in flight on a worker counts for, against a second of its own
+            time to first token. 1 (default) counts it as the second it is. Lower favours
+            the request's own TTFT: a conversation leaves a holder busy decoding others
+            less often. Higher favours the others' end-to-end latency. 0 prices a worker
+            by its time to first token, decode pressure and duplicated work only.
+            ``docs/policies/work_aware.md`` measures the trade.
 
     Raises:
         TypeError: a value of the wrong type (the message names the field and the value).
@@ -161,6 +172,7 @@ class WorkAwareConfig:
     claim_ttl_s: float = 30.0
     index_namespace: Mapping[str, Any] | None = field(default=None, compare=False)
     on_decision: DecisionObserver | None = field(default=None, compare=False)
+    stall_weight: float = 1.0
 
     def __post_init__(self) -> None:
         reals = {
@@ -172,6 +184,7 @@ class WorkAwareConfig:
             ),
             "decode_step_s": check_real("decode_step_s", self.decode_step_s, minimum=0.0),
             "decode_token_s": check_real("decode_token_s", self.decode_token_s, minimum=0.0),
+            "stall_weight": check_real("stall_weight", self.stall_weight, minimum=0.0),
         }
         check_int("reply_tokens", self.reply_tokens, minimum=1)
         check_int("decode_horizon", self.decode_horizon, minimum=0)
@@ -339,6 +352,7 @@ class WorkAwarePolicy(PrefixPolicy):
         index_mode: IndexMode = "hybrid",
         claim_ttl_s: float = 30.0,
         index_namespace: Mapping[str, Any] | None = None,
+        stall_weight: float = 1.0,
         config: WorkAwareConfig | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -359,6 +373,7 @@ class WorkAwarePolicy(PrefixPolicy):
             "index_mode": index_mode,
             "claim_ttl_s": claim_ttl_s,
             "index_namespace": index_namespace,
+            "stall_weight": stall_weight,
         }
         config = settle_config(WorkAwareConfig, config, given, on_decision=on_decision)
         self._config = config
@@ -371,6 +386,7 @@ class WorkAwarePolicy(PrefixPolicy):
             config.decode_horizon * config.decode_token_s,
             config.max_batch,
             config.kv_capacity_tokens,
+            config.stall_weight,
         )
         tpu = config.tokens_per_unit
         self._tpu_text = 1.0 / CHARS_PER_TOKEN if tpu is None else tpu
@@ -408,7 +424,7 @@ class WorkAwarePolicy(PrefixPolicy):
         """The worker of least estimated cost (see the module doc); the cost reported is
         the estimated time to first token there. O(n + t); O(n log n + t) beyond 16
         eligible workers (see the class doc)."""
-        a, b, d0, e, reply, he, max_batch, cap = self._consts
+        a, b, d0, e, reply, he, max_batch, cap, sw = self._consts
         loads = view.loads
         tpu = self._tpu_text if tree is not None and tree.kind == "text" else self._tpu_tokens
         prompt = view.units * tpu
@@ -524,10 +540,11 @@ class WorkAwarePolicy(PrefixPolicy):
                 # it makes a whole new copy: how a shared prefix gains a holder.)
                 waste = p - p_min
                 dup = waste if ci > 0 else 0.0
+                stalled = sw * ld
                 if continuation:  # its prefill here stalls the requests in flight here
-                    cost = ttft + p * ld + dup
+                    cost = ttft + p * stalled + dup
                 else:  # new context joins this decode batch; recompute stalls the others
-                    cost = ttft + he * dw + he_prompt + waste * ld + dup
+                    cost = ttft + he * dw + he_prompt + waste * stalled + dup
                 if sizes is not None and cap is not None:  # evicting others' prefixes
                     held = sizes.get(urls[i], 0) * tpu - ci
                     if held > 0:
@@ -564,4 +581,5 @@ class WorkAwarePolicy(PrefixPolicy):
             f"decode_step_s={c.decode_step_s}, decode_token_s={c.decode_token_s}, "
             f"reply_tokens={c.reply_tokens}, decode_horizon={c.decode_horizon}, "
             f"max_batch={c.max_batch}, kv_capacity_tokens={c.kv_capacity_tokens}, "
+            f"stall_weight={c.stall_weight}, "
         )
