@@ -62,6 +62,7 @@ def test_defaults_are_the_engine_facts() -> None:
     assert (c.decode_step_s, c.decode_token_s) == (0.006, 4.89e-8)
     assert (c.reply_tokens, c.decode_horizon, c.max_batch) == (256, 512, 256)
     assert c.kv_capacity_tokens is None and c.on_decision is None
+    assert c.stall_weight == 1.0  # a second of the others' delay is a second
 
 
 @pytest.mark.parametrize(
