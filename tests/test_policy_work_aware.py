@@ -614,13 +614,15 @@ def test_large_idle_cluster_spreads_new_prefixes_over_every_worker() -> None:
     st.lists(st.tuples(st.integers(0, 4), st.integers(0, 47)), max_size=40),
     st.lists(st.integers(0, 2), min_size=48, max_size=48),
     st.integers(0, 7),  # 5-7: a prefix nobody holds
+    st.sampled_from([1.0, 0.0, 0.5, 2.0]),
 )
 def test_an_idle_large_cluster_is_decided_as_if_every_worker_were_priced(
-    n: int, history: list[tuple[int, int]], loads: list[int], group: int
+    n: int, history: list[tuple[int, int]], loads: list[int], group: int, stall_weight: float
 ) -> None:
     """Beyond 16 workers, workers of one match with nothing pending and the same load and
     decode tokens are priced once; the decision (ties and tie-break included) is the one
-    pricing every worker gives."""
+    pricing every worker gives, whatever the stall weight (at 0, load adds no cost, so
+    workers of different loads tie, and the tie-break still takes the least loaded)."""
     import cacheroute.policies.work_aware as work_aware
 
     def state() -> tuple[WorkAwarePolicy, list[BasicWorker]]:
@@ -628,7 +630,7 @@ def test_an_idle_large_cluster_is_decided_as_if_every_worker_were_priced(
         for w, load in zip(ws, loads, strict=False):
             for _ in range(load):
                 w.increment_load()
-        p = WorkAwarePolicy()
+        p = WorkAwarePolicy(stall_weight=stall_weight)
         tree = p.tree("default", "tokens", create=True)
         assert tree is not None
         for g, worker in history:
