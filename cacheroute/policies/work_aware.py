@@ -146,9 +146,8 @@ class WorkAwareConfig:
             each request in flight on a worker counts for, against a second of its own
             time to first token. 1 (default) counts it as the second it is. Lower favours
             the request's own TTFT: a conversation leaves a holder busy decoding others
-            less often. Higher favours the others' end-to-end latency. 0 prices a worker
-            by its time to first token, decode pressure and duplicated work only.
-            ``docs/policies/work_aware.md`` measures the trade.
+            less often. Higher favours the others' end-to-end latency. 0 leaves the stalls
+            out of the price. ``docs/policies/work_aware.md`` measures the trade.
 
     Raises:
         TypeError: a value of the wrong type (the message names the field and the value).
