@@ -200,3 +200,35 @@ def test_request_validation() -> None:
         Request(0.0, (1, 2), 10, 20, 15, 1)
     with pytest.raises(ValueError, match="output_tokens"):
         Request(0.0, (1,), 10, 10, 10, 0)
+
+
+@pytest.mark.parametrize("engine", [EngineConfig(), TIGHT], ids=["default", "tight"])
+def test_policies_are_told_what_a_unit_and_an_engine_cache_hold(engine: EngineConfig) -> None:
+    """The simulator builds each policy with what it accepts of tokens per unit (a block)
+    and the engines' KV capacity, the facts a gateway's user would configure."""
+    from cacheroute.policies import WorkAwarePolicy, registry
+
+    built: list[WorkAwarePolicy] = []
+
+    class Recorded(WorkAwarePolicy):
+        def __init__(
+            self, *, tokens_per_unit: float | None = None, kv_capacity_tokens: int | None = None
+        ) -> None:
+            super().__init__(
+                tokens_per_unit=tokens_per_unit,
+                kv_capacity_tokens=kv_capacity_tokens,
+            )
+            built.append(self)
+
+    saved = dict(registry._registry)
+    try:
+        registry.register_policy("recorded_work_aware", Recorded)
+        w = SMALL["shared_prefix"]
+        simulate(w, "recorded_work_aware", workers=2, engine=engine)
+    finally:
+        registry._registry.clear()
+        registry._registry.update(saved)
+    (p,) = built
+    c = p.config
+    assert c.tokens_per_unit == float(w.requests[0].block_size)
+    assert c.kv_capacity_tokens == engine.cache_tokens
