@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,10 +131,11 @@ def test_malformed_trace_error_names_file_and_line(
     assert f"{path}:2: not valid JSON" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="has matplotlib")
 def test_plot_without_matplotlib_is_a_clear_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A None entry makes `import matplotlib` raise ImportError, as where it is not installed.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit):
         main(["simulate", *SMALL, "--plot", str(tmp_path / "p.png")])
     assert "pip install 'cacheroute[plot]'" in capsys.readouterr().err
