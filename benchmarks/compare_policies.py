@@ -17,6 +17,7 @@ most of it the Claude-Code cells. Every number is deterministic for the seed.
     python benchmarks/compare_policies.py --cells mooncake/8w,default/4w \
         --policies work_aware,dynamo
     python benchmarks/compare_policies.py --trace mine.jsonl.gz --format mooncake   # your trace
+    python benchmarks/compare_policies.py --cells claude_code/8w --coarsen 16   # its options
     python benchmarks/compare_policies.py --json results.json --markdown results.md
     python benchmarks/compare_policies.py --cells default/8w --seeds 0,1,2,3,4   # seed means
 
@@ -127,12 +128,19 @@ def _spec(text: str, workload: Workload) -> PolicySpec:
 
 
 def load_workload(
-    name: str, limit: int | None, traces: dict[str, tuple[Path, str]], seed: int = 0
+    name: str,
+    limit: int | None,
+    traces: dict[str, tuple[Path, str]],
+    seed: int = 0,
+    claude_code: Mapping[str, int] | None = None,
 ) -> Workload:
-    """A built-in workload (for ``seed``) or a trace by its name in ``traces``."""
+    """A built-in workload (for ``seed``) or a trace by its name in ``traces``;
+    ``claude_code``: options of :func:`~cacheroute.sim.traces.load_claude_code`
+    (``coarsen``, ``concurrency``) for traces in that format."""
     if name in traces:
         path, fmt = traces[name]
-        return load_trace(path, fmt, limit=limit)
+        options = dict(claude_code or {}) if fmt == "claude_code" else {}
+        return load_trace(path, fmt, limit=limit, **options)
     return WORKLOADS[name](seed).limited(limit)
 
 
@@ -275,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="only the first N requests of each workload")
     ap.add_argument("--trace", help="run your own trace instead of the development traces")
     ap.add_argument("--format", choices=("mooncake", "claude_code"), help="format of --trace")
+    for opt, what in (("concurrency", "sessions running at once"), ("coarsen", "blocks merged")):
+        ap.add_argument(
+            f"--{opt}",
+            type=int,
+            help=f"Claude-Code traces: {what} (as cacheroute simulate --{opt}, and its default)",
+        )
     ap.add_argument(
         "--seeds",
         default="0",
@@ -302,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.format:
             ap.error("--trace needs --format")
         traces = {Path(args.trace).name: (Path(args.trace), args.format)}
+    claude_code = {k: v for k in ("concurrency", "coarsen") if (v := getattr(args, k)) is not None}
     if args.policies:
         peers.register_all()
         policies = [spec.label for spec in parse_policy_list(args.policies)]
@@ -345,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in [0] if cell.workload in traces else seeds:
             key = (cell.workload, seed)
             if key not in loaded:
-                loaded[key] = load_workload(cell.workload, limit, traces, seed)
+                try:
+                    loaded[key] = load_workload(cell.workload, limit, traces, seed, claude_code)
+                except (TypeError, ValueError) as e:  # a bad option or a malformed trace
+                    ap.error(f"{cell.workload}: {e}")
             note = f" seed {seed}" if len(seeds) > 1 and cell.workload not in traces else ""
             print(f"[{time.perf_counter() - started:7.0f} s] {cell.label}{note}", file=sys.stderr)
             runs.append(

@@ -62,3 +62,28 @@ def test_bad_seeds_are_refused_naming_the_option(
         _script().main(["--cells", "default/8w", "--seeds", seeds])
     assert e.value.code == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_claude_code_options_reach_the_trace_loader(tmp_path: Path) -> None:
+    cp = _script()
+    trace = Path(__file__).parent / "fixtures" / "claude_code_sample.jsonl.gz"
+    base = ["--trace", str(trace), "--format", "claude_code", "--cells"]
+    base += [f"{trace.name}/4w", "--limit", "60", "--policies", "work_aware"]
+    got = {}
+    for extra in ([], ["--coarsen", "2", "--concurrency", "3"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert cp.main([*base, *extra, "--json", str(out)]) == 0
+        (got[len(extra)],) = json.loads(out.read_text())["cells"][f"{trace.name}/4w"]
+    w = cp.load_trace(trace, "claude_code", limit=60, coarsen=2, concurrency=3)
+    (direct,) = cp.run_cell(w, 4, 1.0, ["work_aware"])
+    assert got[4] != got[0]  # the options change the workload
+    for key in ("hit_rate", "ttft_p99", "e2e_p99", "requests", "input_tokens"):
+        assert got[4][key] == getattr(direct, key), key
+
+
+def test_a_bad_claude_code_option_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    trace = Path(__file__).parent / "fixtures" / "claude_code_sample.jsonl.gz"
+    args = ["--trace", str(trace), "--format", "claude_code", "--coarsen", "0"]
+    with pytest.raises(SystemExit):
+        _script().main([*args, "--cells", f"{trace.name}/8w", "--policies", "round_robin"])
+    assert "coarsen must be an int in [1, " in capsys.readouterr().err
