@@ -26,7 +26,7 @@ bounded W3 also reports the worst single insert and how eviction is spread: unit
 per insert (a *burst* evicts more than twice what the insert adds).
 
 ``--baseline-rev REV`` loads ``git show REV:cacheroute/tree.py`` as a module. Peers, when
-importable: ``pygtrie`` (``pip install cacheroute[bench]``) and Ray Serve's ``PrefixTree``.
+importable: ``pygtrie`` (``pip install -e '.[bench]'``) and Ray Serve's ``PrefixTree``.
 """
 
 from __future__ import annotations

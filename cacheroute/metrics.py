@@ -61,7 +61,8 @@ try:
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "cacheroute.metrics needs prometheus_client: pip install 'cacheroute[metrics]'"
+        "cacheroute.metrics needs prometheus_client (the 'metrics' extra): "
+        "pip install prometheus_client"
     ) from exc
 
 __all__ = [

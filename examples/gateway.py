@@ -1251,7 +1251,7 @@ def create_app(
         if gateway.metrics is None:
             why = (
                 "metrics are disabled" if RouterMetrics is not None
-                else "metrics need prometheus_client: pip install 'cacheroute[metrics]'"
+                else "metrics need prometheus_client: pip install prometheus_client"
             )  # fmt: skip
             return Response(why + "\n", 404, media_type="text/plain")
         # Read off the event loop: tree sizes and index counters take their own locks.

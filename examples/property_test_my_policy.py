@@ -5,7 +5,7 @@ whose first characters (or first tokens) match to the same worker, by rendezvous
 over the healthy workers, so a shared system prompt stays warm on one engine and losing a
 worker moves only the prefixes that lived on it.
 
-Run it either way (needs ``pip install 'cacheroute[test]'``)::
+Run it either way (needs hypothesis: ``pip install -e '.[test]'`` in a checkout)::
 
     pytest examples/property_test_my_policy.py
     python examples/property_test_my_policy.py

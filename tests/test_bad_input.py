@@ -844,6 +844,12 @@ TABLE: dict[str, Entry] = {
             {"summaries": [_summary()], "title": "t"},
         )
     ),
+    "cacheroute.sim.report.plot_results": Entry(
+        lambda: Case(
+            importlib.import_module("cacheroute.sim.report").plot_results,
+            {"path": str(Path(_tmpdir()) / "p.png"), "results": [_run_result()], "title": "t"},
+        )
+    ),
     "cacheroute.sim.report.to_json": Entry(
         lambda: Case(
             importlib.import_module("cacheroute.sim.report").to_json,
@@ -1009,7 +1015,6 @@ EXEMPT: dict[str, str] = {
     "cacheroute.sim.precise.EventFeed.deliver": _BUILT + " (simulate() calls it)",
     "cacheroute.sim.cli.add_simulate_parser": "argparse plumbing of `cacheroute simulate`",
     "cacheroute.sim.cli.run_simulate": "argparse plumbing: takes the parsed Namespace",
-    "cacheroute.sim.report.plot_results": "needs matplotlib (the plot extra), not installed in CI",
     "cacheroute.sim.engine.KVEvent": _BUILT + " (the engines emit it, simulate() delivers it)",
     "cacheroute.sim.simulator.RunResult": _BUILT + " (simulate() returns it)",
     "cacheroute.sim.metrics.Summary": _BUILT + " (summarize() returns it)",

@@ -11,6 +11,7 @@ import pytest
 
 from cacheroute.cli import main
 from cacheroute.sim import PolicySpec, parse_policy_list
+from cacheroute.sim.report import plot_results
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = ["--workload", "shared_prefix", "--limit", "64", "--workers", "2", "--progress", "off"]
@@ -138,7 +139,15 @@ def test_plot_without_matplotlib_is_a_clear_error(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit):
         main(["simulate", *SMALL, "--plot", str(tmp_path / "p.png")])
-    assert "pip install 'cacheroute[plot]'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(the 'plot' extra), which is not installed: pip install matplotlib" in err
+
+
+def test_plotting_no_results_is_refused_naming_them(tmp_path: Path) -> None:
+    path = tmp_path / "p.png"
+    with pytest.raises(ValueError, match="results must be"):
+        plot_results(path, [], "t")
+    assert not path.exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")

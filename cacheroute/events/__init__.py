@@ -13,7 +13,7 @@ worker, an exact view of which token prefixes its engine holds, so a policy can 
 {'http://w1:8000': 4}
 
 The ZMQ transport and the msgpack codec are the ``events`` extra
-(``pip install 'cacheroute[events]'``); importing this package needs neither. See
+(``pip install '.[events]'`` in a checkout); importing this package needs neither. See
 ``docs/events.md``.
 """
 

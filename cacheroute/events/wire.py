@@ -118,7 +118,7 @@ def _msgpack() -> Any:
         return _MSGPACK
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "cacheroute.events needs msgpack: pip install 'cacheroute[events]'"
+            "cacheroute.events needs msgpack (the 'events' extra): pip install msgpack"
         ) from exc
 
 

@@ -46,7 +46,8 @@ try:
     from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "cacheroute.integrations.ray_serve needs Ray Serve: pip install 'cacheroute[ray]'"
+        "cacheroute.integrations.ray_serve needs Ray Serve (the 'ray' extra): "
+        "pip install 'ray[serve]'"
     ) from exc
 
 from cacheroute._validation import check_bool, check_int, check_real, check_str

@@ -73,6 +73,11 @@ def _check_summary(param: str, value: object) -> None:
         raise fail(param, "a Summary", value, TypeError)
 
 
+def _check_run_result(param: str, value: object) -> None:
+    if not isinstance(value, RunResult):
+        raise fail(param, "a RunResult", value, TypeError)
+
+
 def format_table(summaries: Sequence[Summary], title: str = "") -> str:
     """The policies side by side: one column per policy, one row per metric.
 
@@ -146,8 +151,8 @@ def require_matplotlib() -> Any:
         matplotlib = importlib.import_module("matplotlib")
     except ImportError:
         raise RuntimeError(
-            "--plot needs matplotlib, which is not installed: "
-            "pip install 'cacheroute[plot]' (or pip install matplotlib)"
+            "--plot needs matplotlib (the 'plot' extra), which is not installed: "
+            "pip install matplotlib"
         ) from None
     matplotlib.use("Agg")
     return matplotlib
@@ -157,10 +162,16 @@ def plot_results(path: str | os.PathLike[str], results: Sequence[RunResult], tit
     """Draw TTFT distributions per policy and per-worker load over time; save to ``path``.
 
     Raises:
-        TypeError: ``path`` is not a ``str`` or ``os.PathLike``.
+        TypeError: ``path`` is not a ``str`` or ``os.PathLike``, ``results`` is not a list
+            or tuple of :class:`~cacheroute.sim.simulator.RunResult`, or ``title`` is not a
+            ``str``.
+        ValueError: ``results`` is empty.
         RuntimeError: matplotlib is not installed.
     """
     _check_path(path)
+    if not check_sequence("results", results, item=_check_run_result):
+        raise fail("results", "at least one RunResult", results)
+    check_str("title", title, empty_ok=True)
     require_matplotlib()
     plt: Any = importlib.import_module("matplotlib.pyplot")
 

@@ -1,7 +1,7 @@
 """Property-test any routing policy: hypothesis strategies, ``check_policy`` and a state machine.
 
 This package needs `hypothesis <https://hypothesis.readthedocs.io>`_, an optional dependency
-(``pip install 'cacheroute[test]'``); the rest of cacheroute never imports it.
+(the ``test`` extra); the rest of cacheroute never imports it.
 
 Check that a policy keeps the shared semantics every policy must keep (see
 :mod:`cacheroute.policies.base`)::
@@ -41,7 +41,7 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         "cacheroute.testing needs hypothesis, an optional dependency: "
-        "pip install 'cacheroute[test]'"
+        "pip install hypothesis (or the 'test' extra)"
     ) from _exc
 
 from cacheroute.testing.checks import (
