@@ -18,14 +18,26 @@ thread and in two threads sharing the policy. The Tree baseline replays, on a fr
 the policy chose: the tree's own share of the work. ``ratio`` = policy p50 / tree p50
 (target <= 2).
 
+``--floor`` adds a ``floor`` row per case: a prefix policy whose choice is a constant (the
+first eligible worker) run through the same machinery (the workers' loads read, the tree's
+match and insert, the decision recorded). It is what any prefix policy pays before it
+prices a single worker: the part of a ratio no pricing rule can remove.
+
+``--baseline-rev REV`` compares each policy with its own module at git revision ``REV``
+(``cacheroute/policies/NAME.py``, loaded against today's package) instead: one thread,
+reps interleaved (baseline first, then ours first, ...), and per case the median over
+reps of ``baseline p50 / ours p50`` (> 1: ours is faster) and whether both chose the same
+worker for every request (what an optimisation that must not change decisions shows).
+
 Run: ``python benchmarks/bench_policy.py`` (``--quick`` for a smoke run; ``--policies
-work_aware`` for one policy).
+work_aware`` for one policy; ``--floor`` for the floor rows; ``--baseline-rev REV``).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
 import statistics
 import string
@@ -34,8 +46,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from cacheroute import BasicWorker, CacheAwarePolicy, make_policy
+from cacheroute import BasicWorker, CacheAwarePolicy, DecisionReason, make_policy, register_policy
+from cacheroute.policies.prefix import PoolView, PrefixPolicy
 from cacheroute.tree import Tree
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _revision import module_at
 
 ALPHABET = string.ascii_letters + string.digits + " "
 
@@ -66,6 +82,71 @@ def w2(quick: bool) -> list[str]:
         history[c] = history[c] + _rand(rng, 300) + _rand(rng, 300)
         prompts.append(history[c])
     return prompts
+
+
+class FloorPolicy(PrefixPolicy):
+    """The first eligible worker, through the prefix machinery: the floor of any prefix
+    policy's decision cost (``--floor``)."""
+
+    name = "floor"
+    description = "benchmark floor: the first eligible worker, tree match and insert included"
+
+    def __init__(self) -> None:
+        self._init_prefix(CacheAwarePolicy().config.max_tree_size, None, None, None, None)
+
+    def choose(
+        self, view: PoolView, lengths: dict[str, int], tree: Tree | None
+    ) -> tuple[int, str, float | None]:
+        return view.eligible[0], DecisionReason.CACHE_HIT, None
+
+
+def load_baseline(name: str, rev: str, root: str | None = None) -> str:
+    """Register policy ``name`` as its module ``cacheroute/policies/NAME.py`` was at git
+    revision ``rev`` of the repository at ``root`` (default: this one); the registered
+    name (``NAME@REV``)."""
+    path = f"cacheroute/policies/{name}.py"
+    mod = module_at(rev, path, f"baseline_{name}", root)
+    found = [
+        c for c in vars(mod).values() if isinstance(c, type) and getattr(c, "name", None) == name
+    ]
+    if not found:
+        raise SystemExit(f"no policy class named {name!r} in {rev}:{path}")
+    registered = f"{name}@{rev}"
+    register_policy(registered, found[0], replace=True)
+    return registered
+
+
+def compare_baseline(names: list[str], rev: str, quick: bool, repeat: int) -> None:
+    """Print, per policy and case, the same-rep ratio baseline p50 / ours p50."""
+    workloads: dict[str, Callable[[bool], list[str]]] = {"W1": w1, "W2": w2}
+    print(f"# baseline: cacheroute/policies/NAME.py at {rev}; one thread; ratio > 1: ours faster")
+    print(
+        f"{'policy':12} {'load':4} {'state':5} {'workers':>7} {'base p50':>9} {'ours p50':>9} "
+        f"{'ratio':>6} {'[min-max]':>13} same choices"
+    )
+    for name in names:
+        base = load_baseline(name, rev)
+        for wname, gen in workloads.items():
+            prompts = gen(quick)
+            for busy in (False, True):
+                for n_workers in (8, 64):
+                    ratios, b50s, o50s, same = [], [], [], True
+                    for rep in range(repeat):
+                        order = (base, name) if rep % 2 == 0 else (name, base)
+                        got = {n: run_policy(n, prompts, n_workers, 1, busy) for n in order}
+                        b50, o50 = _pct(got[base][0], 0.5), _pct(got[name][0], 0.5)
+                        b50s.append(b50)
+                        o50s.append(o50)
+                        ratios.append(b50 / o50)
+                        same = same and got[base][2] == got[name][2]
+                    state = "busy" if busy else "idle"
+                    print(
+                        f"{name:12} {wname:4} {state:5} {n_workers:7d} "
+                        f"{statistics.median(b50s):9.2f} {statistics.median(o50s):9.2f} "
+                        f"{statistics.median(ratios):6.2f} "
+                        f"{f'[{min(ratios):.2f}-{max(ratios):.2f}]':>13} "
+                        f"{'yes' if same else 'no'}"
+                    )
 
 
 def _pct(xs: list[int], q: float) -> float:
@@ -141,8 +222,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--policies", default="cache_aware,work_aware", help="comma-separated policy names"
     )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time a constant choice through the same machinery (see the module doc)",
+    )
+    ap.add_argument(
+        "--baseline-rev",
+        default=None,
+        metavar="REV",
+        help="compare each policy with its module at this git revision (see the module doc)",
+    )
     args = ap.parse_args(argv)
+    names = args.policies.split(",")
     repeat = 1 if args.quick else max(1, args.repeat)
+    if args.baseline_rev:
+        compare_baseline(names, args.baseline_rev, args.quick, repeat)
+        return 0
+    if args.floor:
+        register_policy(FloorPolicy.name, FloorPolicy, replace=True)
+        names.insert(0, FloorPolicy.name)
     workloads: dict[str, Callable[[bool], list[str]]] = {"W1": w1, "W2": w2}
     print(
         f"cacheroute bench_policy  python {sys.version.split()[0]}  "
@@ -154,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'tree p50':>9} {'tree p99':>9} {'ratio':>6}"
     )
     worst: dict[str, float] = {}
-    for name in args.policies.split(","):
+    for name in names:
         for wname, gen in workloads.items():
             prompts = gen(args.quick)
             for busy in (False, True):

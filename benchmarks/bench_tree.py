@@ -33,20 +33,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import os
 import platform
 import random
 import statistics
 import string
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 from cacheroute.tree import Tree
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _revision import module_at
 
 ALPHABET = string.ascii_letters + string.digits + " "
 _TABLE = bytes(ord(ALPHABET[b % len(ALPHABET)]) for b in range(256))
@@ -59,21 +59,7 @@ def rand_text(rng: random.Random, n: int) -> str:
 
 def load_baseline(rev: str) -> Any:
     """The ``Tree`` class of ``cacheroute/tree.py`` at git revision ``rev``."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    src = subprocess.run(
-        ["git", "-C", root, "show", f"{rev}:cacheroute/tree.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    path = os.path.join(tempfile.mkdtemp(), "baseline_tree.py")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("baseline_tree", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.Tree
+    return module_at(rev, "cacheroute/tree.py", "baseline_tree").Tree
 
 
 def stats(ts: list[float]) -> dict[str, float]:

@@ -1,0 +1,72 @@
+"""benchmarks/bench_policy.py: its floor row times the prefix machinery with a constant
+choice, and the policies it times decide as they do outside it."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from conftest import benchmark_script
+
+from cacheroute import BasicWorker, make_policy
+from cacheroute.policies import registry
+
+
+def _script() -> ModuleType:
+    return benchmark_script("bench_policy")
+
+
+@pytest.fixture(autouse=True)
+def _registry_restored() -> Iterator[None]:
+    """The script registers ``floor`` and ``NAME@REV``: other tests list the registry."""
+    saved = dict(registry._registry)
+    yield
+    registry._registry.clear()
+    registry._registry.update(saved)
+
+
+def test_the_floor_takes_the_first_eligible_worker_and_records_its_prompt() -> None:
+    floor = _script().FloorPolicy()
+    ws = [BasicWorker("http://a", healthy=False), BasicWorker("http://b"), BasicWorker("http://c")]
+    d = floor.decide(ws, "system prompt, then a question")
+    assert d is not None and d.index == 1
+    assert ws[1].processed() == 1
+    # the tree's match and insert are part of what it times: the prompt is recorded
+    again = floor.decide(ws, "system prompt, then another question")
+    assert again is not None and again.cached_tokens > 0
+
+
+def test_the_floor_rows_come_first_and_are_summed_up(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _script().main(["--quick", "--floor", "--policies", "round_robin"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith(("floor", "round"))]
+    assert rows[0] == "floor" and "round_robin" in rows
+    assert "floor: worst single-thread ratio at 64 workers" in out
+
+
+def test_a_baseline_revision_is_loaded_from_git_and_decides_like_its_source(
+    tmp_path: Path,
+) -> None:
+    """``--baseline-rev`` registers the policy's module as it was at a revision: here a
+    repository made by the test, holding today's round_robin module."""
+    import cacheroute.policies.round_robin as rr
+
+    policies = tmp_path / "cacheroute" / "policies"
+    policies.mkdir(parents=True)
+    (policies / "round_robin.py").write_text(Path(rr.__file__).read_text())
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "baseline"], check=True)
+
+    name = _script().load_baseline("round_robin", "HEAD", root=str(tmp_path))
+    assert name == "round_robin@HEAD"
+    base, ours = make_policy(name), make_policy("round_robin")
+    assert type(base) is not type(ours) and type(base).__module__ == "baseline_round_robin"
+    ws = [BasicWorker(f"http://w{i}") for i in range(3)]
+    assert [base.select_worker(ws) for _ in range(5)] == [ours.select_worker(ws) for _ in range(5)]
+    with pytest.raises(subprocess.CalledProcessError):
+        _script().load_baseline("round_robin", "no-such-rev", root=str(tmp_path))
