@@ -1200,6 +1200,87 @@ class Tree:
             lock.release()
         return match.lengths.get(tenant, 0)
 
+    def shared_length(self, match: TreeMatch) -> int:
+        """Units of the longest prefix of ``match``'s prompt that the tree has seen
+        continued in two ways: a prefix other prompts share (a system prompt, a few-shot
+        template), as opposed to one prompt's own history (a conversation's earlier
+        turns, which only its next turn extends).
+
+        A fork counts when two of its branches go on for at least two units: a branch
+        of one unit that ends there is what a block-hash prompt leaves behind (the last,
+        partial block of a previous turn, completed differently by the next one). The
+        prompt itself counts as one branch where it leaves the tree, and a prompt that
+        ends inside the tree is shared all the way (a longer prompt continues it).
+
+        Args:
+            match: a :class:`TreeMatch` from this tree's :meth:`match`; if the tree has
+                been written since, its prompt is matched again.
+
+        Returns:
+            Units, at most the prompt's match: 0 when nothing of it is shared.
+
+        Raises:
+            TypeError: ``match`` is not a :class:`TreeMatch`; ValueError: it comes from
+                another tree.
+
+        Complexity: O(d) for the d nodes matched, plus the branches of each fork on the
+        way until two that go on are found.
+
+        >>> t = Tree()
+        >>> t.insert("SYSTEM. user one asks", "a")
+        >>> t.insert("SYSTEM. user two asks", "b")
+        >>> t.shared_length(t.match("SYSTEM. user nine"))
+        13
+        >>> t.insert("hi there", "c")
+        >>> t.shared_length(t.match("hi there, and more"))  # only its own history
+        0
+        """
+        if type(match) is not TreeMatch:
+            raise fail("match", "a TreeMatch (from Tree.match)", match, TypeError)
+        if match._tree is not self:
+            raise fail("match", "a TreeMatch from this tree's match()", match)
+        s = match._s
+        if not s:
+            return 0
+        lock = self._lock
+        lock.acquire()
+        try:
+            if match._kind is not self._kind:
+                return 0  # nothing of the other kind is in this tree
+            path, pos, part, k = match._walk if match._version == self._version else self._walk(s)
+            kids = self._kids
+            edge = self._edge
+            w = self._w
+            depth = d = 0
+            for y in path:
+                d += len(edge[y])
+                ch = kids[y]
+                if ch is not None and len(ch) > 1:
+                    going = 0
+                    for c in ch.values():
+                        if len(edge[c]) > w or kids[c] is not None:
+                            going += 1
+                            if going == 2:
+                                depth = d
+                                break
+            end = pos + k
+            if end >= len(s):  # it ends inside the tree: a longer prompt continues it
+                if part >= 0 or (path and kids[path[-1]] is not None):
+                    depth = end
+            elif len(s) - end > w:  # it goes on past its match: does another branch?
+                if part >= 0:
+                    if len(edge[part]) - k > w or kids[part] is not None:
+                        depth = end
+                elif path:
+                    ch = kids[path[-1]]
+                    if ch is not None and any(
+                        len(edge[c]) > w or kids[c] is not None for c in ch.values()
+                    ):
+                        depth = end
+        finally:
+            lock.release()
+        return depth // w
+
     def match_and_insert(
         self, units: Units, choose: Callable[[dict[str, int]], str | None]
     ) -> tuple[str | None, int]:

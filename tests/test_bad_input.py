@@ -334,6 +334,12 @@ def _tree_insert_match() -> Case:
     return Case(case.call, {"match": tree.match("hello you"), "tenant": "c"}, case.state)
 
 
+def _tree_shared_length() -> Case:
+    case = _tree_method("shared_length").setup()
+    tree = case.call.__self__
+    return Case(case.call, {"match": tree.match("hello you")}, case.state)
+
+
 def _registry(call: Callable[..., Any], **good: Any) -> Entry:
     def setup() -> Case:
         saved = dict(registry._registry)
@@ -687,6 +693,7 @@ TABLE: dict[str, Entry] = {
     ),
     "cacheroute.tree.Tree.match": _tree_method("match", units="hello"),
     "cacheroute.tree.Tree.insert_match": Entry(_tree_insert_match),
+    "cacheroute.tree.Tree.shared_length": Entry(_tree_shared_length),
     "cacheroute.tree.Tree.match_and_insert": Entry(
         _tree_method("match_and_insert", units="hello you", choose=lambda lengths: "c").setup,
         {"choose": "callable"},

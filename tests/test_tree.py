@@ -684,3 +684,75 @@ def test_lcp_is_the_common_prefix_length(shared: int, e_extra: str, s_extra: str
         min(len(e), len(s) - pos),
     )
     assert _lcp(e, s, pos) == want
+
+
+# ----------------------------------------------------------------------------- shared_length
+
+
+def _shared_brute(stored: list[list[int]], s: list[int]) -> int:
+    """shared_length by its definition, over the prompts stored (units as lists)."""
+
+    def lcp(a: list[int], b: list[int]) -> int:
+        pairs = enumerate(zip(a, b, strict=False))
+        return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+
+    matched = max((lcp(q, s) for q in stored), default=0)
+    best = 0
+    for depth in range(1, matched + 1):  # forks of stored prompts along the match
+        firsts = {q[depth] for q in stored if q[:depth] == s[:depth] and len(q) - depth >= 2}
+        if len(firsts) >= 2:
+            best = depth
+    if matched == len(s):  # it ends inside the tree: shared if a longer prompt goes on
+        if any(len(q) > len(s) and q[: len(s)] == s for q in stored):
+            best = len(s)
+    elif len(s) - matched >= 2 and any(
+        q[:matched] == s[:matched] and len(q) - matched >= 2 for q in stored
+    ):
+        best = matched  # it leaves the tree where a stored prompt goes on: a new fork
+    return best
+
+
+_short_prompts = st.lists(st.integers(0, 2), max_size=7)
+
+
+@given(st.lists(_short_prompts, max_size=8), _short_prompts, st.booleans())
+def test_shared_length_is_the_longest_prefix_continued_two_ways(
+    stored: list[list[int]], s: list[int], text: bool
+) -> None:
+    t = Tree()
+    enc = (lambda u: "".join("xyz"[i] for i in u)) if text else (lambda u: u)
+    for k, q in enumerate(stored):
+        t.insert(enc(q), f"w{k % 3}")
+    stored = [q for q in stored if q]
+    assert t.shared_length(t.match(enc(s))) == _shared_brute(stored, s)
+
+
+def test_shared_length_tells_a_system_prompt_from_a_conversation() -> None:
+    t = Tree()
+    system = list(range(100, 140))
+    t.insert([*system, 1, 2, 3], "a")  # session one
+    t.insert([*system, 7, 8, 9], "b")  # session two: the system prompt is now forked
+    assert t.shared_length(t.match([*system, 4, 5, 6])) == 40
+    # a conversation: turn 2 extends turn 1, and a block-hash turn 3 forks turn 2's last
+    # (partial) block: neither is sharing
+    turn1 = list(range(1000, 1020))
+    t.insert(turn1, "c")
+    t.insert([*turn1, 1020, 1021, 1022], "c")
+    assert t.shared_length(t.match([*turn1, 1020, 1021, 5555, 5556, 5557])) == 0
+    t.insert([*turn1, 1020, 1021, 5555, 5556, 5557], "c")
+    assert t.shared_length(t.match([*turn1, 1020, 1021, 5555, 5556, 5557, 5558])) == 0
+
+
+def test_shared_length_rematches_after_a_write_and_checks_its_argument() -> None:
+    t = Tree()
+    t.insert("abcdef", "a")
+    m = t.match("abcxyz")
+    assert t.shared_length(m) == 3  # it would fork "abcdef" after "abc"
+    t.insert("abcxyz", "b")
+    t.insert("abcq", "c")  # the tree changed: the prompt is matched again
+    assert t.shared_length(m) == 3
+    with pytest.raises(TypeError, match="match"):
+        t.shared_length("abc")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="match"):
+        Tree().shared_length(m)
+    assert t.shared_length(t.match("")) == 0

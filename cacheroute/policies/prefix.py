@@ -111,6 +111,9 @@ class PoolView:
         prefill_tokens, decode_tokens: per index (policies with ``reads_work``), else
             ``None``.
         units: units of the request (0 without text).
+        match: the tree's :class:`~cacheroute.tree.TreeMatch` of the request, given to
+            :meth:`PrefixPolicy.choose` with its lengths (``None`` without text), e.g.
+            for :meth:`~cacheroute.tree.Tree.shared_length`.
 
     ``min_load``, ``max_load`` and the token lists are computed on first use (each an
     O(n) pass over the workers that not every policy needs), then kept.
@@ -122,6 +125,7 @@ class PoolView:
         "_tokens",
         "eligible",
         "loads",
+        "match",
         "pool",
         "units",
         "urls",
@@ -137,6 +141,7 @@ class PoolView:
         self.loads = loads
         self.eligible = eligible
         self.units = units
+        self.match: TreeMatch | None = None
         self._reads_work = reads_work
         self._bounds: tuple[int, int] | None = None
         self._tokens: tuple[list[int], list[int]] | None = None
@@ -455,6 +460,7 @@ class PrefixPolicy(LoadBalancingPolicy):
                 lengths = match.lengths
                 if self._precise is not None and kind == "tokens":
                     lengths = self._precise.lengths(units, lengths)  # type: ignore[arg-type]
+            view.match = match
             index, reason, cost = self.choose(view, lengths, tree)
             if self._removed is pool.removed:
                 break  # membership unchanged since the view: commit

@@ -31,13 +31,14 @@ context already lives somewhere:
   would (``p_min``) stalls the requests in flight there for the difference, so recompute
   is priced by the work queued behind it, free on an idle engine, decisive on a busy one.
 
-On a worker that already holds part of the prompt (a shared system prompt) but less than
-the best, the recompute ``p - p_min`` duplicates what only others hold (a conversation's
-own history) and counts once more: work done for nothing, which the next requests there
-wait behind even when it is idle now (without it, conversations left a holder decoding a
-few others for an engine that merely had nothing in flight). On a worker holding none of
-it, the recompute makes a whole new copy, shared part included, which is how a shared
-prefix gains a holder: it counts only as a stall.
+Of that recompute, what lies beyond the part of the prompt other prompts share (the
+tree's :meth:`~cacheroute.tree.Tree.shared_length`: a system prompt, a template) is this
+prompt's own history, a conversation's earlier turns. Recomputing it anywhere duplicates
+it, and counts once more: work done for nothing, which the next requests there wait
+behind even when it is idle now (without it, conversations left a holder decoding a few
+others for an engine that merely had nothing in flight). Recomputing the shared part on a
+worker lacking it makes a new holder of it, which is how a hot prefix gains one: that
+counts only as a stall.
 
 Both stalls (``p * in_flight`` and ``(p - p_min) * in_flight``) are scaled by
 ``stall_weight`` (1 by default: a second of delay to each of the others counts as a second
@@ -317,7 +318,8 @@ class WorkAwarePolicy(PrefixPolicy):
     Trees, membership, observer and pairs: see
     :class:`~cacheroute.policies.prefix.PrefixPolicy`. Thread-safe; no background thread.
 
-    Complexity of ``decide``: O(n) worker reads + one tree match and insert + O(n) pricing,
+    Complexity of ``decide``: O(n) worker reads + one tree match and insert (and, when some
+    of the prompt is cached, :meth:`~cacheroute.tree.Tree.shared_length`) + O(n) pricing,
     n the eligible workers. Beyond 16 eligible workers, a sort by pending plus decode
     tokens (one read per worker) and the pricing of a few: every worker holding some of
     the prompt (of a match held by more than 8, the 8 least busy), and of the others the
@@ -455,6 +457,17 @@ class WorkAwarePolicy(PrefixPolicy):
             elif p_hold < p_min:
                 p_min = p_hold
         continuation = top > prompt - top  # most of the prompt already lives somewhere
+        # What a worker without the whole match recomputes beyond the part other prompts
+        # share is this prompt's own history: a duplicate wherever it is recomputed.
+        dup_beyond_shared = 0.0
+        shared = top
+        if top > 0 and tree is not None and view.match is not None:
+            shared = tree.shared_length(view.match) * tpu
+            if shared < top:
+                u = prompt - shared
+                dup_beyond_shared = a * u + b * u * (shared + u / 2) - p_min
+                if dup_beyond_shared < 0.0:
+                    dup_beyond_shared = 0.0
 
         cands = eligible
         # priced worker -> lists the unpriced ones of equal cost (only if needed: when it
@@ -533,12 +546,16 @@ class WorkAwarePolicy(PrefixPolicy):
                     if over > 0 and ctx > 0:
                         ttft += (over / ctx if over < ctx else 1.0) * reply * step
                 # Recompute (prefilling more than the best placement would) stalls the
-                # requests in flight here. Where this worker holds part of the prompt, it
-                # also duplicates what only others hold: work done for nothing, which the
-                # next requests here wait behind even if idle now. (Holding none of it,
-                # it makes a whole new copy: how a shared prefix gains a holder.)
+                # requests in flight here. What of it is the prompt's own history (beyond
+                # the part other prompts share) is also a duplicate: work done for
+                # nothing, which the next requests here wait behind even if idle now.
+                # (Recomputing a shared prefix makes a new holder of it: how a hot system
+                # prompt gains one; that counts as a stall only.)
                 waste = p - p_min
-                dup = waste if ci > 0 else 0.0
+                if shared < top:
+                    dup = waste if ci >= shared else dup_beyond_shared
+                else:  # all of it shared: holding part of it, this worker copies the rest
+                    dup = waste if ci > 0 else 0.0
                 stalled = sw * ld
                 if continuation:  # its prefill here stalls the requests in flight here
                     cost = ttft + p * stalled + dup
