@@ -1206,11 +1206,12 @@ class Tree:
         template), as opposed to one prompt's own history (a conversation's earlier
         turns, which only its next turn extends).
 
-        A fork counts when two of its branches go on for at least two units: a branch
-        of one unit that ends there is what a block-hash prompt leaves behind (the last,
-        partial block of a previous turn, completed differently by the next one). The
-        prompt itself counts as one branch where it leaves the tree, and a prompt that
-        ends inside the tree is shared all the way (a longer prompt continues it).
+        A fork counts when it has three branches or more, or two that both go on for at
+        least two units: a branch of one unit that ends there is what a block-hash prompt
+        leaves behind (the last, partial block of a previous turn, completed differently
+        by the next one). The prompt itself counts as one branch where it leaves the tree
+        (if it goes on for two units or more), and a prompt that ends inside the tree is
+        shared all the way (a longer prompt continues it).
 
         Args:
             match: a :class:`TreeMatch` from this tree's :meth:`match`; if the tree has
@@ -1223,8 +1224,7 @@ class Tree:
             TypeError: ``match`` is not a :class:`TreeMatch`; ValueError: it comes from
                 another tree.
 
-        Complexity: O(d) for the d nodes matched, plus the branches of each fork on the
-        way until two that go on are found.
+        Complexity: O(d) for the d nodes matched.
 
         >>> t = Tree()
         >>> t.insert("SYSTEM. user one asks", "a")
@@ -1256,13 +1256,14 @@ class Tree:
                 d += len(edge[y])
                 ch = kids[y]
                 if ch is not None and len(ch) > 1:
-                    going = 0
-                    for c in ch.values():
-                        if len(edge[c]) > w or kids[c] is not None:
-                            going += 1
-                            if going == 2:
-                                depth = d
-                                break
+                    if len(ch) > 2:  # three ways: more than one turn's leftover
+                        depth = d
+                    else:
+                        c1, c2 = ch.values()
+                        if (len(edge[c1]) > w or kids[c1] is not None) and (
+                            len(edge[c2]) > w or kids[c2] is not None
+                        ):
+                            depth = d
             end = pos + k
             if end >= len(s):  # it ends inside the tree: a longer prompt continues it
                 if part >= 0 or (path and kids[path[-1]] is not None):
@@ -1273,10 +1274,13 @@ class Tree:
                         depth = end
                 elif path:
                     ch = kids[path[-1]]
-                    if ch is not None and any(
-                        len(edge[c]) > w or kids[c] is not None for c in ch.values()
-                    ):
-                        depth = end
+                    if ch is not None:
+                        if len(ch) > 1:
+                            depth = end
+                        else:
+                            (c,) = ch.values()
+                            if len(edge[c]) > w or kids[c] is not None:
+                                depth = end
         finally:
             lock.release()
         return depth // w

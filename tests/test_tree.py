@@ -698,17 +698,23 @@ def _shared_brute(stored: list[list[int]], s: list[int]) -> int:
 
     matched = max((lcp(q, s) for q in stored), default=0)
     best = 0
+
+    def ways(depth: int) -> tuple[set[int], set[int]]:
+        """Next units of the stored prompts through s[:depth]: all, and those going on."""
+        through = [q for q in stored if q[:depth] == s[:depth] and len(q) > depth]
+        return {q[depth] for q in through}, {q[depth] for q in through if len(q) - depth >= 2}
+
     for depth in range(1, matched + 1):  # forks of stored prompts along the match
-        firsts = {q[depth] for q in stored if q[:depth] == s[:depth] and len(q) - depth >= 2}
-        if len(firsts) >= 2:
+        every, going = ways(depth)
+        if len(every) >= 3 or (len(every) == 2 and len(going) == 2):
             best = depth
     if matched == len(s):  # it ends inside the tree: shared if a longer prompt goes on
         if any(len(q) > len(s) and q[: len(s)] == s for q in stored):
             best = len(s)
-    elif len(s) - matched >= 2 and any(
-        q[:matched] == s[:matched] and len(q) - matched >= 2 for q in stored
-    ):
-        best = matched  # it leaves the tree where a stored prompt goes on: a new fork
+    elif len(s) - matched >= 2:  # it leaves the tree: a new branch beside the stored ones
+        every, going = ways(matched)
+        if len(every) >= 2 or (len(every) == 1 and len(going) == 1):
+            best = matched
     return best
 
 
