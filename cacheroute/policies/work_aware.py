@@ -461,7 +461,7 @@ class WorkAwarePolicy(PrefixPolicy):
         # share is this prompt's own history: a duplicate wherever it is recomputed.
         dup_beyond_shared = 0.0
         shared = top
-        if top > 0 and tree is not None and view.match is not None:
+        if top > 0 and len(eligible) > 1 and tree is not None and view.match is not None:
             shared = tree.shared_length(view.match) * tpu
             if shared < top:
                 u = prompt - shared
