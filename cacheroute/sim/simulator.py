@@ -208,7 +208,8 @@ def simulate(
         feed = EventFeed([w.url for w in pool])
         feed.open_feeds()
         precise = {"index": feed.index, "index_mode": index, "clock": lambda: clock[0]}
-    # Prefix policies see one unit per block: tell them what a unit and an engine hold.
+    # Prefix policies see one unit per block: tell them what a unit and an engine hold,
+    # and how many requests an engine runs at once.
     block = reqs[0].block_size if reqs else 1
     replicas = [
         spec.build(
@@ -216,6 +217,7 @@ def simulate(
             on_decision=observe,
             tokens_per_unit=float(block),
             kv_capacity_tokens=cfg.cache_tokens,
+            max_batch=cfg.max_batch,
             **precise,
         )
         for k in range(routers)
