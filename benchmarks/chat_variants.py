@@ -5,7 +5,9 @@ rule that wins only there is tuned to them. These variants change one thing each
 the built-in chat (``cacheroute.sim.workloads.chat``), the things production chat
 traffic varies in: the arrival rate, the number of users, the length of the shared system
 prompt (none to 8,192 tokens: agents with long tool definitions), the length of turns.
-Each cell is the mean TTFT p99 and E2E p99 over the seeds, at 8 workers.
+Two more take an agent's shape instead (``agent6k``, ``agent2k``): a long tool prompt,
+long tool results as the turns, short replies (tool calls), more rounds. Each cell is the
+mean TTFT p99 and E2E p99 over the seeds, at 8 workers.
 
     python benchmarks/chat_variants.py                                    # ours vs peers
     python benchmarks/chat_variants.py --policies work_aware --variants sys8k --seeds 0,1
@@ -36,6 +38,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sys4k": {"system_tokens": 4096},
     "sys8k": {"system_tokens": 8192, "rounds": 4},
     "long_turns": {"question_tokens": 512, "answer_tokens": 512, "rounds": 6},
+    "agent6k": {
+        "system_tokens": 6144,
+        "question_tokens": 512,
+        "answer_tokens": 32,
+        "rounds": 8,
+        "request_rate": 32.0,
+    },
+    "agent2k": {
+        "system_tokens": 2048,
+        "question_tokens": 1024,
+        "answer_tokens": 64,
+        "rounds": 12,
+        "request_rate": 24.0,
+    },
 }
 """Keyword arguments of ``chat`` per variant (``base``: its defaults)."""
 
