@@ -17,7 +17,10 @@ prefill whose first output token has not been reported yet: the queue in front o
 request) and *decode tokens* (context tokens of requests past their first token: the
 pressure on every decode step and on KV memory). Work-aware policies read them through
 :func:`read_work`; workers without them read as zero work and policies fall back to
-counts.
+counts. ``BasicWorker`` also keeps the running total of prefill tokens ever leased
+(:meth:`BasicWorker.prefill_tokens_leased`): less the pending total, it says how many
+have left the queue, which is how a policy that shares the worker with other gateways
+tells when its own prefills are done.
 """
 
 from __future__ import annotations
@@ -137,6 +140,10 @@ class WorkAccounting(Protocol):
         """Add (signed) deltas to both totals, atomically."""
         ...
 
+    # Optional, read with getattr (a worker without it still works):
+    # ``prefill_tokens_leased() -> int``, the running total of prefill tokens ever added
+    # to the pending total (see :meth:`BasicWorker.prefill_tokens_leased`).
+
 
 class BasicWorker:
     """A thread-safe :class:`Worker` with in-memory counters.
@@ -163,6 +170,7 @@ class BasicWorker:
         "_bootstrap_port",
         "_decode",
         "_healthy",
+        "_leased",
         "_load",
         "_lock",
         "_model_id",
@@ -201,6 +209,7 @@ class BasicWorker:
         self._prefill = 0
         self._decode = 0
         self._work = 0  # _prefill + _decode, kept for policies that rank workers by it
+        self._leased = 0  # prefill tokens ever added to _prefill: it only grows
         self._lock = threading.Lock()
 
     @property
@@ -265,6 +274,21 @@ class BasicWorker:
         """Context tokens of the requests leased here that are past their first token."""
         return self._decode
 
+    def prefill_tokens_leased(self) -> int:
+        """Prefill tokens ever added to :meth:`pending_prefill_tokens` (by leases or
+        :meth:`add_work`): a running total that only grows. Less the pending total, it is
+        how many have left the queue (prefilled, or given back). Engines prefill first
+        come first served, so a prefill leased when this read ``n`` is done once more
+        than ``n`` have left: a policy can follow its own prefills even when other
+        gateways' work keeps the pending total up. O(1), no lock.
+
+        >>> w = BasicWorker("http://w1:8000")
+        >>> w.add_work(1200, 0); w.add_work(-1200, 1200)
+        >>> w.prefill_tokens_leased(), w.pending_prefill_tokens()
+        (1200, 0)
+        """
+        return self._leased
+
     def add_work(self, prefill_tokens: int, decode_tokens: int) -> None:
         """Add signed deltas to both token totals, atomically. O(1).
 
@@ -286,6 +310,8 @@ class BasicWorker:
             self._prefill = p
             self._decode = d
             self._work = p + d
+            if prefill_tokens > 0:
+                self._leased += prefill_tokens
 
     def _transition(
         self, state: list[int], expect: int, new: int, load: int, prefill: int, decode: int
@@ -314,6 +340,8 @@ class BasicWorker:
             self._prefill = p
             self._decode = d
             self._work = p + d
+            if prefill > 0:
+                self._leased += prefill
             state[0] = new
             return True
 
@@ -425,6 +453,28 @@ def _read_tokens(
             prefill.append(pending())
             decode.append(w.decode_tokens())  # type: ignore[attr-defined]
     return prefill, decode
+
+
+def _read_leased(
+    workers: Sequence[Worker], basic: bool, indices: Sequence[int] | None = None
+) -> list[int | None]:
+    """:func:`_read_prefill_leased` of each worker, or of ``workers[i]`` for each ``i`` in
+    ``indices``, in one pass. O(n), or O(len(indices))."""
+    if basic:
+        if indices is not None:
+            return [workers[i]._leased for i in indices]  # type: ignore[attr-defined]
+        return [w._leased for w in workers]  # type: ignore[attr-defined]
+    ws = workers if indices is None else [workers[i] for i in indices]
+    return [_read_prefill_leased(w, False) for w in ws]
+
+
+def _read_prefill_leased(worker: Worker, basic: bool) -> int | None:
+    """``worker.prefill_tokens_leased()``, or ``None`` for a worker without it. ``basic``
+    as in :func:`read_loads` (then read from the slot). O(1)."""
+    if basic:
+        return worker._leased  # type: ignore[attr-defined, no-any-return]
+    leased = getattr(worker, "prefill_tokens_leased", None)
+    return None if leased is None else leased()
 
 
 def _read_work_totals(workers: Sequence[Worker], basic: bool) -> list[int]:

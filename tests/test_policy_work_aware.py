@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 import cacheroute
 from cacheroute import (
@@ -350,6 +351,83 @@ def test_ledger_prices_the_queue_in_seconds_and_follows_first_tokens() -> None:
     w.add_work(2000, 0)
     d = WorkAwarePolicy().decide([w], _tokens(500_000, 10))
     assert d is not None and d.cost == pytest.approx(A * 2000 + _prefill(10), rel=1e-6)
+
+
+def test_ledger_follows_its_first_tokens_when_another_gateway_shares_the_worker() -> None:
+    """Another gateway's prefills keep the worker's pending total above this policy's
+    ledger, so the total alone cannot say that this policy's own prefill is done: its
+    first token must still take it off the ledger (the worker's running count of
+    prefill tokens leased there tells how many have left the queue since)."""
+    w = BasicWorker("http://shared")
+    mine, theirs = WorkAwarePolicy(decode_horizon=0), WorkAwarePolicy(decode_horizon=0)
+    big = acquire(mine, [w], _tokens(0, 100_000))  # ~8.5 s with attention, 3.25 s linear
+    other = acquire(theirs, [w], _tokens(200_000, 150_000))  # queued behind it
+    big.first_token()  # ours is done; theirs keeps 150k tokens pending
+    d = mine.decide([w], _tokens(400_000, 10))
+    assert d is not None and d.cost is not None
+    # queued: their 150k (not in this ledger: linear), then the probe; a decode step
+    step = 0.006 + 4.89e-8 * 100_000
+    assert d.cost == pytest.approx(A * 150_000 + _prefill(10) + step, rel=1e-6)
+    for lease in (big, other):
+        lease.release()
+
+
+class _SharedQueue(RuleBasedStateMachine):
+    """Two gateways (policies) lease prefills on one engine, which prefills first come
+    first served. Model: the engine's queue. Each request of ``mine`` is priced at the
+    seconds of its own prefills still queued plus the other gateway's queued tokens
+    priced linearly (what its ledger cannot know better), its own prefill and the decode
+    step in progress."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = BasicWorker("http://engine")
+        self.mine = WorkAwarePolicy(decode_horizon=0)
+        self.theirs = WorkAwarePolicy(decode_horizon=0)
+        self.queue: list[tuple[Lease, bool, int]] = []  # (lease, ours, tokens), FIFO
+        self.decoding: list[tuple[Lease, int]] = []
+        self.next = 0
+
+    def _prompt(self, n: int) -> list[int]:
+        self.next += n + 1
+        return _tokens(self.next * 7, n)  # never shares a prefix with another
+
+    @rule(n=st.integers(1, 20_000))
+    def route_mine(self, n: int) -> None:
+        queued = sum(_prefill(t) if ours else A * t for _, ours, t in self.queue)
+        decode = sum(t for _, t in self.decoding)
+        lease = acquire(self.mine, [self.w], self._prompt(n))
+        assert lease.decision is not None and lease.decision.cost is not None
+        expected = queued + _prefill(n) + (0.006 + 4.89e-8 * decode if decode else 0.0)
+        assert lease.decision.cost == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        self.queue.append((lease, True, n))
+
+    @rule(n=st.integers(1, 20_000))
+    def route_theirs(self, n: int) -> None:
+        self.queue.append((acquire(self.theirs, [self.w], self._prompt(n)), False, n))
+
+    @precondition(lambda self: self.queue)
+    @rule()
+    def first_token(self) -> None:
+        lease, _, n = self.queue.pop(0)
+        lease.first_token()
+        self.decoding.append((lease, n))
+
+    @precondition(lambda self: self.decoding)
+    @rule(k=st.integers(0, 10**6))
+    def finish(self, k: int) -> None:
+        lease, _ = self.decoding.pop(k % len(self.decoding))
+        lease.release()
+
+    def teardown(self) -> None:
+        for lease, _, _ in self.queue:
+            lease.release()
+        for lease, _ in self.decoding:
+            lease.release()
+
+
+TestSharedQueue = _SharedQueue.TestCase
+TestSharedQueue.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 
 
 def test_slot_limit_is_priced() -> None:

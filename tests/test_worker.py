@@ -1,6 +1,9 @@
 import threading
+from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cacheroute import BasicWorker, LoadUnderflowError, Worker, WorkerType
 
@@ -78,23 +81,84 @@ def test_bad_construction_names_parameter(kwargs: dict, exc: type, word: str) ->
         BasicWorker(**kwargs)
 
 
-def test_counters_lose_no_update_under_threads() -> None:
-    w = BasicWorker("http://w1")
-    n, per = 8, 20_000
+def _in_threads(n: int, per: int, step: Callable[[], None]) -> None:
+    """``step`` called ``per`` times on each of ``n`` threads started together."""
     barrier = threading.Barrier(n)
 
     def work() -> None:
         barrier.wait()
         for _ in range(per):
-            w.increment_load()
-            w.increment_processed()
-            w.increment_load()
-            w.decrement_load()
+            step()
 
     threads = [threading.Thread(target=work) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert w.load() == n * per
-    assert w.processed() == n * per
+
+
+def test_counters_lose_no_update_under_threads() -> None:
+    w = BasicWorker("http://w1")
+
+    def step() -> None:
+        w.increment_load()
+        w.increment_processed()
+        w.increment_load()
+        w.decrement_load()
+
+    _in_threads(8, 20_000, step)
+    assert w.load() == 8 * 20_000
+    assert w.processed() == 8 * 20_000
+
+
+def test_prefill_tokens_leased_only_grow_with_what_is_leased() -> None:
+    from cacheroute import acquire, make_policy
+
+    w = BasicWorker("http://w1")
+    assert w.prefill_tokens_leased() == 0
+    p = make_policy("work_aware")
+    first = acquire(p, [w], list(range(1000)))
+    second = acquire(p, [w], list(range(5000, 5300)))
+    assert (w.prefill_tokens_leased(), w.pending_prefill_tokens()) == (1300, 1300)
+    first.first_token()  # its prefill left the queue: pending drops, the running total stays
+    assert (w.prefill_tokens_leased(), w.pending_prefill_tokens()) == (1300, 300)
+    second.release()  # given back before its first token
+    first.release()
+    assert (w.prefill_tokens_leased(), w.pending_prefill_tokens()) == (1300, 0)
+    with pytest.raises(LoadUnderflowError):
+        w.add_work(-1, 0)  # refused: nothing changes
+    w.add_work(0, 500)  # decode tokens are not prefill
+    assert w.prefill_tokens_leased() == 1300
+
+
+@given(st.lists(st.tuples(st.integers(-5000, 5000), st.integers(-5000, 5000)), max_size=40))
+def test_prefill_tokens_leased_is_the_sum_of_what_was_added(
+    deltas: list[tuple[int, int]],
+) -> None:
+    """Model: the pending total, and the sums of the accepted positive and negative
+    prefill deltas (a refused call changes nothing)."""
+    w = BasicWorker("http://w1")
+    pending = decode = added = removed = 0
+    for dp, dd in deltas:
+        if pending + dp < 0 or decode + dd < 0:
+            with pytest.raises(LoadUnderflowError):
+                w.add_work(dp, dd)
+        else:
+            w.add_work(dp, dd)
+            pending, decode = pending + dp, decode + dd
+            added += max(dp, 0)
+            removed += max(-dp, 0)
+        assert w.prefill_tokens_leased() == added
+        assert w.prefill_tokens_leased() - w.pending_prefill_tokens() == removed
+
+
+def test_prefill_tokens_leased_lose_no_update_under_threads() -> None:
+    w = BasicWorker("http://w1")
+
+    def step() -> None:
+        w.add_work(3, 0)
+        w.add_work(-3, 3)
+        w.add_work(0, -3)
+
+    _in_threads(8, 5_000, step)
+    assert (w.prefill_tokens_leased(), w.pending_prefill_tokens()) == (3 * 8 * 5_000, 0)

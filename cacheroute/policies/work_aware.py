@@ -7,7 +7,9 @@ measurements). The estimate starts with the request's **time to first token** th
 
 * ``Q``, the prefill work queued ahead of it: the worker's pending prefill tokens, priced
   by a *ledger* of the prefills this policy sent there (each with its own estimate,
-  attention included), kept in step with the worker's pending-token total;
+  attention included), kept in step with the worker's pending-token total and its count
+  of prefill tokens ever leased (so that other gateways' work there keeps no finished
+  prefill in it);
 * ``p``, its own prefill there: ``u * prefill_token_s + u * (c + u / 2) *
   attention_token_s`` for the ``u`` tokens not cached there after the ``c`` that are (the
   tree's match);
@@ -85,10 +87,17 @@ from cacheroute.policies.prefix import (
     _Pool,
 )
 from cacheroute.tree import Tree
-from cacheroute.worker import _read_tokens, _read_work_totals
+from cacheroute.worker import (
+    _read_leased,
+    _read_prefill_leased,
+    _read_tokens,
+    _read_work_totals,
+)
 
 __all__ = ["WorkAwareConfig", "WorkAwarePolicy"]
 
+_NO_MARK = float("inf")
+"""A ledger entry's mark on a worker that does not count the prefill tokens leased."""
 _EXACT_UP_TO = 16
 """Eligible workers up to which every worker is priced exactly (see :meth:`choose`)."""
 _SHORTLIST = 8
@@ -253,38 +262,55 @@ def _least_busy(
 class _Ledger:
     """The prefills this policy queued on one worker whose first token is not out yet.
 
-    Entries are ``(tokens, seconds, prompt_tokens)`` in routing order. Engines prefill
-    first come first served, so when the worker's pending-token total drops, the oldest
-    entries are the ones done: :meth:`sync` pops from the front while the rest still
-    covers the total. The total stays the authority; the ledger only says what its tokens
-    cost (seconds per token) and how many requests and prompt tokens they are.
+    Entries are ``(tokens, seconds, prompt_tokens, mark)`` in routing order. Engines
+    prefill first come first served, so the oldest entries are the first done. Where the
+    worker counts the prefill tokens ever leased there
+    (:meth:`~cacheroute.worker.BasicWorker.prefill_tokens_leased`), an entry's ``mark`` is
+    that count when it was routed, plus one: once more tokens than that have left the
+    queue, every prefill queued ahead of it is done and so is it, whatever other gateways
+    have queued since. Without the count (``mark`` infinite), or when it lags, the
+    pending total settles it: when the total drops below the ledger's, entries are popped
+    from the front while the rest still covers it. The total stays the authority; the
+    ledger only says what its tokens cost (seconds per token) and how many requests and
+    prompt tokens they are.
     """
 
     __slots__ = ("n", "prompt", "q", "sec", "tok")
 
     def __init__(self) -> None:
-        self.q: deque[tuple[float, float, float]] = deque()
+        self.q: deque[tuple[float, float, float, float]] = deque()
         self.tok = 0.0
         self.sec = 0.0
         self.prompt = 0.0
         self.n = 0
 
-    def sync(self, pending: int) -> None:
+    def sync(self, pending: int, left: int | None) -> None:
+        """Drop the entries done, given the worker's pending prefill tokens and how many
+        have ever left its queue (``None``: unknown)."""
         q = self.q
         if pending <= 0:
             q.clear()
             self.tok = self.sec = self.prompt = 0.0
             self.n = 0
             return
+        if left is not None:
+            while self.n and q[0][3] <= left:
+                self._pop()
+            if not self.n:
+                self.tok = self.sec = self.prompt = 0.0  # no float residue
+                return
         while self.n > 1 and self.tok - q[0][0] >= pending:
-            t, s, pr = q.popleft()
-            self.tok -= t
-            self.sec -= s
-            self.prompt -= pr
-            self.n -= 1
+            self._pop()
 
-    def push(self, tokens: float, seconds: float, prompt: float) -> None:
-        self.q.append((tokens, seconds, prompt))
+    def _pop(self) -> None:
+        t, s, pr, _ = self.q.popleft()
+        self.tok -= t
+        self.sec -= s
+        self.prompt -= pr
+        self.n -= 1
+
+    def push(self, tokens: float, seconds: float, prompt: float, mark: float) -> None:
+        self.q.append((tokens, seconds, prompt, mark))
         self.tok += tokens
         self.sec += seconds
         self.prompt += prompt
@@ -499,9 +525,11 @@ class WorkAwarePolicy(PrefixPolicy):
         evict_rate = a + b * (prompt if cap is None or prompt < cap else cap) / 2
         no_own = (0.0, p_cold)
         # Token totals of the priced workers only (beyond 16, not of every worker).
-        pre, dec = _read_tokens(
-            view.workers, view.pool.basic, None if cands is view.pool.all else cands
-        )
+        workers = view.workers
+        basic = view.pool.basic
+        some = None if cands is view.pool.all else cands
+        pre, dec = _read_tokens(workers, basic, some)
+        leased_of = _read_leased(workers, basic, some)
 
         with self._state_lock:
             ledgers = self._ledgers_of(view.pool)
@@ -509,13 +537,15 @@ class WorkAwarePolicy(PrefixPolicy):
             best_cost = best_ttft = best_p = 0.0
             ties: dict[int, tuple[float, float, int]] | None = None
             dw: float
-            for i, pw, dw in zip(cands, pre, dec, strict=True):
+            for i, pw, dw, leased in zip(cands, pre, dec, leased_of, strict=True):
                 ld = loads[i]
                 lg = ledgers[i]
                 n_led = lg.n
-                if n_led and (pw <= 0 or lg.tok > pw):
-                    lg.sync(pw)
-                    n_led = lg.n
+                if n_led:
+                    left = None if leased is None else leased - pw
+                    if pw <= 0 or lg.tok > pw or (left is not None and lg.q[0][3] <= left):
+                        lg.sync(pw, left)
+                        n_led = lg.n
                 if n_led and lg.tok > 0:
                     if pw >= lg.tok:
                         queued = lg.sec + a * (pw - lg.tok)
@@ -586,8 +616,13 @@ class WorkAwarePolicy(PrefixPolicy):
             if prompt:
                 lg = ledgers[best]
                 if lg.n and best_pw <= 0:  # an alike chosen unpriced: sync as pricing would
-                    lg.sync(0)
-                lg.push(prompt - own.get(best, no_own)[0], best_p, prompt)
+                    lg.sync(0, None)
+                tokens = prompt - own.get(best, no_own)[0]
+                # Done once more tokens than have been leased there so far have left its
+                # queue (its own lease adds its tokens after this): see _Ledger.
+                leased = _read_prefill_leased(workers[best], basic)
+                mark = _NO_MARK if leased is None else leased + (1 if tokens >= 1 else 0)
+                lg.push(tokens, best_p, prompt, mark)
         return best, DecisionReason.LEAST_COST, best_ttft
 
     def _describe_config(self) -> str:
