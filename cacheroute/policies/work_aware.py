@@ -266,11 +266,12 @@ class _Ledger:
     prefill first come first served, so the oldest entries are the first done. Where the
     worker counts the prefill tokens ever leased there
     (:meth:`~cacheroute.worker.BasicWorker.prefill_tokens_leased`), an entry's ``mark`` is
-    that count when it was routed, plus one: once more tokens than that have left the
-    queue, every prefill queued ahead of it is done and so is it, whatever other gateways
-    have queued since. Without the count (``mark`` infinite), or when it lags, the
-    pending total settles it: when the total drops below the ledger's, entries are popped
-    from the front while the rest still covers it. The total stays the authority; the
+    that count when it was routed, plus one (none for an entry with nothing to prefill):
+    once more tokens than that have left the queue, every prefill queued ahead of it is
+    done and so is it, whatever other gateways have queued since. Without the count
+    (``mark`` infinite), or when it lags, the pending total settles it: when the total
+    drops below the ledger's, entries are popped from the front while the rest still
+    covers it. The total stays the authority; the
     ledger only says what its tokens cost (seconds per token) and how many requests and
     prompt tokens they are.
     """
