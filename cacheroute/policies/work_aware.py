@@ -271,9 +271,8 @@ class _Ledger:
     done and so is it, whatever other gateways have queued since. Without the count
     (``mark`` infinite), or when it lags, the pending total settles it: when the total
     drops below the ledger's, entries are popped from the front while the rest still
-    covers it. The total stays the authority; the
-    ledger only says what its tokens cost (seconds per token) and how many requests and
-    prompt tokens they are.
+    covers it. The total stays the authority; the ledger only says what its tokens cost
+    (seconds per token) and how many requests and prompt tokens they are.
     """
 
     __slots__ = ("n", "prompt", "q", "sec", "tok")
