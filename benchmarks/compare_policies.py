@@ -20,25 +20,29 @@ most of it the Claude-Code cells. Every number is deterministic for the seed.
     python benchmarks/compare_policies.py --cells claude_code/8w --coarsen 16   # its options
     python benchmarks/compare_policies.py --json results.json --markdown results.md
     python benchmarks/compare_policies.py --cells default/8w --seeds 0,1,2,3,4   # seed means
+    python benchmarks/compare_policies.py --cache-tokens 200000 --max-batch 64   # your engine
 
 A p99 over the 1,024 requests of a built-in workload is its 11th slowest request, so it
 moves with the seed: ``--seeds`` runs the built-in workloads once per seed and reports the
 mean of each figure over the seeds (traces have no seed and run once).
 
+``--cache-tokens`` and ``--max-batch`` change the modelled engine, as for ``cacheroute
+simulate``; prefix policies that accept ``kv_capacity_tokens`` and ``max_batch`` are told
+the engine's (see ``docs/simulator.md``).
+
 Peers that keep time (Dynamo's 120 s TTL index, Preble's 3-minute load window) are given
-the simulated arrival time of each request (:class:`ArrivalClock`); in a gateway they use
-``time.monotonic``.
+the simulated arrival time of each request, as :func:`cacheroute.sim.simulate` gives every
+policy accepting a ``clock``; in a gateway they use ``time.monotonic``.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -49,11 +53,10 @@ sys.path.insert(0, str(HERE))
 import peers  # noqa: E402
 
 from cacheroute import DEFAULT_POLICY  # noqa: E402
-from cacheroute.policies import available_policies, policy_class  # noqa: E402
+from cacheroute.policies import available_policies  # noqa: E402
 from cacheroute.sim import (  # noqa: E402
     WORKLOADS,
     EngineConfig,
-    PolicySpec,
     Summary,
     Workload,
     ideal_hit_tokens,
@@ -62,6 +65,7 @@ from cacheroute.sim import (  # noqa: E402
     simulate,
     summarize,
 )
+from cacheroute.sim.cli import add_engine_options  # noqa: E402
 
 TRACES = HERE.parent.parent / "shared" / "traces"
 DEV_TRACES = {
@@ -73,23 +77,6 @@ CONFIGS = {"8w": (8, 1.0), "4w": (4, 1.0), "8w-x2": (8, 2.0)}
 
 NOT_LOAD_AWARE = frozenset({"random", "round_robin", "vllm_router"})
 """Policies that never read load; the hit-rate criterion compares with the others."""
-
-
-class ArrivalClock:
-    """A clock for policies that keep time: the k-th call returns the k-th arrival.
-
-    The simulator routes every request exactly once, in arrival order, and the peers
-    call their clock exactly once per decision, so the k-th call is the k-th request.
-    """
-
-    def __init__(self, workload: Workload) -> None:
-        self._times = [r.arrival for r in workload.requests]
-        self._k = 0
-
-    def __call__(self) -> float:
-        k = min(self._k, len(self._times) - 1)
-        self._k += 1
-        return self._times[k] if self._times else 0.0
 
 
 @dataclass
@@ -117,14 +104,6 @@ def default_policies() -> list[str]:
         else:
             specs.append(name)
     return specs + peer_names
-
-
-def _spec(text: str, workload: Workload) -> PolicySpec:
-    spec = PolicySpec.parse(text)
-    params = inspect.signature(policy_class(spec.name)).parameters
-    if "clock" in params and "clock" not in dict(spec.config):
-        spec = PolicySpec(spec.name, (*spec.config, ("clock", ArrivalClock(workload))), spec.label)
-    return spec
 
 
 def load_workload(
@@ -166,14 +145,17 @@ def run_cell(
     speed: float,
     policies: Sequence[str],
     progress: Callable[[str], None] | None = None,
+    engine: EngineConfig | None = None,
 ) -> list[Summary]:
-    """Every policy on one workload, sequentially; summaries in ``policies`` order."""
+    """Every policy on one workload, sequentially; summaries in ``policies`` order.
+    ``engine``: the modelled engine (default :class:`EngineConfig`)."""
     w = workload.scaled(speed)
     ideal = ideal_hit_tokens(w.requests)
+    engine = engine if engine is not None else EngineConfig()
     out = []
     for text in policies:
         t0 = time.perf_counter()
-        result = simulate(w, _spec(text, w), workers=workers, engine=EngineConfig())
+        result = simulate(w, text, workers=workers, engine=engine)
         out.append(summarize(result, ideal))
         if progress is not None:
             progress(f"  {text}: {time.perf_counter() - t0:.1f} s")
@@ -289,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             type=int,
             help=f"Claude-Code traces: {what} (as cacheroute simulate --{opt}, and its default)",
         )
+    add_engine_options(ap)  # --cache-tokens, --max-batch, as cacheroute simulate has them
     ap.add_argument(
         "--seeds",
         default="0",
@@ -311,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.markdown).write_text(markdown(records, saved["default"]) + "\n", "utf-8")
         return 0
 
+    engine = replace(EngineConfig(), cache_tokens=args.cache_tokens, max_batch=args.max_batch)
     traces = dict(DEV_TRACES)
     if args.trace:
         if not args.format:
@@ -347,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"compare_policies: {len(cells)} cells x {len(policies)} policies, default "
-        f"{DEFAULT_POLICY!r}, engine {EngineConfig().to_dict()}"
+        f"{DEFAULT_POLICY!r}, engine {engine.to_dict()}"
     )
     if len(seeds) > 1:
         print(f"built-in workloads: the mean over seeds {args.seeds}")
@@ -373,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                     speed,
                     policies,
                     progress=lambda m: print(m, file=sys.stderr),
+                    engine=engine,
                 )
             )
         summaries = runs[0] if len(runs) == 1 else mean_over_seeds(runs, seeds)
@@ -385,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             "default": DEFAULT_POLICY,
             "policies": policies,
             "limit": limit,
-            "engine": EngineConfig().to_dict(),
+            "engine": engine.to_dict(),
             "seeds": seeds,
             "cells": {
                 k: [s.to_dict() if isinstance(s, Summary) else vars(s) for s in v]

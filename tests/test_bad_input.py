@@ -1020,6 +1020,8 @@ EXEMPT: dict[str, str] = {
     "cacheroute.sim.engine.Engine": _BUILT + " (simulate() builds one per worker)",
     "cacheroute.sim.precise.EventFeed": _BUILT + " (simulate() builds it for --index)",
     "cacheroute.sim.precise.EventFeed.deliver": _BUILT + " (simulate() calls it)",
+    "cacheroute.sim.cli.add_engine_options": "argparse plumbing: the options' own types "
+    "refuse bad values (tests/test_compare_policies.py)",
     "cacheroute.sim.cli.add_simulate_parser": "argparse plumbing of `cacheroute simulate`",
     "cacheroute.sim.cli.run_simulate": "argparse plumbing: takes the parsed Namespace",
     "cacheroute.sim.engine.KVEvent": _BUILT + " (the engines emit it, simulate() delivers it)",

@@ -87,3 +87,47 @@ def test_a_bad_claude_code_option_is_one_error_line(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         _script().main([*args, "--cells", f"{trace.name}/8w", "--policies", "round_robin"])
     assert "coarsen must be an int in [1, " in capsys.readouterr().err
+
+
+def test_engine_options_reach_the_simulated_engines(tmp_path: Path) -> None:
+    cp = _script()
+    args = ["--cells", "default/4w", "--limit", "120", "--policies", "work_aware"]
+    got = {}
+    for extra in ([], ["--cache-tokens", "6000", "--max-batch", "3"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert cp.main([*args, *extra, "--json", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        (got[len(extra)],) = doc["cells"]["default/4w"]
+        got[f"engine{len(extra)}"] = doc["engine"]
+    assert got["engine0"]["cache_tokens"] == cp.EngineConfig().cache_tokens
+    assert got["engine4"]["cache_tokens"] == 6000 and got["engine4"]["max_batch"] == 3
+    assert got[4] != got[0]  # a smaller engine changes the results
+    w = cp.load_workload("default", 120, cp.DEV_TRACES, 0, {})
+    engine = cp.EngineConfig(cache_tokens=6000, max_batch=3)
+    (direct,) = cp.run_cell(w, 4, 1.0, ["work_aware"], engine=engine)
+    for key in ("hit_rate", "ttft_p99", "e2e_p99"):
+        assert got[4][key] == getattr(direct, key), key
+
+
+def test_unbounded_engine_caches_are_spelled_none(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    args = ["--cells", "bursty/8w", "--limit", "40", "--policies", "round_robin"]
+    assert _script().main([*args, "--cache-tokens", "none", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["engine"]["cache_tokens"] is None
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--cache-tokens", "0", "argument --cache-tokens: must be >= 1, got 0"),
+        ("--cache-tokens", "lots", "argument --cache-tokens: expected an integer, got 'lots'"),
+        ("--max-batch", "0", "argument --max-batch: must be >= 1, got 0"),
+    ],
+)
+def test_a_bad_engine_option_is_refused_naming_it(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        _script().main(["--cells", "default/8w", "--policies", "round_robin", option, value])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import pytest
 
 from cacheroute.policies import available_policies
+from cacheroute.policies.base import RequestText
 from cacheroute.sim import (
     EngineConfig,
     Request,
@@ -19,6 +22,7 @@ from cacheroute.sim import (
 )
 from cacheroute.sim.engine import Engine
 from cacheroute.sim.request import matched_blocks
+from cacheroute.worker import Worker
 
 SPECS = [str(s) for s in default_specs()]
 
@@ -202,6 +206,40 @@ def test_request_validation() -> None:
         Request(0.0, (1, 2), 10, 20, 15, 1)
     with pytest.raises(ValueError, match="output_tokens"):
         Request(0.0, (1,), 10, 10, 10, 0)
+
+
+@pytest.mark.parametrize("routers", [1, 2])
+def test_policies_that_keep_time_are_given_the_simulated_clock(routers: int) -> None:
+    """A policy accepting ``clock`` (a TTL index, a load window) reads simulated time: the
+    arrival of the request it routes. The wall clock would put a whole trace replayed in
+    a second inside every window."""
+    from cacheroute.policies import registry
+    from cacheroute.policies.shortest_queue import ShortestQueuePolicy
+
+    seen: list[float] = []
+
+    class Timed(ShortestQueuePolicy):
+        def __init__(self, clock: Callable[[], float] | None = None) -> None:
+            super().__init__()
+            self._clock = clock
+
+        def select_worker(
+            self, workers: Sequence[Worker], request_text: RequestText = None
+        ) -> int | None:
+            assert self._clock is not None, "no clock was passed"
+            seen.append(self._clock())
+            return super().select_worker(workers, request_text)
+
+    saved = dict(registry._registry)
+    try:
+        registry.register_policy("timed_shortest_queue", Timed)
+        w = chat(users=4, rounds=3, request_rate=0.5)
+        simulate(w, "timed_shortest_queue", workers=2, routers=routers)
+    finally:
+        registry._registry.clear()
+        registry._registry.update(saved)
+    assert seen == [r.arrival for r in w.requests]
+    assert w.requests[-1].arrival > 10.0  # far from any wall-clock reading of the run
 
 
 @pytest.mark.parametrize("engine", [EngineConfig(), TIGHT], ids=["default", "tight"])

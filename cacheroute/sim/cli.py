@@ -37,7 +37,7 @@ from cacheroute.sim.traces import (
 )
 from cacheroute.sim.workloads import WORKLOADS
 
-__all__ = ["add_simulate_parser", "run_simulate"]
+__all__ = ["add_engine_options", "add_simulate_parser", "run_simulate"]
 
 _EPILOG = f"""\
 policy specs (--policies, comma-separated):
@@ -104,6 +104,34 @@ def _cache_tokens(text: str) -> int | None:
         return None
     value: int = _int_type(1, MAX_TOKENS)(text)
     return value
+
+
+def add_engine_options(parser: Any) -> None:
+    """Add ``--cache-tokens`` and ``--max-batch`` (the modelled engine's KV capacity and
+    running requests; ``args.cache_tokens``, ``args.max_batch``) to an
+    :class:`argparse.ArgumentParser` or argument group, as ``cacheroute simulate`` has
+    them: for scripts that run the simulator with the same options. O(1).
+
+    >>> p = argparse.ArgumentParser()
+    >>> add_engine_options(p)
+    >>> a = p.parse_args(["--cache-tokens", "none", "--max-batch", "64"])
+    >>> a.cache_tokens is None, a.max_batch
+    (True, 64)
+    """
+    parser.add_argument(
+        "--cache-tokens",
+        type=_cache_tokens,
+        default=EngineConfig.cache_tokens,
+        metavar="N",
+        help=f"KV-cache tokens per engine, or 'none' (default {EngineConfig.cache_tokens})",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=_int_type(1, MAX_TOKENS),
+        default=EngineConfig.max_batch,
+        metavar="N",
+        help=f"running requests per engine (default {EngineConfig.max_batch})",
+    )
 
 
 def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
@@ -197,20 +225,7 @@ def add_simulate_parser(sub: Any) -> argparse.ArgumentParser:
         "the engines' KV events (precise), or events plus claims of what was just routed "
         "(hybrid); needs the 'events' extra",
     )
-    cl.add_argument(
-        "--cache-tokens",
-        type=_cache_tokens,
-        default=EngineConfig.cache_tokens,
-        metavar="N",
-        help=f"KV-cache tokens per engine, or 'none' (default {EngineConfig.cache_tokens})",
-    )
-    cl.add_argument(
-        "--max-batch",
-        type=_int_type(1, MAX_TOKENS),
-        default=EngineConfig.max_batch,
-        metavar="N",
-        help=f"running requests per engine (default {EngineConfig.max_batch})",
-    )
+    add_engine_options(cl)
     out = p.add_argument_group("output")
     out.add_argument(
         "--slo-ttft",

@@ -146,7 +146,12 @@ def simulate(
 
     Args:
         workload: the requests.
-        policy: a :class:`PolicySpec` or spec text (``"cache_aware:least_load"``).
+        policy: a :class:`PolicySpec` or spec text (``"cache_aware:least_load"``). The
+            policy is built with what it accepts (and its spec does not set) of
+            ``tokens_per_unit`` (the workload's block size), ``kv_capacity_tokens`` and
+            ``max_batch`` (the engine's) and ``clock``: simulated time, the arrival of
+            the request being routed, for policies that keep time (a TTL index, a load
+            window, hybrid claims).
         workers: number of engines (>= 1).
         engine: engine constants (default :class:`EngineConfig`).
         seed: passed to the policy when it takes one (``random``, ``power_of_two``).
@@ -201,15 +206,16 @@ def simulate(
             imbalanced += 1
 
     pool = [BasicWorker(f"http://sim-worker-{i}:8000") for i in range(workers)]
-    clock = [0.0]  # simulated time, for policies' hybrid claims
+    clock = [0.0]  # simulated time: the arrival of the request being routed
     feed: EventFeed | None = None
     precise: dict[str, Any] = {}
     if index != "approximate":
         feed = EventFeed([w.url for w in pool])
         feed.open_feeds()
-        precise = {"index": feed.index, "index_mode": index, "clock": lambda: clock[0]}
+        precise = {"index": feed.index, "index_mode": index}
     # Prefix policies see one unit per block: tell them what a unit and an engine hold,
-    # and how many requests an engine runs at once.
+    # and how many requests an engine runs at once. Policies that keep time (hybrid
+    # claims, a TTL index, a load window) get the simulated clock, not the wall clock.
     block = reqs[0].block_size if reqs else 1
     replicas = [
         spec.build(
@@ -218,6 +224,7 @@ def simulate(
             tokens_per_unit=float(block),
             kv_capacity_tokens=cfg.cache_tokens,
             max_batch=cfg.max_batch,
+            clock=lambda: clock[0],
             **precise,
         )
         for k in range(routers)
