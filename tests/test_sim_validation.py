@@ -325,6 +325,19 @@ def test_percentile_rejects_wrong_type_q() -> None:
     assert percentile([1.0, 3.0], 0) == 1.0 and percentile([1.0, 3.0], 100) == 3.0
 
 
+@pytest.mark.parametrize("values", [[2.0, 1.0], [1.0, 3.0, 2.0, 4.0], [0.0, 5.0, 5.0, 4.9]])
+def test_percentile_refuses_values_that_are_not_sorted(values: list[float]) -> None:
+    # an unsorted list used to give a wrong percentile without a word (e.g. p50 of
+    # [1, 3, 2, 4] as 2.5 from the wrong neighbours)
+    with pytest.raises(ValueError, match=r"^values must be sorted ascending, got values\[\d+\]"):
+        percentile(values, 50)
+
+
+def test_percentile_of_sorted_values_with_ties() -> None:
+    assert percentile([1.0, 2.0, 2.0, 4.0], 50) == 2.0
+    assert percentile([0, 0, 0], 99) == 0
+
+
 def test_summarize_rejects_bad_ideal_hits() -> None:
     res = simulate(_small(), "round_robin", workers=2)
     with pytest.raises(ValueError, match=r"^ideal_hits must be an int >= 0 or None, got -1"):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import islice
 from typing import Any
 
 from cacheroute._validation import check_int, check_real, check_sequence, fail
@@ -28,12 +30,15 @@ looser one would hide the queues that decide the tails.
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100) of ``values``, interpolating linearly; NaN if empty.
 
-    ``values`` must be sorted ascending.
+    ``values`` must be sorted ascending (checked: O(n), once per call, in C).
+
+    >>> percentile([1.0, 2.0, 4.0], 75)
+    3.0
 
     Raises:
         TypeError: ``q`` is not a real number, ``values`` not a list or tuple (or its
             first or last element not a real number).
-        ValueError: ``q`` is outside [0, 100] (or NaN).
+        ValueError: ``q`` is outside [0, 100] (or NaN), or ``values`` is not sorted.
     """
     check_real("q", q, minimum=0.0, maximum=100.0)
     check_sequence("values", values)
@@ -43,6 +48,12 @@ def percentile(values: Sequence[float], q: float) -> float:
             check_real(f"values[{i}]", v, finite=False)
     if n == 0:
         return math.nan
+    if any(map(operator.gt, values, islice(values, 1, None))):
+        i = next(i for i in range(n - 1) if values[i] > values[i + 1])
+        raise ValueError(
+            f"values must be sorted ascending, got values[{i}]={values[i]!r} > "
+            f"values[{i + 1}]={values[i + 1]!r}"
+        )
     pos = (n - 1) * q / 100.0
     lo = int(pos)
     hi = min(lo + 1, n - 1)
