@@ -64,6 +64,7 @@ def test_defaults_are_the_engine_facts() -> None:
     assert (c.reply_tokens, c.decode_horizon, c.max_batch) == (256, 512, 256)
     assert c.kv_capacity_tokens is None and c.on_decision is None
     assert c.stall_weight == 1.0  # a second of the others' delay is a second
+    assert c.new_context_stall_weight == 0.0
 
 
 @pytest.mark.parametrize(
@@ -84,6 +85,9 @@ def test_defaults_are_the_engine_facts() -> None:
         ("stall_weight", -0.5, ValueError),
         ("stall_weight", float("inf"), ValueError),
         ("stall_weight", "1", TypeError),
+        ("new_context_stall_weight", -0.25, ValueError),
+        ("new_context_stall_weight", float("nan"), ValueError),
+        ("new_context_stall_weight", "0.25", TypeError),
     ],
 )
 def test_config_validated(key: str, value: object, exc: type[Exception]) -> None:
@@ -270,9 +274,10 @@ def test_stall_weight_sets_what_the_stalled_requests_count_for(stall_weight: flo
         max_size=20,
     ),
     st.floats(0.0, 8.0),
+    st.floats(0.0, 8.0),
 )
 def test_stall_weight_changes_nothing_where_nothing_is_in_flight(
-    held: list[tuple[int, int, int]], stall_weight: float
+    held: list[tuple[int, int, int]], stall_weight: float, new_context_weight: float
 ) -> None:
     """It weighs the requests a prefill would stall; with none in flight anywhere (work
     accounted, no load), every decision and its estimate are the default's. Each worker
@@ -280,9 +285,9 @@ def test_stall_weight_changes_nothing_where_nothing_is_in_flight(
     the order of a prompt's own, so the other terms (own prefill, duplicate, queue,
     decode) are of one size and any weight on them would change decisions."""
 
-    def decisions(weight: float) -> list[tuple[int, float | None]]:
+    def decisions(weight: float, new_context: float) -> list[tuple[int, float | None]]:
         ws = _workers(len(held))
-        p = WorkAwarePolicy(stall_weight=weight)
+        p = WorkAwarePolicy(stall_weight=weight, new_context_stall_weight=new_context)
         tree = p.tree("default", "tokens", create=True)
         assert tree is not None
         for w, (length, pending, decode) in zip(ws, held, strict=True):
@@ -296,7 +301,81 @@ def test_stall_weight_changes_nothing_where_nothing_is_in_flight(
             out.append((d.index, d.cost))
         return out
 
-    assert decisions(stall_weight) == decisions(1.0)
+    assert decisions(stall_weight, new_context_weight) == decisions(1.0, 0.0)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1, 0.25, 0.5, 1.0, 2.0])
+def test_new_context_stall_weight_counts_its_prefill_stalling_the_requests_in_flight(
+    weight: float,
+) -> None:
+    """A fresh 6,000-token prompt; engine 0 decodes 6 requests of 2,000 tokens, engine 1
+    has one 13,000-token prefill queued. Engine 0 costs its decode step, the decode
+    pressure of joining its batch and ``weight`` x the prompt's prefill per request in
+    flight (6); engine 1 the queued prefill and ``weight`` x the prefill once (its queued
+    request). The policy takes the smaller, and reports that engine's time to first token:
+    engine 0 up to a weight of about 0.1, engine 1 from about 0.25."""
+    ws = _workers(2)
+    p = WorkAwarePolicy(new_context_stall_weight=weight)
+    decoding = [acquire(p, [ws[0]], _tokens(100_000 + 10_000 * k, 2000)) for k in range(6)]
+    for lease in decoding:
+        lease.first_token()
+    queued = acquire(p, [ws[1]], _tokens(500_000, 13_000))
+    cfg = p.config
+    own = _prefill(6000)
+    step = cfg.decode_step_s + cfg.decode_token_s * ws[0].decode_tokens()
+    horizon = cfg.decode_horizon * cfg.decode_token_s
+    ttft = [own + step, _prefill(13_000) + own]
+    cost = [
+        ttft[0] + horizon * (ws[0].decode_tokens() + 6000) + weight * own * 6,
+        ttft[1] + horizon * 6000 + weight * own * 1,
+    ]
+    assert abs(cost[0] - cost[1]) > 1e-2  # not a near tie
+    d = p.decide(ws, _tokens(900_000, 6000))
+    want = 0 if cost[0] < cost[1] else 1
+    assert d is not None and d.index == want and d.cached_tokens == 0
+    assert d.cost == pytest.approx(ttft[want], rel=1e-9)
+    assert want == (0 if weight <= 0.1 else 1)  # both outcomes are covered
+    for lease in [*decoding, queued]:
+        lease.release()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1000), st.integers(0, 3), st.integers(0, 20_000)),
+        min_size=2,
+        max_size=12,
+    ),
+    st.floats(0.0, 8.0),
+)
+def test_new_context_stall_weight_changes_no_continuation(
+    held: list[tuple[int, int, int]], weight: float
+) -> None:
+    """It prices new context only: where most of every prompt is cached somewhere (a
+    conversation's next turn), every decision and its estimate are the default's, whatever
+    each worker holds, runs and has queued."""
+
+    def decisions(new_context: float) -> list[tuple[int, float | None]]:
+        ws = _workers(len(held))
+        p = WorkAwarePolicy(new_context_stall_weight=new_context)
+        tree = p.tree("default", "tokens", create=True)
+        assert tree is not None
+        tree.insert(_tokens(0, 1000), ws[0].url)  # some worker holds the whole prefix
+        for w, (length, _, _) in zip(ws[1:], held[1:], strict=True):
+            if length:
+                tree.insert(_tokens(0, length), w.url)
+        for w, (_, in_flight, pending) in zip(ws, held, strict=True):
+            for _ in range(in_flight):
+                w.increment_load()
+            w.add_work(pending, 3000 * in_flight)
+        out = []
+        for k in range(3):
+            d = p.decide(ws, [*_tokens(0, 1000), *_tokens(50_000 + 300 * k, 300)])
+            assert d is not None
+            out.append((d.index, d.cost))
+        return out
+
+    assert decisions(weight) == decisions(0.0)
 
 
 def test_session_moves_when_the_holder_is_saturated() -> None:

@@ -44,7 +44,12 @@ counts only as a stall.
 
 Both stalls (``p * in_flight`` and ``(p - p_min) * in_flight``) are scaled by
 ``stall_weight`` (1 by default: a second of delay to each of the others counts as a second
-of this request's own TTFT; lower favours TTFT, higher end-to-end latency).
+of this request's own TTFT; lower favours TTFT, higher end-to-end latency). New context's
+prefill stalls the requests in flight too, ``p_min`` of it wherever it goes;
+``new_context_stall_weight`` (0 by default) counts that part as well, at that weight:
+``(p - p_min + new_context_stall_weight * p_min) * in_flight``. Above 0 it sends new
+context where fewer requests are in flight: long agentic sessions gain, chat and
+all-at-once bursts lose (measured in ``docs/policies/work_aware.md``).
 
 With ``kv_capacity_tokens`` it also adds the prefill time of the other prefixes that worker
 would have to evict to hold this request.
@@ -158,6 +163,14 @@ class WorkAwareConfig:
             the request's own TTFT: a conversation leaves a holder busy decoding others
             less often. Higher favours the others' end-to-end latency. 0 leaves the stalls
             out of the price. ``docs/policies/work_aware.md`` measures the trade.
+        new_context_stall_weight: real >= 0. How much of a new context's prefill at its
+            best placement (``p_min``) counts as a stall of each request in flight where
+            it runs, on top of the recompute beyond it (which always counts). 0 (default)
+            prices new context by the work queued and the decode batch it joins; 1
+            prices its prefill's stall as a continuation's is. Above 0 it favours the
+            in-flight requests' end-to-end latency over new requests' TTFT, which pays
+            where prompts are long and sessions many (agentic traffic);
+            ``docs/policies/work_aware.md`` measures it.
 
     Raises:
         TypeError: a value of the wrong type (the message names the field and the value).
@@ -182,6 +195,7 @@ class WorkAwareConfig:
     index_namespace: Mapping[str, Any] | None = field(default=None, compare=False)
     on_decision: DecisionObserver | None = field(default=None, compare=False)
     stall_weight: float = 1.0
+    new_context_stall_weight: float = 0.0
 
     def __post_init__(self) -> None:
         reals = {
@@ -194,6 +208,9 @@ class WorkAwareConfig:
             "decode_step_s": check_real("decode_step_s", self.decode_step_s, minimum=0.0),
             "decode_token_s": check_real("decode_token_s", self.decode_token_s, minimum=0.0),
             "stall_weight": check_real("stall_weight", self.stall_weight, minimum=0.0),
+            "new_context_stall_weight": check_real(
+                "new_context_stall_weight", self.new_context_stall_weight, minimum=0.0
+            ),
         }
         check_int("reply_tokens", self.reply_tokens, minimum=1)
         check_int("decode_horizon", self.decode_horizon, minimum=0)
@@ -380,6 +397,7 @@ class WorkAwarePolicy(PrefixPolicy):
         claim_ttl_s: float = 30.0,
         index_namespace: Mapping[str, Any] | None = None,
         stall_weight: float = 1.0,
+        new_context_stall_weight: float = 0.0,
         config: WorkAwareConfig | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -401,6 +419,7 @@ class WorkAwarePolicy(PrefixPolicy):
             "claim_ttl_s": claim_ttl_s,
             "index_namespace": index_namespace,
             "stall_weight": stall_weight,
+            "new_context_stall_weight": new_context_stall_weight,
         }
         config = settle_config(WorkAwareConfig, config, given, on_decision=on_decision)
         self._config = config
@@ -414,6 +433,7 @@ class WorkAwarePolicy(PrefixPolicy):
             config.max_batch,
             config.kv_capacity_tokens,
             config.stall_weight,
+            config.new_context_stall_weight,
         )
         tpu = config.tokens_per_unit
         self._tpu_text = 1.0 / CHARS_PER_TOKEN if tpu is None else tpu
@@ -451,7 +471,7 @@ class WorkAwarePolicy(PrefixPolicy):
         """The worker of least estimated cost (see the module doc); the cost reported is
         the estimated time to first token there. O(n + t); O(n log n + t) beyond 16
         eligible workers (see the class doc)."""
-        a, b, d0, e, reply, he, max_batch, cap, sw = self._consts
+        a, b, d0, e, reply, he, max_batch, cap, sw, nsw = self._consts
         loads = view.loads
         tpu = self._tpu_text if tree is not None and tree.kind == "text" else self._tpu_tokens
         prompt = view.units * tpu
@@ -483,6 +503,7 @@ class WorkAwarePolicy(PrefixPolicy):
             elif p_hold < p_min:
                 p_min = p_hold
         continuation = top > prompt - top  # most of the prompt already lives somewhere
+        base_stall = nsw * p_min  # new context: the part of its stall paid wherever it goes
         # What a worker without the whole match recomputes beyond the part other prompts
         # share is this prompt's own history: a duplicate wherever it is recomputed.
         dup_beyond_shared = 0.0
@@ -589,8 +610,8 @@ class WorkAwarePolicy(PrefixPolicy):
                 stalled = sw * ld
                 if continuation:  # its prefill here stalls the requests in flight here
                     cost = ttft + p * stalled + dup
-                else:  # new context joins this decode batch; recompute stalls the others
-                    cost = ttft + he * dw + he_prompt + waste * stalled + dup
+                else:  # new context joins this decode batch; its prefill stalls the others
+                    cost = ttft + he * dw + he_prompt + (waste + base_stall) * stalled + dup
                 if sizes is not None and cap is not None:  # evicting others' prefixes
                     held = sizes.get(urls[i], 0) * tpu - ci
                     if held > 0:
@@ -633,4 +654,5 @@ class WorkAwarePolicy(PrefixPolicy):
             f"reply_tokens={c.reply_tokens}, decode_horizon={c.decode_horizon}, "
             f"max_batch={c.max_batch}, kv_capacity_tokens={c.kv_capacity_tokens}, "
             f"stall_weight={c.stall_weight}, "
+            f"new_context_stall_weight={c.new_context_stall_weight}, "
         )
