@@ -25,6 +25,14 @@ is left on; ``gc.callbacks`` time every collection by generation while W3 is bui
 bounded W3 also reports the worst single insert and how eviction is spread: units evicted
 per insert (a *burst* evicts more than twice what the insert adds).
 
+Before the first rep the process heap is grown once (``--heap-mb``: 512 MiB of 1 KiB
+objects, allocated and freed; 64 with ``--quick``): a tree that grows takes fresh pages
+from the kernel, and on a VM each first touch of a page is a fault of several
+microseconds (tens on a new VM), which lands on whichever insert crossed the page (every
+~4th insert of W3's 1,000-unit prompts), not on the tree's own work. A gateway's
+long-lived heap is already grown; ``--cold-heap`` skips this, to see what growth costs
+here.
+
 ``--baseline-rev REV`` loads ``git show REV:cacheroute/tree.py`` as a module. Peers, when
 importable: ``pygtrie`` (``pip install -e '.[bench]'``) and Ray Serve's ``PrefixTree``.
 """
@@ -104,6 +112,14 @@ def w3_data(n: int) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 # ---------------------------------------------------------------------- cells
+
+
+def grow_heap(mb: int) -> float:
+    """Allocate and free ``mb`` MiB of 1 KiB objects (the size of W3's leaves); seconds."""
+    t0 = PC()
+    junk = [bytes(1024) for _ in range(mb * 1024)]
+    del junk
+    return PC() - t0
 
 
 def timed(op: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[float]:
@@ -204,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="interleaved reps (default 5)")
     ap.add_argument("--baseline-rev", default=None, help="git revision of the baseline tree")
     ap.add_argument("--no-peers", action="store_true", help="skip pygtrie / Ray")
+    ap.add_argument(
+        "--heap-mb", type=int, default=None, help="heap grown before rep 1 (MiB; 512, quick 64)"
+    )
+    ap.add_argument("--cold-heap", action="store_true", help="do not grow the heap first")
     args = ap.parse_args(argv)
+    if args.heap_mb is not None and args.heap_mb < 0:
+        ap.error(f"--heap-mb must be >= 0, got {args.heap_mb}")
     reps = args.reps or (1 if args.quick else 5)
     scale = 0.1 if args.quick else 1.0
     n3 = 10_000 if args.quick else 100_000
@@ -213,11 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         f"# bench_tree  python {platform.python_version()}  {platform.machine()}  "
         f"cpus={os.cpu_count()}  reps={reps}  quick={args.quick}  gc={gc.get_threshold()}"
     )
+
     trees: dict[str, Any] = {"ours": Tree}
     if args.baseline_rev:
         trees = {"baseline": load_baseline(args.baseline_rev), "ours": Tree}
         print(f"# baseline: cacheroute/tree.py at {args.baseline_rev}")
     d1, d2, d3 = w1_data(scale), w2_data(scale), w3_data(n3)
+    if args.cold_heap:
+        print("# heap: cold (--cold-heap): fresh pages are faulted in by the inserts")
+    else:
+        mb = args.heap_mb if args.heap_mb is not None else 64 if args.quick else 512
+        print(f"# heap: grown by {mb} MiB in {grow_heap(mb):.2f} s before rep 1")
     cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     extra: dict[str, list[Any]] = {}
     for rep in range(reps):
