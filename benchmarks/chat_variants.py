@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import peers  # noqa: E402
 
-from cacheroute.sim import parse_policy_list, simulate, summarize  # noqa: E402
+from cacheroute.sim import Workload, parse_policy_list, simulate, summarize  # noqa: E402
 from cacheroute.sim.workloads import chat  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -56,29 +57,44 @@ VARIANTS: dict[str, dict[str, Any]] = {
 """Keyword arguments of ``chat`` per variant (``base``: its defaults)."""
 
 
-def run(policy: str, variant: str, seeds: list[int], workers: int) -> tuple[float, float]:
-    """Mean TTFT p99 and E2E p99 of ``policy`` on ``variant`` over ``seeds``."""
+def run(
+    policy: str,
+    make: Callable[..., Workload],
+    kwargs: dict[str, Any],
+    seeds: list[int],
+    workers: int,
+) -> tuple[float, float]:
+    """Mean TTFT p99 and E2E p99 of ``policy`` on ``make(seed=s, **kwargs)`` over ``seeds``."""
     ttft, e2e = [], []
     for seed in seeds:
-        s = summarize(simulate(chat(seed=seed, **VARIANTS[variant]), policy, workers=workers))
+        s = summarize(simulate(make(seed=seed, **kwargs), policy, workers=workers))
         ttft.append(s.ttft_p99)
         e2e.append(s.e2e_p99)
     return statistics.mean(ttft), statistics.mean(e2e)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policies", default="work_aware,preble,dynamo,cache_aware:least_load")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+def main(
+    argv: list[str] | None = None,
+    *,
+    name: str = "chat",
+    make: Callable[..., Workload] = chat,
+    variants: dict[str, dict[str, Any]] = VARIANTS,
+    policies: str = "work_aware,preble,dynamo,cache_aware:least_load",
+    doc: str | None = __doc__,
+) -> int:
+    """The command line: a table of ``policies`` on each of ``variants`` of ``make``."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument("--policies", default=policies)
+    ap.add_argument("--variants", default=",".join(variants), help="comma-separated names")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     ap.add_argument("--workers", type=int, default=8)
     args = ap.parse_args(argv)
     peers.register_all()
-    policies = [spec.label for spec in parse_policy_list(args.policies)]
-    variants = args.variants.split(",")
-    for v in variants:
-        if v not in VARIANTS:
-            ap.error(f"unknown variant {v!r} in --variants; known: {', '.join(VARIANTS)}")
+    labels = [spec.label for spec in parse_policy_list(args.policies)]
+    chosen = args.variants.split(",")
+    for v in chosen:
+        if v not in variants:
+            ap.error(f"unknown variant {v!r} in --variants; known: {', '.join(variants)}")
     try:
         seeds = [int(x) for x in args.seeds.split(",")]
     except ValueError:
@@ -86,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         ap.error(f"--workers must be >= 1, got {args.workers}")
     print(
-        f"chat variants, {args.workers} workers, means over seeds {args.seeds}: "
+        f"{name} variants, {args.workers} workers, means over seeds {args.seeds}: "
         "TTFT p99 / E2E p99 (s), the best of each marked *"
     )
-    width = max(len(p) for p in policies)
-    print(f"{'variant':10} " + " ".join(f"{p:>{max(width, 15)}}" for p in policies))
-    for v in variants:
-        cells = [run(p, v, seeds, args.workers) for p in policies]
+    width = max(len(p) for p in labels)
+    print(f"{'variant':10} " + " ".join(f"{p:>{max(width, 15)}}" for p in labels))
+    for v in chosen:
+        cells = [run(p, make, variants[v], seeds, args.workers) for p in labels]
         bt = min(t for t, _ in cells)
         be = min(e for _, e in cells)
         parts = []

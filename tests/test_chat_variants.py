@@ -19,7 +19,7 @@ def _script() -> ModuleType:
 
 def test_a_cell_is_the_mean_over_seeds_of_the_simulated_tails() -> None:
     cv = _script()
-    ttft, e2e = cv.run("round_robin", "sys2k", [0, 1], 4)
+    ttft, e2e = cv.run("round_robin", chat, cv.VARIANTS["sys2k"], [0, 1], 4)
     runs = [
         summarize(simulate(chat(seed=s, system_tokens=2048), "round_robin", workers=4))
         for s in (0, 1)

@@ -65,6 +65,7 @@ def test_defaults_are_the_engine_facts() -> None:
     assert c.kv_capacity_tokens is None and c.on_decision is None
     assert c.stall_weight == 1.0  # a second of the others' delay is a second
     assert c.new_context_stall_weight == 0.0
+    assert c.shared_prefix_decode_weight == 0.0
 
 
 @pytest.mark.parametrize(
@@ -88,6 +89,9 @@ def test_defaults_are_the_engine_facts() -> None:
         ("new_context_stall_weight", -0.25, ValueError),
         ("new_context_stall_weight", float("nan"), ValueError),
         ("new_context_stall_weight", "0.25", TypeError),
+        ("shared_prefix_decode_weight", -1.0, ValueError),
+        ("shared_prefix_decode_weight", float("inf"), ValueError),
+        ("shared_prefix_decode_weight", None, TypeError),
     ],
 )
 def test_config_validated(key: str, value: object, exc: type[Exception]) -> None:
@@ -339,13 +343,40 @@ def test_new_context_stall_weight_counts_its_prefill_stalling_the_requests_in_fl
         lease.release()
 
 
+_HOLDINGS = st.lists(
+    st.tuples(st.integers(0, 1000), st.integers(0, 3), st.integers(0, 20_000)),
+    min_size=2,
+    max_size=12,
+)
+"""Per worker: how much of ``_tokens(0, 1000)`` it holds, requests in flight, pending
+prefill (for :func:`_holders`)."""
+
+
+def _holders(
+    held: list[tuple[int, int, int]], decoding: bool, **options: float
+) -> tuple[list[BasicWorker], WorkAwarePolicy]:
+    """A worker per ``(length, in_flight, pending)``: holding the first ``length`` tokens of
+    ``_tokens(0, 1000)`` (worker 0 all of them), with ``in_flight`` requests, ``pending``
+    prefill tokens queued and, if ``decoding``, 3,000 decode tokens per request in flight;
+    and a ``WorkAwarePolicy(**options)`` whose tree says so."""
+    ws = _workers(len(held))
+    p = WorkAwarePolicy(**options)  # type: ignore[arg-type]
+    tree = p.tree("default", "tokens", create=True)
+    assert tree is not None
+    tree.insert(_tokens(0, 1000), ws[0].url)  # some worker holds the whole prefix
+    for w, (length, _, _) in zip(ws[1:], held[1:], strict=True):
+        if length:
+            tree.insert(_tokens(0, length), w.url)
+    for w, (_, in_flight, pending) in zip(ws, held, strict=True):
+        for _ in range(in_flight):
+            w.increment_load()
+        w.add_work(pending, 3000 * in_flight if decoding else 0)
+    return ws, p
+
+
 @settings(max_examples=60, deadline=None)
 @given(
-    st.lists(
-        st.tuples(st.integers(0, 1000), st.integers(0, 3), st.integers(0, 20_000)),
-        min_size=2,
-        max_size=12,
-    ),
+    _HOLDINGS,
     st.floats(0.0, 8.0),
 )
 def test_new_context_stall_weight_changes_no_continuation(
@@ -356,21 +387,101 @@ def test_new_context_stall_weight_changes_no_continuation(
     each worker holds, runs and has queued."""
 
     def decisions(new_context: float) -> list[tuple[int, float | None]]:
-        ws = _workers(len(held))
-        p = WorkAwarePolicy(new_context_stall_weight=new_context)
-        tree = p.tree("default", "tokens", create=True)
-        assert tree is not None
-        tree.insert(_tokens(0, 1000), ws[0].url)  # some worker holds the whole prefix
-        for w, (length, _, _) in zip(ws[1:], held[1:], strict=True):
-            if length:
-                tree.insert(_tokens(0, length), w.url)
-        for w, (_, in_flight, pending) in zip(ws, held, strict=True):
-            for _ in range(in_flight):
-                w.increment_load()
-            w.add_work(pending, 3000 * in_flight)
+        ws, p = _holders(held, True, new_context_stall_weight=new_context)
         out = []
         for k in range(3):
             d = p.decide(ws, [*_tokens(0, 1000), *_tokens(50_000 + 300 * k, 300)])
+            assert d is not None
+            out.append((d.index, d.cost))
+        return out
+
+    assert decisions(weight) == decisions(0.0)
+
+
+def _shared_prompt_pool(
+    p: WorkAwarePolicy,
+) -> tuple[list[BasicWorker], list[int], list[Lease]]:
+    """Two engines holding one 4,000-token system prompt (each has served a request on
+    it); engine 0 decodes 6 requests of 2,000 tokens, engine 1 has a 5,000-token prefill
+    queued. The system prompt, for requests to add their questions to, and the leases."""
+    ws = _workers(2)
+    system = _tokens(0, 4000)
+    tree = p.tree("default", "tokens", create=True)
+    assert tree is not None
+    tree.insert([*system, *_tokens(10_000, 300)], ws[0].url)
+    tree.insert([*system, *_tokens(20_000, 300)], ws[1].url)
+    leases = [acquire(p, [ws[0]], _tokens(100_000 + 10_000 * k, 2000)) for k in range(6)]
+    for lease in leases:
+        lease.first_token()
+    leases.append(acquire(p, [ws[1]], _tokens(500_000, 5000)))
+    return ws, system, leases
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1, 0.2, 0.5, 1.0, 2.0])
+def test_shared_prefix_decode_weight_prices_the_decode_batch_a_shared_prompt_joins(
+    weight: float,
+) -> None:
+    """A question on the system prompt both engines hold (a continuation of a prefix
+    other prompts share). Engine 0 costs its decode step, the stall of the question's
+    prefill on its 6 requests and ``weight`` x the decode pressure of their 12,000
+    tokens; engine 1 its queued prefill and the stall of its one request. The policy
+    takes the smaller, and reports that engine's time to first token: engine 0 up to a
+    weight of about 0.2, engine 1 from about 0.5."""
+    p = WorkAwarePolicy(shared_prefix_decode_weight=weight)
+    ws, system, leases = _shared_prompt_pool(p)
+    cfg = p.config
+    own = _prefill(500, 4000)
+    dw = ws[0].decode_tokens()
+    assert dw == 12_000 and ws[1].decode_tokens() == 0
+    ttft = [own + cfg.decode_step_s + cfg.decode_token_s * dw, _prefill(5000) + own]
+    horizon = cfg.decode_horizon * cfg.decode_token_s
+    cost = [ttft[0] + own * 6 + weight * horizon * dw, ttft[1] + own * 1]
+    assert abs(cost[0] - cost[1]) > 1e-2  # not a near tie
+    d = p.decide(ws, [*system, *_tokens(30_000, 500)])
+    want = 0 if cost[0] < cost[1] else 1
+    assert d is not None and d.index == want and d.cached_tokens == 4000
+    assert d.cost == pytest.approx(ttft[want], rel=1e-9)
+    assert want == (0 if weight <= 0.2 else 1)  # both outcomes are covered
+    for lease in leases:
+        lease.release()
+
+
+def test_shared_prefix_decode_weight_leaves_a_conversation_where_its_history_is() -> None:
+    """The same engines, but the cached part is one conversation's own history (engine 0
+    served its earlier turns; nothing else continues it): no weight moves it."""
+    for weight in (0.0, 1.0, 8.0):
+        p = WorkAwarePolicy(shared_prefix_decode_weight=weight)
+        ws, _, leases = _shared_prompt_pool(p)
+        history = _tokens(700_000, 4000)
+        tree = p.tree("default", "tokens", create=True)
+        assert tree is not None
+        tree.insert(history, ws[0].url)
+        d = p.decide(ws, [*history, *_tokens(30_000, 500)])
+        assert d is not None and d.index == 0 and d.cached_tokens == 4000, weight
+        for lease in leases:
+            lease.release()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    _HOLDINGS,
+    st.floats(0.0, 8.0),
+    st.booleans(),
+)
+def test_shared_prefix_decode_weight_changes_nothing_without_a_shared_prefix_or_decode(
+    held: list[tuple[int, int, int]], weight: float, forked: bool
+) -> None:
+    """Every decision and its estimate are the default's where the cached part is one
+    conversation's own history (each request extends the last; the workers hold
+    prefixes of it), whatever each worker holds, runs and has queued; and where the
+    prefix is shared (each request forks it) but no worker has a request decoding."""
+
+    def decisions(shared_decode: float) -> list[tuple[int, float | None]]:
+        ws, p = _holders(held, not forked, shared_prefix_decode_weight=shared_decode)
+        out = []
+        for k in range(3):
+            rest = _tokens(50_000 + 300 * k, 300) if forked else _tokens(1000, 300 * (k + 1))
+            d = p.decide(ws, [*_tokens(0, 1000), *rest])
             assert d is not None
             out.append((d.index, d.cost))
         return out

@@ -51,6 +51,13 @@ prefill stalls the requests in flight too, ``p_min`` of it wherever it goes;
 context where fewer requests are in flight: long agentic sessions gain, chat and
 all-at-once bursts lose (measured in ``docs/policies/work_aware.md``).
 
+A request whose cached part is all shared with other prompts (a new request on a shared
+system prompt or template) is a continuation by that test, priced by the stall of its
+short prefill; the decode batch it joins does not count. ``shared_prefix_decode_weight``
+(0 by default) adds that batch's decode pressure, at that weight, as new context has it.
+Above 0 it spreads single-turn traffic on a few long shared prompts by decode load: the
+end-to-end tail of long replies gains, the TTFT tail and chat lose (measured there).
+
 With ``kv_capacity_tokens`` it also adds the prefill time of the other prefixes that worker
 would have to evict to hold this request.
 
@@ -171,6 +178,14 @@ class WorkAwareConfig:
             in-flight requests' end-to-end latency over new requests' TTFT, which pays
             where prompts are long and sessions many (agentic traffic);
             ``docs/policies/work_aware.md`` measures it.
+        shared_prefix_decode_weight: real >= 0. For a request whose cached part is all
+            shared with other prompts (a system prompt, a template: ``Tree.shared_length``
+            covers its longest match), how much the decode pressure of the batch it joins
+            counts: ``weight x decode_horizon x decode_token_s x`` the worker's decode
+            tokens, as for new context at 1. 0 (default) prices such a request as a
+            continuation only. Above 0 it favours the end-to-end tail of long replies on
+            a few hot shared prompts (llm-d's prefix-heavy benchmark shape) over the TTFT
+            tail; ``docs/policies/work_aware.md`` measures it.
 
     Raises:
         TypeError: a value of the wrong type (the message names the field and the value).
@@ -196,6 +211,7 @@ class WorkAwareConfig:
     on_decision: DecisionObserver | None = field(default=None, compare=False)
     stall_weight: float = 1.0
     new_context_stall_weight: float = 0.0
+    shared_prefix_decode_weight: float = 0.0
 
     def __post_init__(self) -> None:
         reals = {
@@ -210,6 +226,9 @@ class WorkAwareConfig:
             "stall_weight": check_real("stall_weight", self.stall_weight, minimum=0.0),
             "new_context_stall_weight": check_real(
                 "new_context_stall_weight", self.new_context_stall_weight, minimum=0.0
+            ),
+            "shared_prefix_decode_weight": check_real(
+                "shared_prefix_decode_weight", self.shared_prefix_decode_weight, minimum=0.0
             ),
         }
         check_int("reply_tokens", self.reply_tokens, minimum=1)
@@ -398,6 +417,7 @@ class WorkAwarePolicy(PrefixPolicy):
         index_namespace: Mapping[str, Any] | None = None,
         stall_weight: float = 1.0,
         new_context_stall_weight: float = 0.0,
+        shared_prefix_decode_weight: float = 0.0,
         config: WorkAwareConfig | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -420,6 +440,7 @@ class WorkAwarePolicy(PrefixPolicy):
             "index_namespace": index_namespace,
             "stall_weight": stall_weight,
             "new_context_stall_weight": new_context_stall_weight,
+            "shared_prefix_decode_weight": shared_prefix_decode_weight,
         }
         config = settle_config(WorkAwareConfig, config, given, on_decision=on_decision)
         self._config = config
@@ -434,6 +455,7 @@ class WorkAwarePolicy(PrefixPolicy):
             config.kv_capacity_tokens,
             config.stall_weight,
             config.new_context_stall_weight,
+            config.shared_prefix_decode_weight * config.decode_horizon * config.decode_token_s,
         )
         tpu = config.tokens_per_unit
         self._tpu_text = 1.0 / CHARS_PER_TOKEN if tpu is None else tpu
@@ -471,7 +493,7 @@ class WorkAwarePolicy(PrefixPolicy):
         """The worker of least estimated cost (see the module doc); the cost reported is
         the estimated time to first token there. O(n + t); O(n log n + t) beyond 16
         eligible workers (see the class doc)."""
-        a, b, d0, e, reply, he, max_batch, cap, sw, nsw = self._consts
+        a, b, d0, e, reply, he, max_batch, cap, sw, nsw, hs = self._consts
         loads = view.loads
         tpu = self._tpu_text if tree is not None and tree.kind == "text" else self._tpu_tokens
         prompt = view.units * tpu
@@ -508,6 +530,7 @@ class WorkAwarePolicy(PrefixPolicy):
         # share is this prompt's own history: a duplicate wherever it is recomputed.
         dup_beyond_shared = 0.0
         shared = top
+        shared_decode = 0.0  # a continuation of a shared prefix only: its decode pressure
         if top > 0 and len(eligible) > 1 and tree is not None and view.match is not None:
             shared = tree.shared_length(view.match) * tpu
             if shared < top:
@@ -515,6 +538,8 @@ class WorkAwarePolicy(PrefixPolicy):
                 dup_beyond_shared = a * u + b * u * (shared + u / 2) - p_min
                 if dup_beyond_shared < 0.0:
                     dup_beyond_shared = 0.0
+            elif continuation:
+                shared_decode = hs
 
         cands = eligible
         # priced worker -> lists the unpriced ones of equal cost (only if needed: when it
@@ -610,6 +635,8 @@ class WorkAwarePolicy(PrefixPolicy):
                 stalled = sw * ld
                 if continuation:  # its prefill here stalls the requests in flight here
                     cost = ttft + p * stalled + dup
+                    if shared_decode:
+                        cost += shared_decode * dw
                 else:  # new context joins this decode batch; its prefill stalls the others
                     cost = ttft + he * dw + he_prompt + (waste + base_stall) * stalled + dup
                 if sizes is not None and cap is not None:  # evicting others' prefixes
@@ -655,4 +682,5 @@ class WorkAwarePolicy(PrefixPolicy):
             f"max_batch={c.max_batch}, kv_capacity_tokens={c.kv_capacity_tokens}, "
             f"stall_weight={c.stall_weight}, "
             f"new_context_stall_weight={c.new_context_stall_weight}, "
+            f"shared_prefix_decode_weight={c.shared_prefix_decode_weight}, "
         )
