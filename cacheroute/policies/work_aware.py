@@ -56,7 +56,8 @@ system prompt or template) is a continuation by that test, priced by the stall o
 short prefill; the decode batch it joins does not count. ``shared_prefix_decode_weight``
 (0 by default) adds that batch's decode pressure, at that weight, as new context has it.
 Above 0 it spreads single-turn traffic on a few long shared prompts by decode load: the
-end-to-end tail of long replies gains, the TTFT tail and chat lose (measured there).
+end-to-end tail of long replies gains, the TTFT tail and chat lose (measured in
+``docs/policies/work_aware.md``).
 
 With ``kv_capacity_tokens`` it also adds the prefill time of the other prefixes that worker
 would have to evict to hold this request.
