@@ -220,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="interleaved reps (default 5)")
     ap.add_argument("--baseline-rev", default=None, help="git revision of the baseline tree")
     ap.add_argument("--no-peers", action="store_true", help="skip pygtrie / Ray")
-    ap.add_argument(
+    heap = ap.add_mutually_exclusive_group()
+    heap.add_argument(
         "--heap-mb", type=int, default=None, help="heap grown before rep 1 (MiB; 512, quick 64)"
     )
-    ap.add_argument("--cold-heap", action="store_true", help="do not grow the heap first")
+    heap.add_argument("--cold-heap", action="store_true", help="do not grow the heap first")
     args = ap.parse_args(argv)
     if args.heap_mb is not None and args.heap_mb < 0:
         ap.error(f"--heap-mb must be >= 0, got {args.heap_mb}")
@@ -235,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         f"# bench_tree  python {platform.python_version()}  {platform.machine()}  "
         f"cpus={os.cpu_count()}  reps={reps}  quick={args.quick}  gc={gc.get_threshold()}"
     )
-
     trees: dict[str, Any] = {"ours": Tree}
     if args.baseline_rev:
         trees = {"baseline": load_baseline(args.baseline_rev), "ours": Tree}

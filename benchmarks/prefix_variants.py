@@ -24,25 +24,18 @@ import chat_variants
 
 from cacheroute.sim.workloads import shared_prefix
 
+_LLMD150: dict[str, Any] = {
+    "groups": 150,
+    "prompts_per_group": 20,
+    "system_tokens": 6000,
+    "question_tokens": 1200,
+    "output_tokens": 1000,
+}
+"""llm-d's benchmark: 150 groups, 6,000-token prompts, 1,200-token questions, 1,000 out."""
+
 VARIANTS: dict[str, dict[str, Any]] = {
-    # llm-d's benchmark: 150 groups, 6,000-token prompts, 1,200-token questions, 1,000
-    # tokens out, at two rates (the cluster about half and fully busy)
-    "llmd150": {
-        "groups": 150,
-        "prompts_per_group": 20,
-        "system_tokens": 6000,
-        "question_tokens": 1200,
-        "output_tokens": 1000,
-        "request_rate": 16.0,
-    },
-    "llmd150r8": {
-        "groups": 150,
-        "prompts_per_group": 20,
-        "system_tokens": 6000,
-        "question_tokens": 1200,
-        "output_tokens": 1000,
-        "request_rate": 8.0,
-    },
+    "llmd150": {**_LLMD150, "request_rate": 16.0},
+    "llmd150r8": {**_LLMD150, "request_rate": 8.0},
     "g32": {
         "groups": 32,
         "prompts_per_group": 94,
