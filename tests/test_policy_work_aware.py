@@ -353,12 +353,12 @@ prefill (for :func:`_holders`)."""
 
 
 def _holders(
-    held: list[tuple[int, int, int]], decoding: bool, **options: float
+    held: list[tuple[int, int, int]], **options: float
 ) -> tuple[list[BasicWorker], WorkAwarePolicy]:
     """A worker per ``(length, in_flight, pending)``: holding the first ``length`` tokens of
     ``_tokens(0, 1000)`` (worker 0 all of them), with ``in_flight`` requests, ``pending``
-    prefill tokens queued and, if ``decoding``, 3,000 decode tokens per request in flight;
-    and a ``WorkAwarePolicy(**options)`` whose tree says so."""
+    prefill tokens queued and 3,000 decode tokens per request in flight; and a
+    ``WorkAwarePolicy(**options)`` whose tree says so."""
     ws = _workers(len(held))
     p = WorkAwarePolicy(**options)  # type: ignore[arg-type]
     tree = p.tree("default", "tokens", create=True)
@@ -370,7 +370,7 @@ def _holders(
     for w, (_, in_flight, pending) in zip(ws, held, strict=True):
         for _ in range(in_flight):
             w.increment_load()
-        w.add_work(pending, 3000 * in_flight if decoding else 0)
+        w.add_work(pending, 3000 * in_flight)
     return ws, p
 
 
@@ -387,7 +387,7 @@ def test_new_context_stall_weight_changes_no_continuation(
     each worker holds, runs and has queued."""
 
     def decisions(new_context: float) -> list[tuple[int, float | None]]:
-        ws, p = _holders(held, True, new_context_stall_weight=new_context)
+        ws, p = _holders(held, new_context_stall_weight=new_context)
         out = []
         for k in range(3):
             d = p.decide(ws, [*_tokens(0, 1000), *_tokens(50_000 + 300 * k, 300)])
@@ -474,10 +474,13 @@ def test_shared_prefix_decode_weight_changes_nothing_without_a_shared_prefix_or_
     """Every decision and its estimate are the default's where the cached part is one
     conversation's own history (each request extends the last; the workers hold
     prefixes of it), whatever each worker holds, runs and has queued; and where the
-    prefix is shared (each request forks it) but no worker has a request decoding."""
+    prefix is shared (each request forks it) but no worker has a request in flight
+    (a request in flight without work accounted counts as decoding: the next test)."""
+    if forked:
+        held = [(length, 0, pending) for length, _, pending in held]
 
     def decisions(shared_decode: float) -> list[tuple[int, float | None]]:
-        ws, p = _holders(held, not forked, shared_prefix_decode_weight=shared_decode)
+        ws, p = _holders(held, shared_prefix_decode_weight=shared_decode)
         out = []
         for k in range(3):
             rest = _tokens(50_000 + 300 * k, 300) if forked else _tokens(1000, 300 * (k + 1))
@@ -487,6 +490,32 @@ def test_shared_prefix_decode_weight_changes_nothing_without_a_shared_prefix_or_
         return out
 
     assert decisions(weight) == decisions(0.0)
+
+
+def test_shared_prefix_decode_weight_counts_requests_in_flight_without_work_accounted() -> None:
+    """Found by the property above: engine 0 holds a shared prefix and has one request in
+    flight with no work accounted (a ``Worker`` without token totals reads so), which the
+    policy counts as one of this prompt's size decoding. Its decode pressure then moves
+    the request to the idle engine at weight 1; at 0, and with nothing in flight, it
+    stays."""
+    prefix = _tokens(0, 1000)
+
+    def chosen(weight: float, in_flight: bool) -> int:
+        ws = _workers(2)
+        p = WorkAwarePolicy(shared_prefix_decode_weight=weight)
+        tree = p.tree("default", "tokens", create=True)
+        assert tree is not None
+        for k in range(2):  # two prompts continue the prefix: it is shared
+            tree.insert([*prefix, *_tokens(50_000 + 300 * k, 300)], ws[0].url)
+        if in_flight:
+            ws[0].increment_load()
+        d = p.decide(ws, [*prefix, *_tokens(60_000, 300)])
+        assert d is not None and d.index in (0, 1)
+        return d.index
+
+    assert chosen(0.0, True) == 0
+    assert chosen(1.0, True) == 1
+    assert chosen(1.0, False) == 0
 
 
 def test_session_moves_when_the_holder_is_saturated() -> None:
