@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
@@ -591,6 +591,28 @@ def test_ledger_follows_its_first_tokens_when_another_gateway_shares_the_worker(
         lease.release()
 
 
+def test_a_prefill_is_off_the_ledger_once_its_mark_has_left_the_queue() -> None:
+    """The mark boundary: a prefill routed when ``n`` tokens had been leased is done once
+    ``n + 1`` have left the worker's queue (first come, first served: all those ahead of
+    it and the first of its own), not one token later; until then it keeps its price
+    with attention."""
+    w = BasicWorker("http://shared")
+    p = WorkAwarePolicy(decode_horizon=0)
+    w.add_work(2, 0)  # another gateway's 2 tokens, queued ahead
+    big = acquire(p, [w], _tokens(0, 100_000))  # leased at 2: its mark is 3
+    w.add_work(5, 0)  # and 5 more of theirs, queued behind it
+    w.add_work(-2, 0)  # the 2 ahead are done: 2 have left, it is still queued
+    d = p.decide([w], _tokens(300_000, 10))
+    assert d is not None and d.cost is not None
+    assert d.cost == pytest.approx(_prefill(100_000) + 5 * A + _prefill(10), rel=1e-9)
+    w.add_work(-1, 0)  # a third token has left: its own first one
+    d = p.decide([w], _tokens(400_000, 10))
+    assert d is not None and d.cost is not None
+    # queued: the probe above (10 tokens, with its own price) and the rest linearly
+    assert d.cost == pytest.approx(_prefill(10) + A * (100_004 - 10) + _prefill(10), rel=1e-9)
+    big.release()
+
+
 class _SharedQueue(RuleBasedStateMachine):
     """Two gateways (policies) lease prefills on one engine, which prefills first come
     first served. Model: the engine's queue. Each request of ``mine`` is priced at the
@@ -807,6 +829,38 @@ def test_large_pools_price_holders_and_a_shortlist() -> None:
     assert d.index == 0
 
 
+def test_sixteen_workers_are_all_priced_exactly() -> None:
+    """Up to 16 eligible workers every one is priced (the shortlist starts beyond):
+    here the only free batch slot is on the worker with the most work, which a shortlist
+    of the least busy would not price."""
+    ws = _workers(16)
+    for w in ws[:15]:
+        for _ in range(2):
+            w.increment_load()
+        w.add_work(0, 1)  # in flight with work accounted (not the count fallback)
+    ws[15].add_work(2000, 0)
+    p = WorkAwarePolicy(max_batch=2)
+    d = p.decide(ws, _tokens(0, 1000))
+    assert d is not None and d.index == 15
+
+
+def test_an_idle_large_pool_with_a_kv_capacity_prices_what_each_would_evict() -> None:
+    """With ``kv_capacity_tokens`` idle workers do not all cost the same for the same
+    load (what an insert would evict differs), so beyond 16 they are all priced: the
+    one holding nothing wins although it has a request in flight."""
+    ws = _workers(20)
+    p = WorkAwarePolicy(kv_capacity_tokens=100_000)
+    tree = p.tree("default", "tokens", create=True)
+    assert tree is not None
+    for k, w in enumerate(ws[:19]):
+        tree.insert(_tokens(1_000_000 * (k + 1), 99_000), w.url)
+    ws[19].increment_load()  # in flight, no work accounted: counted as one like this one
+    # elsewhere it evicts ~19k tokens (0.63 s to prefill again); on 19 it decodes beside
+    # one more request of its size (0.51 s of decode pressure)
+    d = p.decide(ws, _tokens(0, 20_000))
+    assert d is not None and d.index == 19
+
+
 class _SubWorker(BasicWorker):
     """Not exactly a BasicWorker: read through its methods, not its slots."""
 
@@ -989,3 +1043,227 @@ def test_a_long_shared_system_prompt_is_copied_to_every_engine() -> None:
     result = simulate(chat(users=128, rounds=4, system_tokens=4096), "work_aware", workers=8)
     served = [result.worker.count(i) for i in range(8)]
     assert min(served) >= 0.04 * sum(served), served
+
+
+# ------------------------------------------------------------- against a reference model
+#
+# The cost of the module doc, written out term by term for a policy that has routed
+# nothing yet (its ledgers empty, so queued prefill is priced at prefill_token_s per
+# pending token). It shares no code with the policy: the property below compares the
+# policy's choice and estimate with it over arbitrary holdings, loads, work and settings.
+
+
+def _reference(
+    p: WorkAwarePolicy, ws: list[BasicWorker], prompt: list[int]
+) -> tuple[list[float], list[float]]:
+    """``(cost, ttft)`` per worker, from the module doc, for a policy without ledgers."""
+    c = p.config
+    a, b, d0, e = c.prefill_token_s, c.attention_token_s, c.decode_step_s, c.decode_token_s
+    reply, cap, sw = float(c.reply_tokens), c.kv_capacity_tokens, c.stall_weight
+    he = c.decode_horizon * e
+    tree = p.tree("default", "tokens", create=True)
+    assert tree is not None
+    match = tree.match(prompt)
+    sizes = tree.used_size_per_tenant()
+    n = len(prompt)
+
+    def prefill(u: float, cached: float) -> float:
+        return a * u + b * u * (cached + u / 2)
+
+    cached = [float(min(match.lengths.get(w.url, 0), n)) for w in ws]
+    own = [prefill(n - ci, ci) for ci in cached]
+    p_min, top = min(own), max(cached)
+    continuation = top > n - top
+    shared = float(tree.shared_length(match)) if top > 0 else top
+    costs, ttfts = [], []
+    for w, ci, pi in zip(ws, cached, own, strict=True):
+        ld, pw, dw = w.load(), w.pending_prefill_tokens(), w.decode_tokens()
+        ctx = dw + pw
+        if ld and not pw and not dw:  # no work accounted: each request counts as this one
+            dw = ctx = ld * n
+        ttft = a * pw + pi + (d0 + e * dw if dw else 0.0)
+        step = d0 + e * (ctx if cap is None else min(ctx, cap))
+        if ld >= c.max_batch:
+            ttft += (ld + 1 - c.max_batch) * reply * step / max(ld, 1)
+        if cap is not None and ctx > 0 and ctx + n + reply > cap:
+            ttft += min((ctx + n + reply - cap) / ctx, 1.0) * reply * step
+        waste = pi - p_min
+        if shared < top:  # a duplicate: recomputing the prompt's own history
+            dup = waste if ci >= shared else max(prefill(n - shared, shared) - p_min, 0.0)
+        else:
+            dup = waste if ci > 0 else 0.0
+        if continuation:
+            cost = ttft + pi * sw * ld + dup
+            if shared >= top:
+                cost += c.shared_prefix_decode_weight * he * dw
+        else:
+            stall = (waste + c.new_context_stall_weight * p_min) * sw * ld
+            cost = ttft + he * dw + he * n + stall + dup
+        if cap is not None:  # evicting what else it holds
+            held = sizes.get(w.url, 0) - ci
+            over = held + n - ci + reply - cap
+            if held > 0 and over > 0:
+                cost += min(over, held) * (a + b * min(n, cap) / 2)
+        costs.append(cost)
+        ttfts.append(ttft)
+    return costs, ttfts
+
+
+_LENGTHS = st.one_of(st.sampled_from([0, 200, 500, 800, 1000]), st.integers(0, 1000))
+"""Prefix lengths, often equal to each other (the boundaries of the cost's cases)."""
+
+_WORKER_STATES = st.lists(
+    st.tuples(
+        _LENGTHS,  # tokens of _tokens(0, 1000) it holds
+        st.sampled_from([0, 0, 1, 3, 6]),  # requests in flight
+        st.sampled_from([0, 0, 500, 3000, 20_000]),  # pending prefill tokens
+        st.sampled_from([0, 0, 2000, 30_000, 200_000]),  # decode tokens
+        st.booleans(),  # it also holds another prompt forking from the first at its length
+    ),
+    min_size=2,
+    max_size=6,
+)
+
+
+def _reference_state(
+    states: list[tuple[int, int, int, int, bool]], options: dict[str, object]
+) -> tuple[WorkAwarePolicy, list[BasicWorker]]:
+    """A fresh ``WorkAwarePolicy(**options)`` and a worker per state ``(length, in_flight,
+    pending, decode, fork)``: holding the first ``length`` tokens of ``_tokens(0, 1000)``
+    (and, with ``fork``, another prompt sharing them), with that many requests in flight
+    and that much work accounted."""
+    ws = _workers(len(states))
+    p = WorkAwarePolicy(**options)  # type: ignore[arg-type]
+    tree = p.tree("default", "tokens", create=True)
+    assert tree is not None
+    for k, (w, (length, in_flight, pending, decode, fork)) in enumerate(
+        zip(ws, states, strict=True)
+    ):
+        if length:
+            tree.insert(_tokens(0, length), w.url)
+        if fork:  # a prompt sharing the first `length` tokens: forks make shared prefixes
+            tree.insert([*_tokens(0, length), *_tokens(80_000 + 1000 * k, 100)], w.url)
+        for _ in range(in_flight):
+            w.increment_load()
+        w.add_work(pending, decode)
+    return p, ws
+
+
+_DECISIVE = (
+    # The new-context stall's base is p_min, not the cold prefill.
+    (
+        [
+            (200, 6, 0, 0, True),
+            (1000, 0, 20000, 0, True),
+            (1000, 6, 3000, 0, False),
+            (200, 0, 500, 0, False),
+            (800, 6, 0, 0, False),
+        ],
+        *(500, 928, 256, 450_000, 2.0, 1.0, 0.0),
+    ),
+    # No memory wait on an empty engine, even for a prompt beyond the KV capacity.
+    (
+        [(0, 0, 0, 0, False), (0, 3, 0, 200000, False), (200, 0, 20000, 0, False)],
+        *(800, -1, 3, 1000, 2.0, 0.25, 2.0),
+    ),
+    # What an insert evicts counts the reply's memory.
+    (
+        [
+            (21, 0, 500, 30000, False),
+            (200, 0, 0, 200000, False),
+            (1000, 0, 0, 30000, False),
+            (500, 6, 20000, 2000, False),
+        ],
+        *(0, 456, 3, 1000, 0.5, 0.25, 0.5),
+    ),
+    # What an insert evicts is what the worker holds beyond the prompt's own match.
+    (
+        [
+            (73, 3, 20000, 0, False),
+            (992, 6, 3000, 0, True),
+            (0, 3, 0, 2000, False),
+            (78, 6, 0, 30000, False),
+        ],
+        *(773, -1, 256, 1000, 0.5, 0.0, 2.0),
+    ),
+    # And never more than it holds.
+    (
+        [
+            (200, 0, 3000, 0, False),
+            (419, 3, 0, 0, True),
+            (200, 6, 3000, 2000, False),
+            (500, 0, 3000, 0, True),
+            (500, 0, 0, 30000, True),
+        ],
+        *(1000, -1, 3, 1000, 2.0, 0.25, 0.5),
+    ),
+    # A partial holder of an all-shared prefix pays the duplicate of the rest.
+    (
+        [
+            (226, 0, 0, 30000, False),
+            (800, 0, 500, 30000, False),
+            (0, 1, 20000, 2000, True),
+            (500, 3, 0, 2000, False),
+        ],
+        *(646, 434, 3, None, 1.0, 1.0, 0.0),
+    ),
+)
+"""Arguments of :func:`test_choice_and_estimate_are_the_documented_cost` where one term
+of the cost decides (found by searching random states for ones where dropping or
+shifting that term changes a decision): always run."""
+
+
+@example(*_DECISIVE[0])
+@example(*_DECISIVE[1])
+@example(*_DECISIVE[2])
+@example(*_DECISIVE[3])
+@example(*_DECISIVE[4])
+@example(*_DECISIVE[5])
+@settings(max_examples=200, deadline=None)
+@given(
+    _WORKER_STATES,
+    _LENGTHS,
+    st.one_of(st.just(-1), st.integers(2, 1500)),
+    st.sampled_from([1, 3, 256]),
+    st.sampled_from([None, 1000, 2500, 30_000, 450_000]),
+    st.sampled_from([1.0, 0.5, 2.0]),
+    st.sampled_from([0.0, 0.0, 0.25, 1.0]),
+    st.sampled_from([0.0, 0.0, 0.5, 2.0]),
+)
+def test_choice_and_estimate_are_the_documented_cost(
+    states: list[tuple[int, int, int, int, bool]],
+    cached_len: int,
+    new_len: int,
+    max_batch: int,
+    cap: int | None,
+    stall_weight: float,
+    new_context_stall_weight: float,
+    shared_prefix_decode_weight: float,
+) -> None:
+    """Over every worker list of the state (all of them, every pair, each one alone) the
+    chosen worker has the least cost of the reference model (the module doc's terms,
+    written out independently above) and ``Decision.cost`` is its time to first token
+    there, whatever each worker holds, runs and has queued, at any setting of the batch
+    limit, KV capacity and weights. ``new_len == -1`` makes the new part as long as the
+    cached one: the boundary of a continuation (longer than the rest, not as long)."""
+    options: dict[str, object] = {
+        "max_batch": max_batch,
+        "kv_capacity_tokens": cap,
+        "stall_weight": stall_weight,
+        "new_context_stall_weight": new_context_stall_weight,
+        "shared_prefix_decode_weight": shared_prefix_decode_weight,
+    }
+    new = cached_len if new_len < 0 else new_len
+    prompt = [*_tokens(0, cached_len), *_tokens(50_000, new)] or _tokens(50_000, 10)
+    n = len(states)
+    lists = [list(range(n))]
+    lists += [[i, j] for i in range(n) for j in range(i + 1, n)]
+    lists += [[i] for i in range(n)]
+    for idx in lists:
+        p, ws = _reference_state([states[i] for i in idx], options)
+        costs, ttfts = _reference(p, ws, prompt)
+        d = p.decide(ws, prompt)
+        assert d is not None and d.cost is not None
+        best = min(costs)
+        assert costs[d.index] <= best + 1e-9 * max(1.0, abs(best)), (idx, d.index, costs)
+        assert d.cost == pytest.approx(ttfts[d.index], rel=1e-9, abs=1e-12), idx
