@@ -507,7 +507,6 @@ class WorkAwarePolicy(PrefixPolicy):
         own: dict[int, tuple[float, float]] = {}  # index -> (cached tokens, prefill s)
         if lengths:
             index_of = view.pool.index_of
-            p_hold = p_cold
             for url, k in lengths.items():
                 for i in index_of.get(url, ()):
                     if loads[i] >= 0:
@@ -517,14 +516,10 @@ class WorkAwarePolicy(PrefixPolicy):
                         u = prompt - ci
                         pi = a * u + b * u * (ci + u / 2)
                         own[i] = (ci, pi)
-                        if pi < p_hold:
-                            p_hold = pi
+                        if pi < p_min:  # least over the eligible (p_cold: a non-holder)
+                            p_min = pi
                         if ci > top:
                             top = ci
-            if own and len(own) == len(eligible):
-                p_min = p_hold  # every eligible worker holds some of it
-            elif p_hold < p_min:
-                p_min = p_hold
         continuation = top > prompt - top  # most of the prompt already lives somewhere
         base_stall = nsw * p_min  # new context: the part of its stall paid wherever it goes
         # What a worker without the whole match recomputes beyond the part other prompts
