@@ -687,6 +687,22 @@ def test_slot_limit_is_priced() -> None:
         lease.release()
 
 
+def test_the_slot_wait_counts_running_requests_and_queued_contexts() -> None:
+    """A full batch frees slots as its running requests finish, so the wait divides by
+    those running (requests still queued for prefill run no decode steps), and each step
+    it waits reads the queued prompts' KV too once they run."""
+    w = BasicWorker("http://solo")
+    p = WorkAwarePolicy(max_batch=2, decode_horizon=0)
+    queued = [acquire(p, [w], _tokens(100_000 * k, 1000)) for k in (1, 2)]
+    d = p.decide([w], _tokens(0, 10))
+    assert d is not None and d.cost is not None
+    step = 0.006 + 4.89e-8 * 2000  # the two queued prompts, decoding by then
+    wait = (2 + 1 - 2) * 256 * step / 1  # nothing runs yet: a whole decode run
+    assert d.cost == pytest.approx(2 * _prefill(1000) + _prefill(10) + wait, rel=1e-9)
+    for lease in queued:
+        lease.release()
+
+
 def test_memory_wait_and_eviction_keep_long_contexts_at_home() -> None:
     cap = 100_000
     ws = _workers(2)
