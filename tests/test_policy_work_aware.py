@@ -352,6 +352,30 @@ _HOLDINGS = st.lists(
 prefill (for :func:`_holders`)."""
 
 
+def _reference_state(
+    states: list[tuple[int, int, int, int, bool]], options: dict[str, object]
+) -> tuple[WorkAwarePolicy, list[BasicWorker]]:
+    """A fresh ``WorkAwarePolicy(**options)`` and a worker per state ``(length, in_flight,
+    pending, decode, fork)``: holding the first ``length`` tokens of ``_tokens(0, 1000)``
+    (and, with ``fork``, another prompt sharing them), with that many requests in flight
+    and that much work accounted."""
+    ws = _workers(len(states))
+    p = WorkAwarePolicy(**options)  # type: ignore[arg-type]
+    tree = p.tree("default", "tokens", create=True)
+    assert tree is not None
+    for k, (w, (length, in_flight, pending, decode, fork)) in enumerate(
+        zip(ws, states, strict=True)
+    ):
+        if length:
+            tree.insert(_tokens(0, length), w.url)
+        if fork:  # a prompt sharing the first `length` tokens: forks make shared prefixes
+            tree.insert([*_tokens(0, length), *_tokens(80_000 + 1000 * k, 100)], w.url)
+        for _ in range(in_flight):
+            w.increment_load()
+        w.add_work(pending, decode)
+    return p, ws
+
+
 def _holders(
     held: list[tuple[int, int, int]], **options: float
 ) -> tuple[list[BasicWorker], WorkAwarePolicy]:
@@ -359,18 +383,11 @@ def _holders(
     ``_tokens(0, 1000)`` (worker 0 all of them), with ``in_flight`` requests, ``pending``
     prefill tokens queued and 3,000 decode tokens per request in flight; and a
     ``WorkAwarePolicy(**options)`` whose tree says so."""
-    ws = _workers(len(held))
-    p = WorkAwarePolicy(**options)  # type: ignore[arg-type]
-    tree = p.tree("default", "tokens", create=True)
-    assert tree is not None
-    tree.insert(_tokens(0, 1000), ws[0].url)  # some worker holds the whole prefix
-    for w, (length, _, _) in zip(ws[1:], held[1:], strict=True):
-        if length:
-            tree.insert(_tokens(0, length), w.url)
-    for w, (_, in_flight, pending) in zip(ws, held, strict=True):
-        for _ in range(in_flight):
-            w.increment_load()
-        w.add_work(pending, 3000 * in_flight)
+    states = [
+        (1000 if k == 0 else length, in_flight, pending, 3000 * in_flight, False)
+        for k, (length, in_flight, pending) in enumerate(held)
+    ]
+    p, ws = _reference_state(states, dict(options))
     return ws, p
 
 
@@ -1139,30 +1156,6 @@ _WORKER_STATES = st.lists(
     min_size=2,
     max_size=6,
 )
-
-
-def _reference_state(
-    states: list[tuple[int, int, int, int, bool]], options: dict[str, object]
-) -> tuple[WorkAwarePolicy, list[BasicWorker]]:
-    """A fresh ``WorkAwarePolicy(**options)`` and a worker per state ``(length, in_flight,
-    pending, decode, fork)``: holding the first ``length`` tokens of ``_tokens(0, 1000)``
-    (and, with ``fork``, another prompt sharing them), with that many requests in flight
-    and that much work accounted."""
-    ws = _workers(len(states))
-    p = WorkAwarePolicy(**options)  # type: ignore[arg-type]
-    tree = p.tree("default", "tokens", create=True)
-    assert tree is not None
-    for k, (w, (length, in_flight, pending, decode, fork)) in enumerate(
-        zip(ws, states, strict=True)
-    ):
-        if length:
-            tree.insert(_tokens(0, length), w.url)
-        if fork:  # a prompt sharing the first `length` tokens: forks make shared prefixes
-            tree.insert([*_tokens(0, length), *_tokens(80_000 + 1000 * k, 100)], w.url)
-        for _ in range(in_flight):
-            w.increment_load()
-        w.add_work(pending, decode)
-    return p, ws
 
 
 _DECISIVE = (
