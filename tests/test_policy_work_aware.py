@@ -630,6 +630,30 @@ def test_a_prefill_is_off_the_ledger_once_its_mark_has_left_the_queue() -> None:
     big.release()
 
 
+class _NoLeasedCount(BasicWorker):
+    """Work accounting without the running count of prefill tokens leased (as a custom
+    ``Worker`` may have it): the ledger then follows the pending total alone."""
+
+    prefill_tokens_leased = None  # type: ignore[assignment]
+
+
+def test_without_a_leased_count_the_pending_total_settles_the_ledger() -> None:
+    """Without marks, entries leave the ledger from the front while the rest still
+    covers the worker's pending total, down to an exact cover: the first prefill's
+    first token leaves the second one priced as itself, attention included."""
+    w = _NoLeasedCount("http://custom")
+    p = WorkAwarePolicy(decode_horizon=0)
+    first = acquire(p, [w], _tokens(0, 1000))
+    second = acquire(p, [w], _tokens(100_000, 3000))
+    first.first_token()  # pending 3000: exactly the second's tokens
+    d = p.decide([w], _tokens(200_000, 10))
+    assert d is not None and d.cost is not None
+    step = 0.006 + 4.89e-8 * 1000  # the first decodes
+    assert d.cost == pytest.approx(_prefill(3000) + _prefill(10) + step, rel=1e-9)
+    for lease in (first, second):
+        lease.release()
+
+
 class _SharedQueue(RuleBasedStateMachine):
     """Two gateways (policies) lease prefills on one engine, which prefills first come
     first served. Model: the engine's queue. Each request of ``mine`` is priced at the
