@@ -658,40 +658,82 @@ class _SharedQueue(RuleBasedStateMachine):
     """Two gateways (policies) lease prefills on one engine, which prefills first come
     first served. Model: the engine's queue. Each request of ``mine`` is priced at the
     seconds of its own prefills still queued plus the other gateway's queued tokens
-    priced linearly (what its ledger cannot know better), its own prefill and the decode
-    step in progress."""
+    priced linearly (what its ledger cannot know better), its own prefill, the decode
+    step in progress, and, once the engine runs ``max_batch`` requests, the wait for a
+    slot: the decode steps until one frees, each reading the KV of the contexts decoding
+    and of the prompts it queued there, shared among the requests running.
+
+    ``mine`` also resends prompts it has routed: cached whole, they queue with nothing
+    to prefill, and count as queued until every prefill leased before them is done."""
+
+    MAX_BATCH = 3
 
     def __init__(self) -> None:
         super().__init__()
         self.w = BasicWorker("http://engine")
-        self.mine = WorkAwarePolicy(decode_horizon=0)
+        self.mine = WorkAwarePolicy(decode_horizon=0, max_batch=self.MAX_BATCH)
         self.theirs = WorkAwarePolicy(decode_horizon=0)
-        self.queue: list[tuple[Lease, bool, int]] = []  # (lease, ours, tokens), FIFO
+        # (lease, ours, prompt tokens, tokens to prefill), FIFO
+        self.queue: list[tuple[Lease, bool, int, int]] = []
         self.decoding: list[tuple[Lease, int]] = []
+        self.sent: list[list[int]] = []
         self.next = 0
 
     def _prompt(self, n: int) -> list[int]:
         self.next += n + 1
         return _tokens(self.next * 7, n)  # never shares a prefix with another
 
-    @rule(n=st.integers(1, 20_000))
-    def route_mine(self, n: int) -> None:
-        queued = sum(_prefill(t) if ours else A * t for _, ours, t in self.queue)
-        decode = sum(t for _, t in self.decoding)
-        lease = acquire(self.mine, [self.w], self._prompt(n))
+    def _on_ledger(self) -> list[tuple[int, int]]:
+        """(prompt, tokens) of ``mine``'s queued requests it still counts as queued."""
+        out = []
+        for k, (_, ours, n, t) in enumerate(self.queue):
+            if ours and (t or any(u for _, _, _, u in self.queue[:k])):
+                out.append((n, t))
+        return out
+
+    def _expected(self, own: float, prompt: int) -> float:
+        ledger = self._on_ledger()
+        theirs = sum(t for _, ours, _, t in self.queue if not ours)
+        queued = sum(_prefill(t) for _, t in ledger) + A * theirs
+        decode = sum(n for _, n in self.decoding)
+        in_flight = len(self.queue) + len(self.decoding)
+        # a step reads the prompts it queued whole; others' queued tokens are prefill in Q
+        # (with none of its own queued, the pending tokens are all it knows)
+        ctx = decode + (sum(n for n, _ in ledger) if ledger else theirs)
+        if in_flight and not ledger and not theirs and not decode:
+            # requests in flight and no work read (cached whole, off the ledger): read as
+            # a worker without work accounting, each one of this prompt's size decoding
+            decode = ctx = in_flight * prompt
+        ttft = queued + own + (0.006 + 4.89e-8 * decode if decode else 0.0)
+        if in_flight >= self.MAX_BATCH:
+            step = 0.006 + 4.89e-8 * ctx
+            running = max(in_flight - len(ledger), 1)
+            ttft += (in_flight + 1 - self.MAX_BATCH) * 256 * step / running
+        return ttft
+
+    @rule(n=st.integers(1, 20_000), again=st.integers(0, 10**6) | st.none())
+    def route_mine(self, n: int, again: int | None) -> None:
+        if again is not None and self.sent:
+            prompt = self.sent[again % len(self.sent)]
+            n, todo = len(prompt), 0  # cached whole: nothing to prefill
+        else:
+            prompt = self._prompt(n)
+            todo = n
+            self.sent.append(prompt)
+        expected = self._expected(_prefill(todo), n)
+        lease = acquire(self.mine, [self.w], prompt)
         assert lease.decision is not None and lease.decision.cost is not None
-        expected = queued + _prefill(n) + (0.006 + 4.89e-8 * decode if decode else 0.0)
         assert lease.decision.cost == pytest.approx(expected, rel=1e-6, abs=1e-9)
-        self.queue.append((lease, True, n))
+        self.queue.append((lease, True, n, todo))
 
     @rule(n=st.integers(1, 20_000))
     def route_theirs(self, n: int) -> None:
-        self.queue.append((acquire(self.theirs, [self.w], self._prompt(n)), False, n))
+        self.queue.append((acquire(self.theirs, [self.w], self._prompt(n)), False, n, n))
 
     @precondition(lambda self: self.queue)
     @rule()
     def first_token(self) -> None:
-        lease, _, n = self.queue.pop(0)
+        lease, _, n, _ = self.queue.pop(0)
         lease.first_token()
         self.decoding.append((lease, n))
 
@@ -702,7 +744,7 @@ class _SharedQueue(RuleBasedStateMachine):
         lease.release()
 
     def teardown(self) -> None:
-        for lease, _, _ in self.queue:
+        for lease, *_ in self.queue:
             lease.release()
         for lease, _ in self.decoding:
             lease.release()
@@ -1087,6 +1129,35 @@ def test_an_idle_large_cluster_is_decided_as_if_every_worker_were_priced(
     finally:
         work_aware._EXACT_UP_TO = exact
     assert got == want
+
+
+def test_a_worker_chosen_as_a_tie_without_being_priced_has_its_ledger_brought_up_to_date() -> None:
+    """Beyond 16 idle workers one is priced and the others tie with it unpriced, so their
+    ledgers are not synced. One chosen so is synced before its entry is added: an entry it
+    kept from before (a prompt cached whole, whose tokens never show in the pending total
+    a worker without a leased count is followed by) would otherwise count as queued, its
+    prompt in every decode step the next request waits for a batch slot."""
+    ws = [_NoLeasedCount(f"http://w{i}:8000") for i in range(20)]
+    x = ws[5]
+    p = WorkAwarePolicy(max_batch=1)
+    cached = _tokens(0, 100)
+    _served(p, [x], cached)
+    again = acquire(p, [x], cached)  # cached whole: an entry with nothing to prefill
+    again.release()  # x is idle, its ledger not synced since
+    tree = p.tree("default", "tokens", create=True)
+    assert tree is not None
+    for i, w in enumerate(ws):
+        if w is not x:  # x: the smallest share of the tree, so the tie-break takes it
+            tree.insert(_tokens(1_000_000 + 10_000 * i, 1000), w.url)
+    fresh = acquire(p, ws, _tokens(50_000_000, 2000))
+    assert fresh.index == 5
+    d = p.decide([x], _tokens(60_000_000, 10))
+    assert d is not None and d.cost is not None
+    # one queued (the fresh prompt): with max_batch 1 a whole decode run must pass first,
+    # each step reading that prompt's KV, not the cached one's as well
+    wait = (1 + 1 - 1) * 256 * (0.006 + 4.89e-8 * 2000)
+    assert d.cost == pytest.approx(_prefill(2000) + _prefill(10) + wait, rel=1e-9)
+    fresh.release()
 
 
 def test_a_long_shared_system_prompt_is_copied_to_every_engine() -> None:

@@ -18,6 +18,9 @@ measurements). The estimate starts with the request's **time to first token** th
   exceed ``kv_capacity_tokens``: the part of a decode run (``reply_tokens`` steps) that
   must complete first, each step reading at most ``kv_capacity_tokens`` of KV (queued
   prompts are prefill to wait for, not a longer step); plus the decode step in progress.
+  In-flight contexts: those decoding and the prompts this policy queued there, those
+  cached whole included (with none, the pending tokens); a slot frees among the requests
+  running.
 
 To ``T`` it adds what the request does to the others there, which depends on whether its
 context already lives somewhere:
@@ -588,8 +591,8 @@ class WorkAwarePolicy(PrefixPolicy):
                     if pw <= 0 or lg.tok > pw or (left is not None and lg.q[0][3] <= left):
                         lg.sync(pw, left)
                         n_led = lg.n
-                if n_led and lg.tok > 0:
-                    if pw >= lg.tok:
+                if n_led:  # (entries with nothing to prefill still queue, and count)
+                    if pw >= lg.tok:  # the rest: other gateways' tokens, priced linearly
                         queued = lg.sec + a * (pw - lg.tok)
                         queued_n = float(n_led)
                         ctx = dw + lg.prompt
