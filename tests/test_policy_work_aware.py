@@ -686,9 +686,11 @@ class _SharedQueue(RuleBasedStateMachine):
     def _on_ledger(self) -> list[tuple[int, int]]:
         """(prompt, tokens) of ``mine``'s queued requests it still counts as queued."""
         out = []
-        for k, (_, ours, n, t) in enumerate(self.queue):
-            if ours and (t or any(u for _, _, _, u in self.queue[:k])):
+        ahead = False  # some prefill is queued ahead (of either gateway)
+        for _, ours, n, t in self.queue:
+            if ours and (t or ahead):
                 out.append((n, t))
+            ahead = ahead or t > 0
         return out
 
     def _expected(self, own: float, prompt: int) -> float:
