@@ -114,6 +114,8 @@ __all__ = ["WorkAwareConfig", "WorkAwarePolicy"]
 
 _NO_MARK = float("inf")
 """A ledger entry's mark on a worker that does not count the prefill tokens leased."""
+_UNBOUNDED = float("inf")
+"""The cost bound before any worker is priced."""
 _EXACT_UP_TO = 16
 """Eligible workers up to which every worker is priced exactly (see :meth:`choose`)."""
 _SHORTLIST = 8
@@ -386,7 +388,9 @@ class WorkAwarePolicy(PrefixPolicy):
 
     Complexity of ``decide``: O(n) worker reads + one tree match and insert (and, when some
     of the prompt is cached, :meth:`~cacheroute.tree.Tree.shared_length`) + O(n) pricing,
-    n the eligible workers. Beyond 16 eligible workers, a sort by pending plus decode
+    n the eligible workers; a worker whose queued prefill at the linear rate plus its own
+    prefill already exceed the least cost found so far is skipped (every other term is
+    non-negative). Beyond 16 eligible workers, a sort by pending plus decode
     tokens (one read per worker) and the pricing of a few: every worker holding some of
     the prompt (of a match held by more than 8, the 8 least busy), and of the others the
     8 least busy, ties at the cut kept; when 8 or more of those have no work at all (and
@@ -576,13 +580,22 @@ class WorkAwarePolicy(PrefixPolicy):
         pre, dec = _read_tokens(workers, basic, some)
         leased_of = _read_leased(workers, basic, some)
 
+        # Every term of a cost is >= 0, and queued prefill costs at least its linear rate:
+        # a worker whose queued plus own prefill (new context: plus its own decode
+        # pressure) exceeds the best cost so far can neither win nor tie, and is skipped.
+        lower_extra = 0.0 if continuation else he_prompt
+
         with self._state_lock:
             ledgers = self._ledgers_of(view.pool)
             best = best_pw = -1
             best_cost = best_ttft = best_p = 0.0
+            bound = _UNBOUNDED
             ties: dict[int, tuple[float, float, int]] | None = None
             dw: float
             for i, pw, dw, leased in zip(cands, pre, dec, leased_of, strict=True):
+                ci, p = own.get(i, no_own)
+                if a * pw + p + lower_extra > bound:
+                    continue  # costs more than the best
                 ld = loads[i]
                 lg = ledgers[i]
                 n_led = lg.n
@@ -607,7 +620,6 @@ class WorkAwarePolicy(PrefixPolicy):
                     ctx = dw + pw
                     if ld > 0 and not pw and not dw:  # no work accounting: count requests
                         dw = ctx = ld * prompt
-                ci, p = own.get(i, no_own)
                 ttft = queued + p
                 if dw:
                     ttft += d0 + e * dw  # the decode step in progress
@@ -646,6 +658,7 @@ class WorkAwarePolicy(PrefixPolicy):
                             cost += (over if over < held else held) * evict_rate
                 if best < 0 or cost < best_cost:
                     best, best_cost, best_ttft, best_p, best_pw, ties = i, cost, ttft, p, pw, None
+                    bound = cost * (1.0 + 1e-9) + 1e-9  # float drift of the ledger's sums
                 elif cost == best_cost:
                     if ties is None:
                         ties = {best: (best_ttft, best_p, best_pw)}
