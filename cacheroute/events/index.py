@@ -299,17 +299,18 @@ class KVEventIndex:
     :meth:`match`. A worker is identified by the string you give (its URL, or one string
     per data-parallel rank).
 
-    :param block_size: the engines' KV block size in tokens; an engine's events carry its
-        own, which then wins for that worker. Matches are whole blocks.
-    :param max_blocks_per_worker: cap on the blocks held per worker; past it the oldest
-        stored blocks are dropped (down to 90% of the cap).
-    :param stale_after: seconds after which a worker that is neither connected (for a
-        subscribed worker) nor heard from is stale; a subscribed worker reconnecting
-        after a disconnect this long has its view reset.
-    :param replay_timeout: seconds to wait for a replay to finish.
-    :param heartbeat: ZMQ heartbeat interval in seconds for subscriber connections (a dead
-        publisher is noticed after three missed heartbeats).
-    :param clock: monotonic clock in seconds (tests).
+    Args:
+        block_size: the engines' KV block size in tokens; an engine's events carry its
+            own, which then wins for that worker. Matches are whole blocks.
+        max_blocks_per_worker: cap on the blocks held per worker; past it the oldest
+            stored blocks are dropped (down to 90% of the cap).
+        stale_after: seconds after which a worker that is neither connected (for a
+            subscribed worker) nor heard from is stale; a subscribed worker reconnecting
+            after a disconnect this long has its view reset.
+        replay_timeout: seconds to wait for a replay to finish.
+        heartbeat: ZMQ heartbeat interval in seconds for subscriber connections (a dead
+            publisher is noticed after three missed heartbeats).
+        clock: monotonic clock in seconds (tests).
 
     Thread-safe: :meth:`match` may run in any number of request threads while
     subscriber threads apply events.
@@ -367,15 +368,18 @@ class KVEventIndex:
     ) -> None:
         """Follow ``url``'s engine: a background thread reads its ZMQ PUB ``endpoint``.
 
-        :param url: the worker's key in :meth:`match` results (one per DP rank, see docs).
-        :param endpoint: the engine's PUB socket, e.g. ``"tcp://10.0.0.1:5557"``.
-        :param replay: the engine's ROUTER replay socket, e.g. ``"tcp://10.0.0.1:5558"``:
-            missed batches are asked for over a DEALER socket.
-        :param topic: ZMQ topic prefix to subscribe to (the engine's ``topic``).
-        :param dp_rank: apply only batches of this data-parallel rank.
-        :param catch_up: with ``replay``, ask for the engine's buffered history on the
-            first message, so the view starts complete rather than empty.
-        :raises RuntimeError: the index is closed, or ``url`` is already subscribed.
+        Args:
+            url: the worker's key in :meth:`match` results (one per DP rank, see docs).
+            endpoint: the engine's PUB socket, e.g. ``"tcp://10.0.0.1:5557"``.
+            replay: the engine's ROUTER replay socket, e.g. ``"tcp://10.0.0.1:5558"``:
+                missed batches are asked for over a DEALER socket.
+            topic: ZMQ topic prefix to subscribe to (the engine's ``topic``).
+            dp_rank: apply only batches of this data-parallel rank.
+            catch_up: with ``replay``, ask for the engine's buffered history on the
+                first message, so the view starts complete rather than empty.
+
+        Raises:
+            RuntimeError: the index is closed, or ``url`` is already subscribed.
         """
         check_str("url", url)
         check_str("endpoint", endpoint)
@@ -437,12 +441,14 @@ class KVEventIndex:
         describes a process that is gone; a subscribed url absent from ``feeds`` is
         forgotten. Workers fed only through :meth:`apply` are not touched.
 
-        :raises TypeError, ValueError: ``feeds`` or one of its feeds is malformed (the
-            message names ``feeds[url]``); nothing changed.
-        :raises ValueError: some subscriptions could not be made (a malformed address):
-            raised after every other url was synced, naming each failed url, which is
-            left unsubscribed.
-        :raises RuntimeError: the index is closed.
+        Raises:
+            TypeError: ``feeds`` or one of its feeds is of a wrong type (the message names
+                ``feeds[url]``); nothing changed.
+            ValueError: ``feeds`` or one of its feeds has a wrong value (likewise; nothing
+                changed), or some subscriptions could not be made (a malformed address):
+                raised after every other url was synced, naming each failed url, which is
+                left unsubscribed.
+            RuntimeError: the index is closed.
 
         >>> from cacheroute.events import KVEventPublisher
         >>> with KVEventPublisher("tcp://127.0.0.1:*") as engine, KVEventIndex() as index:
@@ -485,8 +491,9 @@ class KVEventIndex:
         counts as a gap (``lost_batches``). A subscriber, which knows which batches come
         from the live stream, takes every live batch not above the last for a restart.
 
-        :returns: whether the batch was applied (``False``: duplicate, other DP rank, or a
-            bad message, which is counted and logged, never raised).
+        Returns:
+            Whether the batch was applied (``False``: duplicate, other DP rank, or a bad
+            message, which is counted and logged, never raised).
         """
         if type(url) is not str or not url:
             check_str("url", url)

@@ -27,14 +27,15 @@ _END = (-1).to_bytes(8, "big", signed=True)
 class KVEventPublisher:
     """Publish KV-event batches on ``endpoint`` (bound), replay on ``replay`` (bound).
 
-    :param endpoint: PUB address to bind, e.g. ``"tcp://127.0.0.1:5557"``; port ``*`` binds a
-        free port (read :attr:`endpoint` afterwards).
-    :param replay: ROUTER address to bind for replay, or ``None``.
-    :param topic: topic frame of every message.
-    :param buffer_steps: batches kept for replay (vLLM's default is 10000).
-    :param replay_topic: replies carry the topic frame (vLLM since PR #45177); ``False``
-        answers ``[seq, payload]`` as older engines do.
-    :param first_seq: sequence number of the first batch (engines start at 0).
+    Args:
+        endpoint: PUB address to bind, e.g. ``"tcp://127.0.0.1:5557"``; port ``*`` binds a
+            free port (read :attr:`endpoint` afterwards).
+        replay: ROUTER address to bind for replay, or ``None``.
+        topic: topic frame of every message.
+        buffer_steps: batches kept for replay (vLLM's default is 10000).
+        replay_topic: replies carry the topic frame (vLLM since PR #45177); ``False``
+            answers ``[seq, payload]`` as older engines do.
+        first_seq: sequence number of the first batch (engines start at 0).
     """
 
     def __init__(
@@ -107,7 +108,8 @@ class KVEventPublisher:
         ``send=False`` buffers without sending: a subscriber sees a gap it can replay
         (the way a message lost past the PUB high-water mark looks).
 
-        :returns: the batch's sequence number.
+        Returns:
+            The batch's sequence number.
         """
         check_bool("send", send)
         payload = encode_batch(events, shape=shape, dp_rank=dp_rank)

@@ -347,7 +347,8 @@ def decode_batch(payload: bytes) -> KVEventBatch:
     Accepts every shape described in the module notes. An unreadable *event* becomes
     ``None`` in ``events``; an unreadable *batch* raises.
 
-    :raises WireFormatError: not msgpack, or not a batch.
+    Raises:
+        WireFormatError: not msgpack, or not a batch.
     """
     if type(payload) is not bytes and not isinstance(payload, (bytearray, memoryview)):
         raise WireFormatError(f"payload must be bytes, got {type(payload).__name__}")
