@@ -335,7 +335,7 @@ class RouterMetrics:
         * ``key: number``: one sample of ``<namespace>_index_<key>``;
         * ``key: {label: number}``: one sample per entry, with a ``worker=<label>`` label;
         * ``worker: row``, where ``row`` is a dataclass instance of counters (what
-          :meth:`cacheroute.events.KVEventIndex.stats` returns, ``{url: WorkerStats}``):
+          :meth:`cacheroute.events.index.KVEventIndex.stats` returns, ``{url: WorkerStats}``):
           transposed, one metric per numeric field, one sample per worker, labelled
           ``worker=<worker>``. Fields in ``row_gauges`` (and ``bool`` fields) are gauges,
           the others counters (``<namespace>_index_<field>_total``); ``None`` fields are

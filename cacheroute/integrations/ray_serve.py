@@ -21,7 +21,7 @@ parses the body and calls the engine deployment's handle with ``prompt=`` (see
 
 **Replicas are workers.** Every replica is a :class:`~cacheroute.BasicWorker` whose URL is
 the replica's full id (``SERVE_REPLICA::app#deployment#id``). Ray's replica updates sync the
-policy's pool (:meth:`~cacheroute.policies.LoadBalancingPolicy.sync_workers`), a replica
+policy's pool (:meth:`~cacheroute.policies.base.LoadBalancingPolicy.sync_workers`), a replica
 that dies is removed at once, and load is held with leases from the routing decision to
 the request's completion (how Ray's calls are paired:
 :mod:`cacheroute.integrations.ray_serve_state`). Ray's own limits stay in force: the router

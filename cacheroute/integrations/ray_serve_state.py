@@ -389,11 +389,11 @@ class RouterCore:
     def sync(self, keys: Sequence[str], feeds: Mapping[str, Any] | None = None) -> None:
         """Make the replicas exactly ``keys`` (Ray's running replicas): new ones become
         workers, gone ones are dropped and the policy is synced
-        (:meth:`~cacheroute.policies.LoadBalancingPolicy.sync_workers`: their trees go).
+        (:meth:`~cacheroute.policies.base.LoadBalancingPolicy.sync_workers`: their trees go).
 
         With an :attr:`index`, ``feeds`` (``{key: feed}``, what replicas advertise under
         :data:`KV_EVENTS_STAT`) are what it follows
-        (:meth:`~cacheroute.events.KVEventIndex.sync_subscriptions`): a replica without a
+        (:meth:`~cacheroute.events.index.KVEventIndex.sync_subscriptions`): a replica without a
         feed is routed on the routed history. A malformed feed is logged, never raised:
         it comes from a replica, and the others still sync."""
         with self._lock:

@@ -49,6 +49,7 @@ class PairPolicy(LoadBalancingPolicy):
     def select_worker(
         self, workers: Sequence[Worker], request_text: RequestText = None
     ) -> int | None:
+        """The prefill policy's choice of one worker of ``workers``."""
         return self.prefill.select_worker(workers, request_text)
 
     def decide(

@@ -109,7 +109,7 @@ def _cache_tokens(text: str) -> int | None:
 def add_engine_options(parser: Any) -> None:
     """Add ``--cache-tokens`` and ``--max-batch`` (the modelled engine's KV capacity and
     running requests; ``args.cache_tokens``, ``args.max_batch``) to an
-    :class:`argparse.ArgumentParser` or argument group, as ``cacheroute simulate`` has
+    ``argparse.ArgumentParser`` or argument group, as ``cacheroute simulate`` has
     them: for scripts that run the simulator with the same options. O(1).
 
     >>> p = argparse.ArgumentParser()

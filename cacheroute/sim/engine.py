@@ -174,8 +174,8 @@ class Engine:
     """One modelled serving engine. Driven by the simulator; see the module docstring.
 
     The simulator calls :meth:`enqueue` when the router sends a request here and
-    :meth:`boundary` at the time this engine asked for (:attr:`next_time`); an event
-    whose version is not :attr:`version` is stale and must be skipped.
+    :meth:`boundary` at the time this engine asked for (``next_time``); an event
+    whose version is not ``version`` is stale and must be skipped.
 
     Per-request results are written into the lists passed at construction, indexed by
     request id: ``first_token[rid]`` (time of the first token), ``hit[rid]`` (hit
@@ -277,8 +277,8 @@ class Engine:
     def enqueue(self, rid: int, now: float) -> bool:
         """Queue request ``rid`` at time ``now``.
 
-        Returns ``True`` when :attr:`next_time` changed (the simulator must schedule an
-        event at it, with the current :attr:`version`).
+        Returns ``True`` when ``next_time`` changed (the simulator must schedule an
+        event at it, with the current ``version``).
 
         Raises:
             TypeError, ValueError: ``rid`` is not an index into the engine's requests, or
@@ -307,8 +307,8 @@ class Engine:
     def boundary(self, now: float) -> list[int]:
         """Finish the iteration ending at ``now``; return the request ids that completed.
 
-        Afterwards :attr:`next_time` is the next boundary (``None`` when idle) with a new
-        :attr:`version`, and :attr:`prefilled` lists the requests whose first token this
+        Afterwards ``next_time`` is the next boundary (``None`` when idle) with a new
+        ``version``, and ``prefilled`` lists the requests whose first token this
         boundary produced (the simulator reports them to their leases).
 
         Raises:

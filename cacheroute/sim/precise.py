@@ -1,4 +1,5 @@
-"""Precise mode in the simulator: engines' KV events feeding a real :class:`KVEventIndex`.
+"""Precise mode in the simulator: engines' KV events feeding a real index
+(:class:`~cacheroute.events.index.KVEventIndex`).
 
 The simulated engines emit :class:`~cacheroute.sim.engine.KVEvent` records (blocks stored
 when a prefill ends, blocks evicted); :class:`EventFeed` encodes them in vLLM's wire

@@ -249,7 +249,7 @@ def _where(plugin: str, exc: BaseException, origin: str | None) -> str:
 def load_plugin(plugin: str) -> ModuleType:
     """Import a module that registers policies (with :func:`cacheroute.register_policy`).
 
-    ``plugin`` is a dotted module name (imported with :func:`importlib.import_module`,
+    ``plugin`` is a dotted module name (imported with ``importlib.import_module``,
     from ``sys.path``) or the path of a ``.py`` file (anything ending in ``.py`` or
     containing a path separator), imported by file under a module name unique to its
     absolute path (``cacheroute_plugin_<stem>_<hash>``), so two ``policies.py`` in

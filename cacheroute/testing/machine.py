@@ -113,7 +113,7 @@ class PolicyStateMachine(RuleBasedStateMachine):
         # or: run_state_machine_as_test(MyPolicyMachine, settings=settings(max_examples=50))
 
     Or build a subclass on the fly with :meth:`for_policy`. Subclasses may add rules of
-    their own; use :attr:`workers` (the current pool), :attr:`policy` and :attr:`leases`.
+    their own; use ``workers`` (the current pool), ``policy`` and :attr:`leases`.
     """
 
     policy_factory: ClassVar[PolicyFactory | None] = None
