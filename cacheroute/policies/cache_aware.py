@@ -70,7 +70,7 @@ class CacheAwareConfig:
             with the relative test, makes the cluster imbalanced; also the width of the
             load window of ``imbalance_mode="locality"``. Default 8 (SGLang: 32 in the
             library, 64 in the CLI); see docs/policies/cache_aware.md.
-        balance_rel_threshold: >= 1.0 (``math.inf`` never reports imbalance). Imbalanced
+        balance_rel_threshold: real >= 1.0 (``math.inf`` never reports imbalance). Imbalanced
             also needs ``max_load > balance_rel_threshold * min_load``. Default 1.5.
         max_tree_size: int > 0. Total units (characters or tokens) per tree, one tree per
             (model, text or tokens), enforced inside every insert. Default 2**24.

@@ -1,6 +1,6 @@
 """Property-test any routing policy: hypothesis strategies, ``check_policy`` and a state machine.
 
-This package needs `hypothesis <https://hypothesis.readthedocs.io>`_, an optional dependency
+This package needs [hypothesis](https://hypothesis.readthedocs.io), an optional dependency
 (the ``test`` extra); the rest of cacheroute never imports it.
 
 Check that a policy keeps the shared semantics every policy must keep (see
