@@ -11,7 +11,8 @@ component only and ``text <target>`` shows ``text``, as in Sphinx.
 Doctest examples (``>>>`` lines and their output, up to a blank line) are fenced as Python
 code: in Markdown a ``>>>`` line is a triply nested quote. A paragraph ending in ``::``
 before an indented block (reST's literal block) ends in ``:`` and the block is fenced (in
-a list item Python-Markdown would take it for more of the item's text). Loaded from
+a list item Python-Markdown would take it for more of the item's text). A power written
+in prose, ``2**32``, keeps its stars (two in a paragraph would make bold). Loaded from
 ``mkdocs.yml``; the package does not import it.
 """
 
@@ -34,6 +35,26 @@ def _link(m: re.Match[str]) -> str:
     target = body.removesuffix("()")
     text = target.rsplit(".", 1)[-1] if short else target
     return f"[`{text}`][{target}]"
+
+
+_POWER = re.compile(r"(?<=\w)\*\*(?=\w)")
+_CODE_SPAN = re.compile(r"(`+)(?:.+?)\1")
+
+
+def _escape_powers(text: str) -> str:
+    out: list[str] = []
+    fenced = False
+    for line in text.split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if not fenced and "**" in line:
+            parts, last = [], 0
+            for m in _CODE_SPAN.finditer(line):  # leave code spans as they are
+                parts += [_POWER.sub(r"\*\*", line[last : m.start()]), m.group(0)]
+                last = m.end()
+            line = "".join([*parts, _POWER.sub(r"\*\*", line[last:])])
+        out.append(line)
+    return "\n".join(out)
 
 
 def _indent(line: str) -> int:
@@ -111,4 +132,6 @@ class DocstringsAsMarkdown(griffe.Extension):
             value = _fence_doctests(value)
         if "::" in value:
             value = _literal_blocks(value)
+        if "**" in value:
+            value = _escape_powers(value)
         doc.value = value
