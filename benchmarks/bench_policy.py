@@ -21,7 +21,9 @@ the policy chose: the tree's own share of the work. ``ratio`` = policy p50 / tre
 ``--floor`` adds a ``floor`` row per case: a prefix policy whose choice is a constant (the
 first eligible worker) run through the same machinery (the workers' loads read, the tree's
 match and insert, the decision recorded). It is what any prefix policy pays before it
-prices a single worker: the part of a ratio no pricing rule can remove.
+prices a single worker: the part of a ratio no pricing rule can remove. A last line per
+policy gives the range of its ratio minus the floor's in the same case (one thread): what
+its rule costs, in tree match + inserts.
 
 ``--baseline-rev REV`` compares each policy with its own module at git revision ``REV``
 (``cacheroute/policies/NAME.py``, loaded against today's package) instead: one thread,
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'tree p50':>9} {'tree p99':>9} {'ratio':>6}"
     )
     worst: dict[str, float] = {}
+    single: dict[tuple[str, str, bool, int], float] = {}  # 1-thread ratio per case
     for name in names:
         for wname, gen in workloads.items():
             prompts = gen(args.quick)
@@ -271,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                         p50, p99 = statistics.median(p50s), statistics.median(p99s)
                         t50, t99 = statistics.median(t50s), statistics.median(t99s)
                         ratio = p50 / t50
-                        if threads == 1 and n_workers == 64:
-                            worst[name] = max(worst.get(name, 0.0), ratio)
+                        if threads == 1:
+                            single[name, wname, busy, n_workers] = ratio
+                            if n_workers == 64:
+                                worst[name] = max(worst.get(name, 0.0), ratio)
                         state = "busy" if busy else "idle"
                         print(
                             f"{name:12} {wname:4} {state:5} {n_workers:7d} {threads:3d} "
@@ -285,6 +290,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: worst single-thread ratio at 64 workers "
             f"(policy p50 / tree match+insert p50): {ratio:.2f}"
         )
+    if args.floor:  # what a policy adds to the machinery, in tree match + inserts
+        for name in names[1:]:
+            spans = []
+            for n_workers in (8, 64):
+                above = [
+                    r - single[(FloorPolicy.name, *case[1:])]
+                    for case, r in single.items()
+                    if case[0] == name and case[3] == n_workers
+                ]
+                spans.append(f"{n_workers} workers {min(above):.2f} to {max(above):.2f}")
+            print(
+                f"{name}: above the floor (its ratio minus the floor's, 1 thread): "
+                + ", ".join(spans)
+            )
     print(
         "2-thread p50/p99 include waiting for the GIL and the tree lock; "
         "dec/s is the total over both threads."

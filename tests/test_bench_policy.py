@@ -45,6 +45,22 @@ def test_the_floor_rows_come_first_and_are_summed_up(capsys: pytest.CaptureFixtu
     rows = [line.split()[0] for line in out.splitlines() if line.startswith(("floor", "round"))]
     assert rows[0] == "floor" and "round_robin" in rows
     assert "floor: worst single-thread ratio at 64 workers" in out
+    # The last line: round_robin's ratio minus the floor's, case by case, one thread.
+    ratios: dict[str, dict[tuple[str, ...], float]] = {"floor": {}, "round_robin": {}}
+    for line in out.splitlines():
+        f = line.split()
+        if f and f[0] in ratios and len(f) == 12 and f[4] == "1":
+            ratios[f[0]][tuple(f[1:4])] = float(f[11])
+    above = [r - ratios["floor"][case] for case, r in ratios["round_robin"].items()]
+    assert len(above) == 8
+    line = next(x for x in out.splitlines() if x.startswith("round_robin: above the floor"))
+    for n in ("8", "64"):
+        diffs = [
+            r - ratios["floor"][case] for case, r in ratios["round_robin"].items() if case[2] == n
+        ]
+        low, high = line.split(f"{n} workers ")[1].split(",")[0].split(" to ")
+        assert float(low) == pytest.approx(min(diffs), abs=0.011)
+        assert float(high) == pytest.approx(max(diffs), abs=0.011)
 
 
 def test_a_baseline_revision_is_loaded_from_git_and_decides_like_its_source(
