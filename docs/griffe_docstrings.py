@@ -128,10 +128,10 @@ class DocstringsAsMarkdown(griffe.Extension):
         value = doc.value
         if ":`" in value:
             value = _ROLE.sub(_link, value)
+        if "::" in value:  # first: a literal block may hold ">>>" lines
+            value = _literal_blocks(value)
         if ">>>" in value:
             value = _fence_doctests(value)
-        if "::" in value:
-            value = _literal_blocks(value)
         if "**" in value:
             value = _escape_powers(value)
         doc.value = value
