@@ -1,5 +1,6 @@
-"""KVEventIndex fed with apply(): what each event does, namespaces, sequence rules,
-bounds, staleness, bad input, thread-safety."""
+"""KVEventIndex fed with apply() (cacheroute/events/index.py and its block store,
+cacheroute/events/_blocks.py): what each event does, namespaces, sequence rules, bounds,
+staleness, bad input, thread-safety."""
 
 from __future__ import annotations
 
@@ -451,7 +452,7 @@ def _tail_stream(seed: int) -> list[tuple[str, object]]:
 def test_decode_tails_answer_as_if_every_block_were_in_the_tree(
     seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cacheroute.events.index as index_module
+    import cacheroute.events._blocks as blocks_module
 
     def run() -> list[dict[str, int]]:
         index = KVEventIndex(block_size=2)
@@ -465,8 +466,8 @@ def test_decode_tails_answer_as_if_every_block_were_in_the_tree(
         return answers
 
     with_tails = run()
-    monkeypatch.setattr(index_module, "_TAIL_BLOCKS", 0)  # every block into the tree
-    monkeypatch.setattr(index_module, "_TAIL_SHARE", 1 << 40)
+    monkeypatch.setattr(blocks_module, "_TAIL_BLOCKS", 0)  # every block into the tree
+    monkeypatch.setattr(blocks_module, "_TAIL_SHARE", 1 << 40)
     assert with_tails == run()
 
 
@@ -621,11 +622,11 @@ def _index_state(index: KVEventIndex) -> object:
 def _with_and_without_decode_steps(stream: list[tuple[object, ...]], cap: int) -> None:
     """The same answers (``apply``'s and ``match``'s, after every message) and the same
     state with the decode-step path as with the general path alone."""
-    import cacheroute.events.index as index_module
+    import cacheroute.events._blocks as blocks_module
 
     def run(decode_step: bool) -> tuple[list[object], object]:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(index_module, "_DECODE_STEP", decode_step)
+            mp.setattr(blocks_module, "_DECODE_STEP", decode_step)
             index = KVEventIndex(block_size=2, max_blocks_per_worker=cap, clock=lambda: 0.0)
             answers: list[object] = []
             for item in stream:

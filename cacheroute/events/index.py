@@ -11,8 +11,6 @@ import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import islice, repeat
-from operator import rshift
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -24,16 +22,23 @@ from cacheroute._validation import (
     check_str,
     fail,
 )
+from cacheroute.events._blocks import (
+    _COUNTERS,
+    _DEFAULT_NS,
+    _U32,
+    _W,
+    Namespace,
+    _BlockStore,
+    _freeze,
+    _Worker,
+)
 from cacheroute.events.wire import (
     REMOVED,
     STORED,
-    BlockHash,
-    RawEvent,
     WireFormatError,
     _decode_raw,
     _read_event,
 )
-from cacheroute.tree import Tree
 
 if TYPE_CHECKING:
     from cacheroute.events.subscriber import Subscription
@@ -42,49 +47,7 @@ __all__ = ["KVEventIndex", "WorkerStats"]
 
 log = logging.getLogger("cacheroute.events")
 
-_U32 = "I" if array("I").itemsize == 4 else "L"
-# The trees hold text: a token is the 4 code points of its 4 bytes (latin-1 of the array,
-# one C-level copy), so a match counts code points, floored here to whole blocks in one
-# pass (the Tree's token mode would first divide every worker's length by 4 itself).
-_W = 4
-_GPU = "GPU"
-# A block's place: (chain id << _SHIFT) | end, one int (no per-block object for the
-# collector to track): the block's prefix is chain.buf[:end].
-_SHIFT = 32
-_END = (1 << _SHIFT) - 1
 _EVENTS_PER_LOCK = 32  # events applied per hold of the index lock
-# A chain grown by decode steps keeps its newest blocks out of the tree (a *tail*, matched
-# from the chain's buffer) until they reach _TAIL_BLOCKS blocks or 1/_TAIL_SHARE of the
-# prefix the tree holds: a one-block extension then costs O(block), not a tree insert of
-# its whole prefix (O(prefix) copies and compares), amortized.
-_TAIL_BLOCKS = 8
-_TAIL_SHARE = 8
-_DECODE_STEP = True  # _stored's path for decode steps (tests compare it with the general one)
-
-Namespace = tuple[Any, tuple[Any, ...]]
-_DEFAULT_NS: Namespace = (None, ())
-
-_COUNTERS = (
-    "batches",
-    "events",
-    "bad_messages",
-    "bad_events",
-    "ignored_events",
-    "ignored_batches",
-    "duplicates",
-    "blocks_stored",
-    "blocks_removed",
-    "blocks_evicted",
-    "orphan_blocks",
-    "unindexed_blocks",
-    "unknown_removals",
-    "clears",
-    "resets",
-    "gaps",
-    "replays",
-    "replayed_batches",
-    "lost_batches",
-)
 
 
 @dataclass(frozen=True)
@@ -142,94 +105,6 @@ class WorkerStats:
     """Since the last message (or connection news) from the worker."""
 
 
-class _Chain:
-    """A token buffer shared by a chain of stored blocks, in namespace ``ns``: a block at
-    ``end`` has the prefix ``buf[:end]``. A block stored under the last one (decode)
-    appends in place; a branch copies its parent's prefix once."""
-
-    __slots__ = ("base", "buf", "epoch", "ns", "tail", "tree_end")
-
-    def __init__(self, buf: array[int], ns: Namespace, cid: int, epoch: int) -> None:
-        self.buf = buf
-        self.ns = ns
-        self.base = cid << _SHIFT  # its blocks' codes are base | end
-        # The tree holds buf[:tree_end] for the worker (inserted at the worker's removal
-        # ``epoch``, none since if the epochs agree); a tail is buf[tree_end:tail], held by
-        # the worker but not in the tree (tail == 0: none).
-        self.tree_end = len(buf)
-        self.epoch = epoch
-        self.tail = 0
-
-
-class _Worker:
-    __slots__ = (
-        "alive_at",
-        "block_size",
-        "blocks",
-        "chains",
-        "connected",
-        "down_since",
-        "epoch",
-        "group",
-        "key",
-        "last_log",
-        "last_payload",
-        "last_seq",
-        "media",
-        "namespaces",
-        "next_chain",
-        "suppressed",
-        "sweep_at",
-        "tails",
-        *_COUNTERS,
-    )
-    # WorkerStats' counters, one attribute each: cheaper to bump than dict items, and
-    # every batch bumps a few.
-    batches: int
-    events: int
-    bad_messages: int
-    bad_events: int
-    ignored_events: int
-    ignored_batches: int
-    duplicates: int
-    blocks_stored: int
-    blocks_removed: int
-    blocks_evicted: int
-    orphan_blocks: int
-    unindexed_blocks: int
-    unknown_removals: int
-    clears: int
-    resets: int
-    gaps: int
-    replays: int
-    replayed_batches: int
-    lost_batches: int
-
-    def __init__(self, key: str, block_size: int, now: float) -> None:
-        self.key = key
-        # hash -> (chain id << _SHIFT) | end, in store order (the cap drops the oldest)
-        self.blocks: dict[BlockHash, int] = {}
-        # hash -> media of a block not on the GPU alone (absent: {"GPU"}): one str or a set
-        self.media: dict[BlockHash, str | set[str]] = {}
-        self.chains: dict[int, _Chain] = {}
-        self.next_chain = 0
-        self.sweep_at = 64  # chains count that triggers dropping unreferenced chains
-        self.epoch = 0  # bumped by every removal from the trees
-        self.tails: set[_Chain] = set()  # chains with a tail
-        self.namespaces: set[Namespace] = set()
-        self.block_size = block_size
-        self.group: int | None = None
-        self.last_seq: int | None = None
-        self.last_payload: bytes | None = None  # the batch at last_seq, to tell a duplicate
-        self.alive_at = now
-        self.connected: bool | None = None
-        self.down_since: float | None = None
-        for counter in _COUNTERS:
-            setattr(self, counter, 0)
-        self.last_log = -1e18
-        self.suppressed = 0
-
-
 def _query(token_ids: object) -> array[int]:
     """A request's tokens as the Tree's 4-byte ids, cut before the first id no engine
     event can carry (negative, or >= 2**32)."""
@@ -258,15 +133,6 @@ def _query(token_ids: object) -> array[int]:
         except TypeError:
             pass
     raise fail("token_ids", "a sequence of int token ids", token_ids, TypeError)
-
-
-def _freeze(x: Any) -> Any:
-    """msgpack gives lists for tuples; namespace keys must be hashable."""
-    if type(x) is list or type(x) is tuple:
-        return tuple(_freeze(v) for v in x)
-    if type(x) is dict:
-        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
-    return x
 
 
 _Feed = tuple[str, "str | None", str, "int | None", bool]
@@ -344,11 +210,10 @@ class KVEventIndex:
         self._clock: Callable[[], float] = check_callable("clock", clock)
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
-        self._trees: dict[Namespace, Tree] = {}
-        self._uniform_bs: int = self._bs  # every worker's block size, or 0 if they differ
-        # per namespace: tree_end -> {worker: chains with a tail past a prefix that long}
-        self._tails: dict[Namespace, dict[int, dict[str, list[_Chain]]]] = {}
-        self._lora_alias: dict[int, str] = {}
+        self._store = _BlockStore(self._workers, self._bs, self._cap)
+        # the store's maps, read by match without one more attribute lookup (never rebound)
+        self._trees = self._store.trees
+        self._tails = self._store.tails
         self._subs: dict[str, Subscription] = {}
         self._feeds: dict[str, _Feed] = {}  # the subscribe() arguments of each of _subs
         self._ctx: Any = None
@@ -518,8 +383,8 @@ class KVEventIndex:
         with self._lock:
             ws = self._workers.pop(url, None)
             if ws is not None:
-                self._clear(ws)
-                self._block_sizes_changed()
+                self._store.clear(ws)
+                self._store.block_sizes_changed()
 
     # ---------------------------------------------------------------- querying
 
@@ -558,13 +423,13 @@ class KVEventIndex:
             if tree is None or not units:
                 return {}
             raw = tree.match_lengths(units)
-            b = self._uniform_bs * _W
+            b = self._store.uniform_bs * _W
             tails = self._tails.get(ns)
             if include_stale and b:
                 # one block size for all: floor to whole blocks, drop those below one
                 out = {w: (n - n % b) >> 2 for w, n in raw.items() if n >= b}
                 if tails:
-                    self._credit_tails(tails, units, out)
+                    self._store.credit_tails(tails, units, out)
                 return out
             out = {}
             now = self._clock() if not include_stale else 0.0
@@ -576,38 +441,8 @@ class KVEventIndex:
                 if n and (include_stale or (ws is not None and not self._stale(ws, now))):
                     out[w] = n
             if tails:
-                self._credit_tails(tails, units, out)
+                self._store.credit_tails(tails, units, out)
             return out
-
-    def _credit_tails(
-        self, tails: dict[int, dict[str, list[_Chain]]], units: str, out: dict[str, int]
-    ) -> None:
-        """Extend ``out`` by the tails of chains whose tree part the request matched whole
-        (a worker's tree match ends where such a chain's tree part ends: a block further
-        would be the tail's own first block, hashes being a function of the prefix)."""
-        for f in [f for f in set(out.values()) if f in tails]:  # few distinct lengths
-            for w, chains in tails[f].items():
-                if out.get(w) != f:
-                    continue
-                b4 = self._workers[w].block_size * _W
-                best = f
-                for chain in chains:
-                    with memoryview(chain.buf) as mv:
-                        if not units.startswith(str(mv[:f], "latin-1")):
-                            continue
-                        tail = str(mv[f : chain.tail], "latin-1")
-                    pos = f * _W
-                    lo, hi = 0, len(tail) // b4  # whole tail blocks the request goes on with
-                    if units.startswith(tail, pos):
-                        lo = hi
-                    while lo < hi:
-                        mid = (lo + hi + 1) >> 1
-                        if units.startswith(tail[: mid * b4], pos):
-                            lo = mid
-                        else:
-                            hi = mid - 1
-                    best = max(best, f + lo * b4 // _W)
-                out[w] = best
 
     def is_stale(self, url: str) -> bool:
         """Whether ``url``'s view may be out of date: its subscriber has been disconnected
@@ -702,7 +537,7 @@ class KVEventIndex:
         if lname is not None:
             lora = ("name", lname)
         elif lid is not None:
-            name = self._lora_alias.get(lid)
+            name = self._store.lora_alias.get(lid)
             lora = ("name", name) if name is not None else ("id", lid)
         if extra_keys is None:
             return (lora, ())
@@ -714,29 +549,6 @@ class KVEventIndex:
         except TypeError:
             raise fail("extra_keys", "hashable items", extra_keys, TypeError) from None
         return (lora, keys)
-
-    def _event_namespace(self, ev: RawEvent) -> Namespace:
-        lora_id, name, extra, salt = ev[5], ev[7], ev[8], ev[11]
-        if lora_id is None and name is None and not extra and salt is None:
-            return _DEFAULT_NS
-        lora: Any = None
-        if name is not None:
-            lora = ("name", name)
-            if lora_id is not None:
-                self._lora_alias[lora_id] = name
-        elif lora_id is not None:
-            lora = ("id", lora_id)
-        first = extra[0] if extra else None
-        keys: tuple[Any, ...] = ()
-        if first:
-            keys = tuple(_freeze(k) for k in first if name is None or k != name)
-        if not keys and salt is not None:
-            keys = (salt,)
-        return (lora, keys)
-
-    def _block_sizes_changed(self) -> None:
-        sizes = {ws.block_size for ws in self._workers.values()}
-        self._uniform_bs = (sizes.pop() if len(sizes) == 1 else 0) if sizes else self._bs
 
     def _last_seq(self, key: str) -> int | None:
         with self._lock:
@@ -775,7 +587,7 @@ class KVEventIndex:
         """The publisher restarted (a live batch not above the last): its cache is empty."""
         with self._lock:
             ws = self._worker(key)
-            self._clear(ws)
+            self._store.clear(ws)
             ws.resets += 1
             ws.last_seq = ws.last_payload = None
             ws.group = None
@@ -794,7 +606,7 @@ class KVEventIndex:
                     and (ws.blocks or ws.last_seq is not None)
                 ):
                     # Gone long enough to have restarted unseen: start over.
-                    self._clear(ws)
+                    self._store.clear(ws)
                     ws.resets += 1
                     ws.last_seq = ws.last_payload = None
                     ws.group = None
@@ -822,6 +634,7 @@ class KVEventIndex:
             events, rank, reason = None, None, str(exc)
         lock = self._lock
         workers = self._workers
+        store = self._store
         lock.acquire()
         try:
             ws = workers.get(key) or self._worker(key)
@@ -833,7 +646,7 @@ class KVEventIndex:
                         ws.duplicates += 1
                         return False
                     # sequence went down, or seq 0 again with another batch: a new process
-                    self._clear(ws)
+                    self._store.clear(ws)
                     ws.resets += 1
                     ws.group = None
                 elif seq > last + 1:
@@ -866,11 +679,11 @@ class KVEventIndex:
                     ws.events += 1
                     tag = ev[0]
                     if tag == STORED:
-                        self._stored(ws, ev)
+                        store.stored(ws, ev)
                     elif tag == REMOVED:
-                        self._removed(ws, ev)
+                        store.removed(ws, ev)
                     else:
-                        self._clear(ws)
+                        store.clear(ws)
                         ws.clears += 1
                 except WireFormatError:  # an event the wire reader cannot read
                     ws.bad_events += 1
@@ -880,342 +693,3 @@ class KVEventIndex:
         finally:
             lock.release()
         return True
-
-    def _group_ok(self, ws: _Worker, group: int | None, kind: str | None) -> bool:
-        """Follow one KV cache group per worker: the first full-attention one stored."""
-        if group is None or group == ws.group:
-            return True
-        if ws.group is None and kind in (None, "full_attention"):
-            ws.group = group
-            return True
-        ws.ignored_events += 1
-        return False
-
-    def _stored(self, ws: _Worker, ev: RawEvent) -> None:
-        """O(k) in C for k blocks (one array, one dict update, one tree insert of the
-        chain's prefix, itself O(prefix) in C), O(1) Python steps but for multimodal
-        keys and blocks already held; a decode step's block (the usual event) takes a
-        shorter path to the same state."""
-        _, hashes, parent, toks, bs, _, medium, name, extra, group, kind, _ = ev
-        blocks = ws.blocks
-        chain: _Chain | None
-        if (
-            _DECODE_STEP
-            and len(hashes) == 1
-            and bs == ws.block_size
-            and len(toks) == bs
-            and (group is None or group == ws.group)
-            and not (extra and extra[0])
-            and (not medium or medium == _GPU)
-            and (code := blocks.get(parent)) is not None  # (None is never a key)
-            and hashes[0] not in blocks
-        ):
-            # A decode step, most of what an engine sends: one new plain GPU block of the
-            # worker's block size and group under a held one (a new block on the GPU has
-            # no media to note). If that one ends its chain, stored here as the general
-            # path below stores it, in the fewest steps.
-            chain = ws.chains[code >> _SHIFT]
-            buf = chain.buf
-            if code & _END == len(buf):
-                try:
-                    buf.fromlist(toks)  # in place (a failed one leaves buf as it was)
-                except (OverflowError, TypeError):
-                    pass  # the general path counts it
-                else:
-                    self._grown(ws, chain, bs)
-                    blocks[hashes[0]] = chain.base + len(buf)
-                    ws.blocks_stored += 1
-                    if len(blocks) > self._cap:
-                        self._evict(ws)
-                    return
-        if group is not None and group != ws.group and not self._group_ok(ws, group, kind):
-            return
-        n = len(hashes)
-        if len(toks) != n * bs:
-            ws.bad_events += 1
-            return
-        if n == 0:
-            return
-        a = array(_U32)
-        try:
-            a.fromlist(toks)  # (~2x faster than array(code, list)); ids >= 2**32: bad
-        except (OverflowError, TypeError):
-            ws.bad_events += 1
-            return
-        chain = None
-        end = 0
-        if parent is None:
-            first = 1  # the first block's extra keys are the namespace
-        else:
-            code = blocks.get(parent)
-            if code is None:
-                ws.orphan_blocks += n
-                return
-            chain = ws.chains[code >> _SHIFT]
-            end = code & _END
-            first = 0
-        k = n
-        if extra:
-            part = extra[first:n] if first or len(extra) > n else extra
-            plain = part.count(None)
-            if plain != len(part):
-                plain += part.count([])
-                if name is not None:
-                    plain += part.count([name])
-                if plain != len(part):
-                    for i in range(first, min(n, len(extra))):
-                        e = extra[i]
-                        if e and any(x != name for x in e):
-                            k = i  # content the tokens do not show: the chain stops here
-                            break
-        if k < n:
-            ws.unindexed_blocks += n - k
-            if k == 0:
-                return
-            hashes = hashes[:k]
-            a = a[: k * bs]
-        if bs != ws.block_size:
-            ws.block_size = bs
-            self._block_sizes_changed()
-        if chain is None:
-            chain = self._new_chain(ws, a, self._event_namespace(ev))
-            self._to_tree(ws, chain)
-        elif end == len(chain.buf):
-            chain.buf.extend(a)  # the chain's last block grows (decode): in place
-            self._grown(ws, chain, bs)
-        else:
-            if chain.tail and end > chain.tree_end:
-                self._flush(ws, chain)  # the branch starts in the tail: tree first
-            buf = chain.buf[:end]  # a branch: its parent's prefix, copied once
-            buf.extend(a)
-            chain = self._new_chain(ws, buf, chain.ns)
-            self._to_tree(ws, chain)
-        medium = medium or _GPU
-        if medium != _GPU or ws.media:
-            self._store_media(ws, hashes, medium)
-        end += chain.base
-        if k == 1:  # a decode step's block
-            h = hashes[0]
-            if h in blocks:
-                del blocks[h]  # held already: it is the newest now
-                if ws.tails:
-                    self._flush_tails(ws)
-            blocks[h] = end + bs
-        else:
-            before = len(blocks)
-            blocks.update(zip(hashes, range(end + bs, end + k * bs + 1, bs), strict=True))
-            if len(blocks) - before != k:  # some were held already: they are the newest now
-                for h in hashes:
-                    blocks[h] = blocks.pop(h)
-                if ws.tails:
-                    self._flush_tails(ws)
-        ws.blocks_stored += k
-        if len(blocks) > self._cap:
-            self._evict(ws)
-
-    def _grown(self, ws: _Worker, chain: _Chain, bs: int) -> None:
-        """``chain`` grew in place by blocks of ``bs``: they join its tail while that stays
-        short (no tree work), else the whole chain goes into the tree."""
-        end = len(chain.buf)
-        tree_end = chain.tree_end
-        tail = end - tree_end
-        # (two comparisons: the builtin max() costs a decode step ~0.1 us)
-        if chain.epoch == ws.epoch and (tail < _TAIL_BLOCKS * bs or tail < tree_end // _TAIL_SHARE):
-            if not chain.tail:
-                self._add_tail(ws, chain)
-            chain.tail = end
-        else:
-            self._to_tree(ws, chain)
-
-    def _to_tree(self, ws: _Worker, chain: _Chain) -> None:
-        """Insert ``chain``'s whole prefix (its tail too) into its namespace's tree."""
-        ns = chain.ns
-        tree = self._trees.get(ns)
-        if tree is None:
-            tree = self._trees[ns] = Tree()
-        ws.namespaces.add(ns)
-        tree.insert(str(chain.buf, "latin-1"), ws.key)
-        if chain.tail:
-            self._drop_tail(ws, chain)
-        chain.tree_end = len(chain.buf)
-        chain.epoch = ws.epoch
-
-    # Tails, exactly: a chain grows one only while the tree holds its tree part as last
-    # inserted (no removal for the worker since: the epochs agree), and every removal puts
-    # the worker's tails into the tree first, so the tree alone then answers as if each
-    # block had been inserted when stored. A request is credited a tail when the worker's
-    # tree match ends where the chain's tree part does and covers it: a longer tree match
-    # would go on with another block than the tail's first, which for engines whose block
-    # hash is a function of the block's prefix (vLLM's and SGLang's) is a different path,
-    # since a path through a tail re-stores its hashes and a branch from it names one as
-    # its parent, and both put the tail into the tree first. (With hashes that are not, a
-    # match can only come out shorter, never claim a block the worker does not hold.)
-
-    def _add_tail(self, ws: _Worker, chain: _Chain) -> None:
-        by_end = self._tails.setdefault(chain.ns, {})
-        by_end.setdefault(chain.tree_end, {}).setdefault(ws.key, []).append(chain)
-        ws.tails.add(chain)
-
-    def _drop_tail(self, ws: _Worker, chain: _Chain) -> None:
-        chain.tail = 0
-        ws.tails.discard(chain)
-        by_end = self._tails.get(chain.ns)
-        if by_end is None:
-            return
-        by_worker = by_end.get(chain.tree_end)
-        if by_worker is None:
-            return
-        held = by_worker.get(ws.key)
-        if held is None:
-            return
-        if chain in held:
-            held.remove(chain)
-        if not held:
-            del by_worker[ws.key]
-            if not by_worker:
-                del by_end[chain.tree_end]
-                if not by_end:
-                    del self._tails[chain.ns]
-
-    def _flush(self, ws: _Worker, chain: _Chain) -> None:
-        """Put ``chain``'s tail into the tree."""
-        end = chain.tail
-        tree = self._trees.get(chain.ns)
-        if tree is None:
-            tree = self._trees[chain.ns] = Tree()
-        with memoryview(chain.buf) as mv:
-            tree.insert(str(mv[:end], "latin-1"), ws.key)
-        self._drop_tail(ws, chain)
-        chain.tree_end = end
-
-    def _flush_tails(self, ws: _Worker) -> None:
-        for chain in list(ws.tails):
-            self._flush(ws, chain)
-
-    def _new_chain(self, ws: _Worker, buf: array[int], ns: Namespace) -> _Chain:
-        chains = ws.chains
-        if len(chains) >= ws.sweep_at:  # drop the chains no block refers to any more
-            live = set(map(rshift, ws.blocks.values(), repeat(_SHIFT)))
-            for cid in [cid for cid in chains if cid not in live]:
-                dead = chains.pop(cid)
-                if dead.tail:
-                    self._drop_tail(ws, dead)
-            ws.sweep_at = max(64, 2 * len(chains))
-        chain = _Chain(buf, ns, ws.next_chain, ws.epoch)
-        chains[ws.next_chain] = chain
-        ws.next_chain += 1
-        return chain
-
-    def _store_media(self, ws: _Worker, hashes: list[BlockHash], medium: str) -> None:
-        """Media of blocks about to be stored on ``medium`` (before the map update)."""
-        media = ws.media
-        blocks = ws.blocks
-        for h in hashes:
-            m = media.get(h)
-            if m is None:
-                if h not in blocks:
-                    if medium != _GPU:
-                        media[h] = medium
-                elif medium != _GPU:
-                    media[h] = {_GPU, medium}
-            elif type(m) is str:
-                if m != medium:
-                    media[h] = {m, medium}
-            else:
-                assert isinstance(m, set)
-                m.add(medium)
-
-    def _removed(self, ws: _Worker, ev: RawEvent) -> None:
-        _, hashes, medium, g = ev
-        if g is not None and g != ws.group:
-            ws.ignored_events += 1
-            return
-        medium = medium or _GPU
-        blocks = ws.blocks
-        if medium == _GPU and not ws.media:  # every block known is dropped
-            codes = list(map(blocks.pop, hashes, repeat(None)))
-            dead: list[int] = list(filter(None, codes))  # codes are >= 1
-            unknown = len(codes) - len(dead)
-        else:
-            dead, unknown = self._remove_media(ws, hashes, medium)
-        if unknown:
-            ws.unknown_removals += unknown
-        if dead:
-            ws.blocks_removed += len(dead)
-            self._drop(ws, dead)
-
-    @staticmethod
-    def _remove_media(ws: _Worker, hashes: list[BlockHash], medium: str) -> tuple[list[int], int]:
-        media = ws.media
-        blocks = ws.blocks
-        dead: list[int] = []
-        unknown = 0
-        for h in hashes:
-            code = blocks.get(h)
-            if code is None:
-                unknown += 1
-                continue
-            m = media.get(h, _GPU)
-            if m == medium:
-                del blocks[h]
-                media.pop(h, None)
-                dead.append(code)
-            elif type(m) is set and medium in m:
-                m.discard(medium)
-                if len(m) == 1:
-                    (rest,) = m
-                    if rest == _GPU:
-                        del media[h]
-                    else:
-                        media[h] = rest
-            else:
-                unknown += 1
-        return dead, unknown
-
-    def _evict(self, ws: _Worker) -> None:
-        blocks = ws.blocks
-        target = max(1, int(self._cap * 0.9))
-        keys = list(islice(blocks, len(blocks) - target))  # the oldest stored
-        dead = list(map(blocks.pop, keys))
-        if ws.media:
-            for h in keys:
-                ws.media.pop(h, None)
-        ws.blocks_evicted += len(dead)
-        self._drop(ws, dead)
-
-    def _drop(self, ws: _Worker, dead: list[int]) -> None:
-        """Remove dropped blocks' prefixes from the trees: per chain only the shortest
-        (removing a prefix removes everything extending it). C-level grouping."""
-        lo = min(dead)
-        if lo >> _SHIFT == max(dead) >> _SHIFT:  # one chain (an evicted tail): one removal
-            firsts = [lo]
-        else:  # per chain its smallest code: the shortest prefix
-            dead = sorted(dead, reverse=True)
-            firsts = list(dict(zip(map(rshift, dead, repeat(_SHIFT)), dead, strict=True)).values())
-        if ws.tails:  # tails into the tree first: the removal then acts on the tree alone
-            self._flush_tails(ws)
-        ws.epoch += 1  # a chain grows a tail again only after a tree insert of its own
-        chains = ws.chains
-        for code in firsts:
-            chain = chains[code >> _SHIFT]
-            end = code & _END
-            tree = self._trees.get(chain.ns)
-            if tree is not None:
-                with memoryview(chain.buf) as mv:
-                    tree.remove(str(mv[:end], "latin-1"), ws.key)
-
-    def _clear(self, ws: _Worker) -> None:
-        for ns in ws.namespaces:
-            tree = self._trees.get(ns)
-            if tree is not None:
-                tree.remove_tenant(ws.key)
-                if not len(tree):
-                    del self._trees[ns]
-        for chain in list(ws.tails):
-            self._drop_tail(ws, chain)
-        ws.epoch += 1
-        ws.namespaces.clear()
-        ws.blocks.clear()
-        ws.media.clear()
-        ws.chains.clear()
-        ws.sweep_at = 64
