@@ -611,10 +611,10 @@ def _index_state(index: KVEventIndex) -> object:
         )
         for w, ws in index._workers.items()
     }
-    trees = {ns: t.used_size_per_tenant() for ns, t in index._trees.items()}
+    trees = {ns: t.used_size_per_tenant() for ns, t in index._store.trees.items()}
     tails = {
         ns: {e: {w: sorted(c.base for c in cs) for w, cs in by.items()} for e, by in ends.items()}
-        for ns, ends in index._tails.items()
+        for ns, ends in index._store.tails.items()
     }
     return workers, trees, tails, index.stats()
 

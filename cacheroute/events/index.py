@@ -211,9 +211,6 @@ class KVEventIndex:
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
         self._store = _BlockStore(self._workers, self._bs, self._cap)
-        # the store's maps, read by match without one more attribute lookup (never rebound)
-        self._trees = self._store.trees
-        self._tails = self._store.tails
         self._subs: dict[str, Subscription] = {}
         self._feeds: dict[str, _Feed] = {}  # the subscribe() arguments of each of _subs
         self._ctx: Any = None
@@ -418,18 +415,19 @@ class KVEventIndex:
         if include_stale is not True:
             check_bool("include_stale", include_stale)
         units = str(_query(token_ids), "latin-1")
+        store = self._store
         with self._lock:
-            tree = self._trees.get(ns)
+            tree = store.trees.get(ns)
             if tree is None or not units:
                 return {}
             raw = tree.match_lengths(units)
-            b = self._store.uniform_bs * _W
-            tails = self._tails.get(ns)
+            b = store.uniform_bs * _W
+            tails = store.tails.get(ns)
             if include_stale and b:
                 # one block size for all: floor to whole blocks, drop those below one
                 out = {w: (n - n % b) >> 2 for w, n in raw.items() if n >= b}
                 if tails:
-                    self._store.credit_tails(tails, units, out)
+                    store.credit_tails(tails, units, out)
                 return out
             out = {}
             now = self._clock() if not include_stale else 0.0
@@ -441,7 +439,7 @@ class KVEventIndex:
                 if n and (include_stale or (ws is not None and not self._stale(ws, now))):
                     out[w] = n
             if tails:
-                self._store.credit_tails(tails, units, out)
+                store.credit_tails(tails, units, out)
             return out
 
     def is_stale(self, url: str) -> bool:
@@ -514,7 +512,7 @@ class KVEventIndex:
     def __repr__(self) -> str:
         return (
             f"KVEventIndex(block_size={self._bs}, workers={len(self._workers)}, "
-            f"subscribed={len(self._subs)}, namespaces={len(self._trees)})"
+            f"subscribed={len(self._subs)}, namespaces={len(self._store.trees)})"
         )
 
     # --------------------------------------------------------------- internals
