@@ -19,8 +19,9 @@ from cacheroute.tree import Tree
 
 _U32 = "I" if array("I").itemsize == 4 else "L"
 # The trees hold text: a token is the 4 code points of its 4 bytes (latin-1 of the array,
-# one C-level copy), so a match counts code points, floored here to whole blocks in one
-# pass (the Tree's token mode would first divide every worker's length by 4 itself).
+# one C-level copy), so a match counts code points, which KVEventIndex.match floors to
+# whole blocks in one pass (the Tree's token mode would first divide every worker's length
+# by 4 itself).
 _W = 4
 _GPU = "GPU"
 # A block's place: (chain id << _SHIFT) | end, one int (no per-block object for the
