@@ -201,7 +201,7 @@ class KVEventIndex:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._bs: int = check_int("block_size", block_size, minimum=1)
-        self._cap: int = check_int("max_blocks_per_worker", max_blocks_per_worker, minimum=1)
+        cap = check_int("max_blocks_per_worker", max_blocks_per_worker, minimum=1)
         self._stale_after: float = check_real("stale_after", stale_after, minimum=0.0)
         self._replay_timeout: float = check_real(
             "replay_timeout", replay_timeout, minimum=0.0, min_open=True
@@ -210,7 +210,7 @@ class KVEventIndex:
         self._clock: Callable[[], float] = check_callable("clock", clock)
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
-        self._store = _BlockStore(self._workers, self._bs, self._cap)
+        self._store = _BlockStore(self._workers, self._bs, cap)
         self._subs: dict[str, Subscription] = {}
         self._feeds: dict[str, _Feed] = {}  # the subscribe() arguments of each of _subs
         self._ctx: Any = None
