@@ -57,6 +57,7 @@ Kind = Literal["text", "tokens"]
 Holders = str | dict[str, int]  # one holder, or {tenant: stamp * _K + children it holds}
 
 _CHUNK = 1024  # node ids allocated at a time
+_XOR_SPAN = 256  # units: below it one xor of two windows beats halving on (see _lcp)
 _NONE = sys.maxsize  # "no bound"
 _TEXT: Kind = "text"
 _K = 1 << 32  # a multi-holder node's value for a tenant: stamp * _K + its children held
@@ -94,31 +95,52 @@ class _Tenant:
         self.stale = 0
 
 
-def _lcp(e: str, s: str, pos: int) -> int:
+def _lcp(e: str, s: str, pos: int, latin1: bool = False) -> int:
     """Length of the common prefix of ``e`` and ``s[pos:]``, given ``e[0] == s[pos]`` and
     ``not s.startswith(e, pos)`` (every caller has just found that the edge does not
-    match whole).
+    match whole). ``latin1``: every unit of both is below 256 (a token tree's strings).
 
-    A short loop settles the common case (a mismatch within a few units). A longer run is
-    bisected over the whole rest with C-level ``startswith`` slice compares: one compare
-    per halving, ~13 for a 4,000-unit shared prompt, where galloping up first took ~20
-    (each compare costs about the same, ~0.3 us, whatever its length). Where ``s`` ends
-    inside ``e`` it may match all of its rest, which one compare settles first; where it
-    does not, the caller's failed ``startswith`` already says the mismatch is inside.
+    A mismatch within the first 8 units is found by one C compare and a short loop (the
+    common case). A longer run is halved with C-level ``startswith`` slice compares (each
+    costs ~0.15 us whatever its length) down to a window of ``_XOR_SPAN`` units, and the
+    window is settled at once where both sides encode to one byte per unit (ASCII text,
+    token ids): the highest set bit of the xor of the two windows read as big-endian
+    integers is in the first unit that differs. A 4,000-unit shared prompt takes 5
+    compares and one xor (~2 us) where halving to the end took 13 (~3 us). Where ``s``
+    ends inside ``e`` it may match all of its rest, which one compare settles first;
+    where it does not, the caller's failed ``startswith`` already says the mismatch is
+    inside.
     """
+    hi = len(s) - pos
     le = len(e)
-    hi = min(le, len(s) - pos)
-    i = 1
-    lim = min(8, hi)
-    while i < lim:
-        if e[i] != s[pos + i]:
-            return i
-        i += 1
-    if i >= hi or (hi < le and s.startswith(e[i:hi], pos + i)):
+    if le < hi:
+        hi = le
+    if hi < 2 or e[1] != s[pos + 1]:
+        return 1
+    lim = 8 if hi > 8 else hi
+    if not s.startswith(e[2:lim], pos + 2):
+        i = 2
+        while e[i] == s[pos + i]:
+            i += 1
+        return i
+    if lim == hi or (hi < le and s.startswith(e[lim:hi], pos + lim)):
         return hi
-    lo = i  # e[:lo] matches, e[:hi] does not
+    lo = lim  # e[:lo] matches; the first unit that differs is in lo..hi-1
     hi -= 1
-    while lo < hi:
+    if latin1 or e.isascii():
+        while hi - lo > _XOR_SPAN:
+            mid = (lo + hi + 1) >> 1
+            if s.startswith(e[lo:mid], pos + lo):
+                lo = mid
+            else:
+                hi = mid - 1
+        b = s[pos + lo : pos + hi + 1]
+        if latin1 or b.isascii():
+            x = int.from_bytes(e[lo : hi + 1].encode("latin-1"), "big") ^ int.from_bytes(
+                b.encode("latin-1"), "big"
+            )
+            return hi - ((x.bit_length() - 1) >> 3)
+    while lo < hi:  # wider units: halving to the end
         mid = (lo + hi + 1) >> 1
         if s.startswith(e[lo:mid], pos + lo):
             lo = mid
@@ -380,7 +402,7 @@ class Tree:
                 path.append(c)
                 node = c
             else:
-                k = _lcp(e, s, pos)
+                k = _lcp(e, s, pos, w > 1)
                 return path, pos, c, k - k % w
         return path, pos, -1, 0
 
@@ -885,7 +907,7 @@ class Tree:
                 last = c
                 e = edge[c]
                 if not s.startswith(e, pos):
-                    k = _lcp(e, s, pos)
+                    k = _lcp(e, s, pos, w > 1)
                     pos += k - k % w
                     break
                 pos += len(e)
