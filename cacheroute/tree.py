@@ -12,7 +12,8 @@ Why it is fast, in pure Python:
   point) and token ids as fixed-width ``latin-1`` strings (4 or 8 code points per id, built
   by ``array`` and the codec at C speed). A descent is one dict lookup and one
   ``str.startswith(edge, pos)`` (a ``memcmp``) per node; a mismatch inside an edge is found
-  by bisecting with slice compares, never by a per-unit Python loop.
+  by halving with slice compares, then (one byte per unit) one xor of the last windows,
+  never by a per-unit Python loop.
 * **Struct of arrays.** A node is an integer index into a few lists (edge, parent, children,
   holders, recency stamp). Children are ``dict[str, int]`` (first unit -> node), holders are
   the tenant's ``str`` (one holder) or a ``dict[str, int]``; CPython tracks none of these
@@ -57,7 +58,7 @@ Kind = Literal["text", "tokens"]
 Holders = str | dict[str, int]  # one holder, or {tenant: stamp * _K + children it holds}
 
 _CHUNK = 1024  # node ids allocated at a time
-_XOR_SPAN = 256  # units: below it one xor of two windows beats halving on (see _lcp)
+_XOR_SPAN = 256  # units: a window this small is settled by one xor, cheaper than halving on
 _NONE = sys.maxsize  # "no bound"
 _TEXT: Kind = "text"
 _K = 1 << 32  # a multi-holder node's value for a tenant: stamp * _K + its children held
