@@ -103,14 +103,14 @@ def _lcp(e: str, s: str, pos: int, latin1: bool = False) -> int:
 
     A mismatch within the first 8 units is found by one C compare and a short loop (the
     common case). A longer run is halved with C-level ``startswith`` slice compares (each
-    costs ~0.15 us whatever its length) down to a window of ``_XOR_SPAN`` units, and the
-    window is settled at once where both sides encode to one byte per unit (ASCII text,
-    token ids): the highest set bit of the xor of the two windows read as big-endian
-    integers is in the first unit that differs. A 4,000-unit shared prompt takes 5
-    compares and one xor (~2 us) where halving to the end took 13 (~3 us). Where ``s``
-    ends inside ``e`` it may match all of its rest, which one compare settles first;
-    where it does not, the caller's failed ``startswith`` already says the mismatch is
-    inside.
+    costs about the same whatever its length) down to a window of ``_XOR_SPAN`` units.
+    Where both sides encode to one byte per unit (ASCII text, token ids), one xor settles
+    the window: read as big-endian integers, the two windows' xor has its highest set bit
+    in the first unit that differs. A 4,000-unit shared prompt takes 5 compares and one
+    xor, where halving to the end took 13 (W1 of ``benchmarks/bench_tree.py``: insert p99
+    1.29x faster). Where ``s`` ends inside ``e`` it may match all of its rest, which one
+    compare settles first; where it does not, the caller's failed ``startswith`` already
+    says the mismatch is inside.
     """
     hi = len(s) - pos
     le = len(e)
@@ -126,28 +126,25 @@ def _lcp(e: str, s: str, pos: int, latin1: bool = False) -> int:
         return i
     if lim == hi or (hi < le and s.startswith(e[lim:hi], pos + lim)):
         return hi
-    lo = lim  # e[:lo] matches; the first unit that differs is in lo..hi-1
-    hi -= 1
-    if latin1 or e.isascii():
-        while hi - lo > _XOR_SPAN:
+    lo = lim
+    hi -= 1  # e[:lo] matches; the first unit that differs is in lo..hi
+    span = _XOR_SPAN if latin1 or e.isascii() else 0
+    while True:
+        while hi - lo > span:
             mid = (lo + hi + 1) >> 1
             if s.startswith(e[lo:mid], pos + lo):
                 lo = mid
             else:
                 hi = mid - 1
+        if not span:
+            return lo
         b = s[pos + lo : pos + hi + 1]
         if latin1 or b.isascii():
             x = int.from_bytes(e[lo : hi + 1].encode("latin-1"), "big") ^ int.from_bytes(
                 b.encode("latin-1"), "big"
             )
             return hi - ((x.bit_length() - 1) >> 3)
-    while lo < hi:  # wider units: halving to the end
-        mid = (lo + hi + 1) >> 1
-        if s.startswith(e[lo:mid], pos + lo):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+        span = 0  # s is wider there: halving to the end
 
 
 def _encode(units: object, code: str) -> tuple[str, Kind]:
