@@ -107,10 +107,10 @@ def _lcp(e: str, s: str, pos: int, latin1: bool = False) -> int:
     Where both sides encode to one byte per unit (ASCII text, token ids), one xor settles
     the window: read as big-endian integers, the two windows' xor has its highest set bit
     in the first unit that differs. A 4,000-unit shared prompt takes 5 compares and one
-    xor, where halving to the end took 13 (W1 of ``benchmarks/bench_tree.py``: insert p99
-    1.29x faster). Where ``s`` ends inside ``e`` it may match all of its rest, which one
-    compare settles first; where it does not, the caller's failed ``startswith`` already
-    says the mismatch is inside.
+    xor, where halving to the end took 13 (W1 insert p99 1.15-1.29x faster in two runs of
+    ``benchmarks/bench_tree.py --baseline-rev``). Where ``s`` ends inside ``e`` it may
+    match all of its rest, which one compare settles first; where it does not, the
+    caller's failed ``startswith`` already says the mismatch is inside.
     """
     hi = len(s) - pos
     le = len(e)
