@@ -34,7 +34,10 @@ long-lived heap is already grown; ``--cold-heap`` skips this, to see what growth
 here.
 
 ``--baseline-rev REV`` loads ``git show REV:cacheroute/tree.py`` as a module. Peers, when
-importable: ``pygtrie`` (``pip install -e '.[bench]'``) and Ray Serve's ``PrefixTree``.
+importable: ``pygtrie`` (``pip install -e '.[bench]'``), Ray Serve's ``PrefixTree`` and smg's
+Rust ``StringTree`` (the ``smg_tree`` module that ``benchmarks/smg_tree/build.sh`` builds: put
+its directory on ``PYTHONPATH``), each for one rep against ours in the same process (smg on
+W3 as well).
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--reps", type=int, default=None, help="interleaved reps (default 5)")
     ap.add_argument("--baseline-rev", default=None, help="git revision of the baseline tree")
-    ap.add_argument("--no-peers", action="store_true", help="skip pygtrie / Ray")
+    ap.add_argument("--no-peers", action="store_true", help="skip pygtrie / Ray / smg")
     heap = ap.add_mutually_exclusive_group()
     heap.add_argument(
         "--heap-mb", type=int, default=None, help="heap grown before rep 1 (MiB; 512, quick 64)"
@@ -309,13 +312,37 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     if not args.no_peers:
-        peers(d1, d2)
+        peers(d1, d2, d3)
     return 0
 
 
-def peers(d1: Any, d2: Any) -> None:
-    """pygtrie and Ray's PrefixTree on W1/W2 when importable (one rep; p50 ratio)."""
+def run_w3_plain(cls: Any, data: Any) -> dict[str, Any]:
+    """W3 unbounded, inserts then matches, timed per op (for a peer: no size probes)."""
+    t = cls()
+    gc.collect()
+    return {
+        "insert": timed(t.insert, data[0]),
+        "match": timed(t.prefix_match, [(s,) for s in data[1]]),
+    }
+
+
+def peers(d1: Any, d2: Any, d3: Any) -> None:
+    """pygtrie, Ray's PrefixTree and smg's StringTree on W1/W2 (smg on W3 too) when
+    importable (one rep; p50 ratio)."""
     found: dict[str, Any] = {}
+    w3_too: set[str] = set()
+    try:
+        import smg_tree  # benchmarks/smg_tree/build.sh
+
+        class Smg:
+            def __init__(self, max_size: int | None = None) -> None:
+                t = smg_tree.StringTree()
+                self.insert, self.prefix_match = t.insert, t.prefix_match
+
+        found[f"smg StringTree {smg_tree.SMG_COMMIT}"] = Smg
+        w3_too.add(next(reversed(found)))
+    except ImportError:
+        print("# peer smg StringTree: not importable (benchmarks/smg_tree/build.sh)")
     try:
         from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import (
             PrefixTree,
@@ -363,15 +390,21 @@ def peers(d1: Any, d2: Any) -> None:
     if not found:
         return
     ours = {"W1": run_w1(Tree, d1), "W2": run_w2(Tree, d2)}
+    if w3_too:
+        ours["W3"] = run_w3_plain(Tree, d3)
     print("\n## Peers / ours (p50, one rep; > 1 = ours faster)")
     for name, cls in found.items():
         r = {"W1": run_w1(cls, d1), "W2": run_w2(cls, d2)}
+        wls = ["W1", "W2"]
+        if name in w3_too:
+            r["W3"] = run_w3_plain(cls, d3)
+            wls.append("W3")
         parts = [
-            f"{wl} {op} {stats(r[wl][op])['p50'] / stats(ours[wl][op])['p50']:6.1f}x"
-            for wl in ("W1", "W2")
+            f"{wl} {op} {stats(r[wl][op])['p50'] / stats(ours[wl][op])['p50']:6.2f}x"
+            for wl in wls
             for op in ("insert", "match")
         ]
-        print(f"  {name:18s} " + "  ".join(parts))
+        print(f"  {name:26s} " + "  ".join(parts))
 
 
 if __name__ == "__main__":
