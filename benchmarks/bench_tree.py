@@ -339,8 +339,9 @@ def peers(d1: Any, d2: Any, d3: Any) -> None:
                 t = smg_tree.StringTree()
                 self.insert, self.prefix_match = t.insert, t.prefix_match
 
-        found[f"smg StringTree {smg_tree.SMG_COMMIT}"] = Smg
-        w3_too.add(next(reversed(found)))
+        name = f"smg StringTree {smg_tree.SMG_COMMIT}"
+        found[name] = Smg
+        w3_too.add(name)
     except ImportError:
         print("# peer smg StringTree: not importable (benchmarks/smg_tree/build.sh)")
     try:
