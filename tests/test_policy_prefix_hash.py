@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from cacheroute import BasicWorker, Decision, acquire, make_policy
 from cacheroute.policies import PrefixHashConfig, PrefixHashPolicy
-from cacheroute.testing import check_policy
 
 
 def _workers(n: int) -> list[BasicWorker]:
@@ -166,7 +165,3 @@ def test_deterministic_and_eligible(n: int, prompt: str) -> None:
     a = PrefixHashPolicy().select_worker(ws, prompt)
     b = PrefixHashPolicy().select_worker(ws, prompt)  # a fresh policy: same ring
     assert a == b and a is not None and 0 <= a < n
-
-
-def test_shared_policy_invariants() -> None:
-    check_policy(PrefixHashPolicy, max_examples=30, thread_iterations=100)

@@ -19,7 +19,6 @@ from cacheroute import (
     make_policy,
 )
 from cacheroute.policies import WorkAwareConfig, WorkAwarePolicy
-from cacheroute.testing import check_policy
 
 A = 3.25e-5  # default prefill seconds per token
 B = 1.06e-9  # default attention seconds per token pair
@@ -1076,10 +1075,6 @@ def test_adding_queued_work_never_makes_a_worker_more_attractive(
     p2, ws2 = _state(n, history)
     ws2[v].add_work(prefill, decode)
     assert p2.select_worker(ws2, prompt) == chosen
-
-
-def test_shared_policy_invariants() -> None:
-    check_policy(WorkAwarePolicy, max_examples=40, thread_iterations=150)
 
 
 def test_large_idle_cluster_spreads_new_prefixes_over_every_worker() -> None:
