@@ -10,7 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import benchmark_script
+from conftest import ROOT, benchmark_script
 
 from cacheroute import BasicWorker, make_policy
 from cacheroute.policies import registry
@@ -43,7 +43,7 @@ def test_the_floor_takes_the_first_eligible_worker_and_records_its_prompt() -> N
 def test_the_floor_rows_come_first_and_are_summed_up() -> None:
     # A fresh process, as users run it: each timed run starts with gc.collect(), which in
     # a test worker's heap (hypothesis, Ray, every module imported so far) costs ~0.15 s.
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_policy.py"
+    script = ROOT / "benchmarks" / "bench_policy.py"
     run = subprocess.run(
         [sys.executable, str(script), "--quick", "--floor", "--policies", "round_robin"],
         capture_output=True,
