@@ -513,6 +513,7 @@ def _index_method(method: str, **kinds: str | None) -> Entry:
         index.apply("http://w0", 0, ev.encode_batch([stored]))  # some state to keep intact
         goods: dict[str, dict[str, Any]] = {
             "apply": {"url": "http://w0", "seq": 1, "payload": ev.encode_batch([])},
+            "block_size": {"url": "http://w0"},
             "forget": {"url": "http://w0"},
             "is_stale": {"url": "http://w0"},
             "match": {"token_ids": list(range(8))},
@@ -570,6 +571,7 @@ def _events_fn(name: str, **good: Any) -> Entry:
 _EVENTS_TABLE: dict[str, Entry] = {
     "cacheroute.events.index.KVEventIndex": Entry(_index_new, {"clock": "callable"}),
     "cacheroute.events.index.KVEventIndex.apply": _index_method("apply"),
+    "cacheroute.events.index.KVEventIndex.block_size": _index_method("block_size"),
     "cacheroute.events.index.KVEventIndex.forget": _index_method("forget"),
     "cacheroute.events.index.KVEventIndex.is_stale": _index_method("is_stale"),
     # token ids: a sequence of ints, refused like a Tree's units

@@ -9,6 +9,7 @@ import random
 import threading
 from collections.abc import Sequence
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -671,3 +672,36 @@ def test_decode_steps_extend_their_chain_in_place(index: KVEventIndex) -> None:
     s = index.stats()[W1]
     assert (s.blocks, s.blocks_stored, s.ignored_events, s.bad_events) == (4, 4, 1, 2)
     assert len(ws.chains) == 1 and ws.chains[0].buf.tolist() == toks(1, 2, 3, 4)
+
+
+def test_a_bad_event_changes_neither_the_block_size_nor_the_lora_aliases() -> None:
+    index = KVEventIndex(block_size=BS)
+    index.apply(W1, 0, encode_batch([BlockStored([1, 2], None, toks(1, 2), BS)]))
+    index.apply(W1, 1, encode_batch([BlockStored([3], None, toks(3), BS, lora_id=7)]))
+    # An extra_keys entry must be an array or nil: this event is unreadable as a whole,
+    # after its block size (2) and its LoRA alias (7 -> "evil") were read.
+    bad = {
+        "type": "BlockStored",
+        "block_hashes": [9],
+        "parent_block_hash": None,
+        "token_ids": [50, 51],
+        "block_size": 2,
+        "lora_id": 7,
+        "medium": None,
+        "lora_name": "evil",
+        "extra_keys": [5],
+    }
+    assert index.apply(W1, 2, msgpack.packb([0.0, [bad], None]))
+    assert index.stats()[W1].bad_events == 1
+    assert index.block_size(W1) == BS
+    assert index.match(toks(1, 2)[:7]) == {W1: 4}  # whole 4-token blocks, as before
+    assert index.match(toks(3), lora_id=7) == {W1: 4}  # 7 is no alias of "evil"
+
+
+def test_a_worker_first_seen_after_another_block_size_matches_whole_blocks() -> None:
+    index = KVEventIndex(block_size=16)
+    index.apply(W1, 0, encode_batch([BlockStored([1], None, list(range(4)), 4)]))
+    index.apply(W2, 0, encode_batch([BlockStored([2, 3], None, list(range(100, 132)), 16)]))
+    assert index.match(list(range(100, 120))) == {W2: 16}
+    assert index.match(list(range(100, 120)), include_stale=False) == {W2: 16}
+    assert (index.block_size(W1), index.block_size(W2), index.block_size("new")) == (4, 16, 16)

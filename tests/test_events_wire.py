@@ -201,3 +201,26 @@ def test_importing_the_package_loads_no_optional_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_array_shape_with_a_cache_salt_keeps_every_other_field() -> None:
+    e = BlockStored(
+        [7],
+        None,
+        [1, 2],
+        2,
+        extra_keys=[None],
+        group_idx=1,
+        kv_cache_spec_kind="full_attention",
+        cache_salt="s",
+    )
+    assert decode_batch(encode_batch([e], shape="array")).events == [e]
+    both = BlockStored([7], None, [1, 2], 2, lora_name="a", cache_salt="s")
+    with pytest.raises(ValueError, match=r"lora_name=.a.*cache_salt=.s."):  # both at index 7
+        encode_batch([both], shape="array")
+
+
+def test_malformed_bigram_tokens_make_a_bad_event_not_a_lost_batch() -> None:
+    bad = ["BlockStored", [8], None, [[3, 4], {"x": 1}], 2]
+    batch = decode_batch(msgpack.packb([0.0, [bad, ["BlockRemoved", [1]]]]))
+    assert batch.events == [None, BlockRemoved([1])]

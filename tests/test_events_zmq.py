@@ -18,6 +18,7 @@ from cacheroute.events import (
     KVEventPublisher,
     dp_endpoint,
     encode_batch,
+    subscriber,
 )
 
 W = "http://w1:8000"
@@ -428,3 +429,58 @@ def test_match_from_request_threads_while_the_subscriber_applies(
     assert not errors, errors[0]
     assert index.match(blocks(1, 2, 3)) == {W: 4}
     assert index.stats()[W].lost_batches == 0
+
+
+def test_a_publisher_with_a_bad_replay_address_raises_and_closes_its_pub() -> None:
+    raised: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            KVEventPublisher(ANY, "not-a-replay-endpoint")
+        except BaseException as exc:  # (reported to the test thread)
+            raised.append(exc)
+
+    t = threading.Thread(target=make, daemon=True)
+    t.start()
+    t.join(5.0)
+    assert not t.is_alive(), "KVEventPublisher() hung instead of raising"
+    assert len(raised) == 1 and isinstance(raised[0], zmq.ZMQError)
+
+
+def test_close_racing_a_subscribe_stops_its_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    pub = KVEventPublisher(ANY)
+    index = KVEventIndex(block_size=4)
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            index.close()
+        except BaseException as exc:  # (reported to the test thread)
+            errors.append(exc)
+
+    closer = threading.Thread(target=close)
+    real_start = subscriber.Subscription.start
+
+    def start(self: subscriber.Subscription) -> None:
+        closer.start()  # another thread closes the index as subscribe() starts the thread
+        closer.join(0.5)
+        real_start(self)
+
+    monkeypatch.setattr(subscriber.Subscription, "start", start)
+    try:
+        index.subscribe(W, pub.endpoint)
+        closer.join(5.0)
+        assert not errors, errors
+        wait_for(
+            lambda: not [t for t in threading.enumerate() if t.name.startswith("cacheroute-kv")]
+        )
+    finally:
+        for s in list(index._subs.values()):
+            s.stop()
+        pub.close()
+
+
+def test_dp_endpoint_refuses_a_port_past_65535() -> None:
+    assert dp_endpoint("tcp://10.0.0.1:65534", 1) == "tcp://10.0.0.1:65535"
+    with pytest.raises(ValueError, match=r"dp_rank.*65535"):
+        dp_endpoint("tcp://10.0.0.1:65535", 1)

@@ -230,3 +230,14 @@ def test_remove_worker_drops_its_claims() -> None:
 def test_bad_precise_settings_name_the_setting(kw: dict[str, Any], exc: type, word: str) -> None:
     with pytest.raises(exc, match=word):
         CacheAwarePolicy(**kw)
+
+
+def test_a_claim_of_part_of_a_block_is_confirmed_by_its_whole_blocks() -> None:
+    m, feeds, _ = _matcher()
+    prompt = [*PROMPT, 200, 201]  # 6 blocks and 2 tokens, which no engine caches
+    m.claim(prompt, "a")
+    assert m.lengths(prompt, {}) == {"a": 26}  # routed, not reported yet: the claim counts
+    feeds["a"].stored(PROMPT, 1)  # every whole block of it: all the engine can report
+    assert m.lengths(prompt, {}) == {"a": 24}  # confirmed: the report (whole blocks) speaks
+    feeds["a"].send(BlockRemoved([3]))  # evicts blocks 3-6
+    assert m.lengths(prompt, {}) == {"a": 8}  # the report is the truth now

@@ -219,8 +219,6 @@ class _BlockStore:
         lora: Any = None
         if name is not None:
             lora = ("name", name)
-            if lora_id is not None:
-                self.lora_alias[lora_id] = name
         elif lora_id is not None:
             lora = ("id", lora_id)
         first = extra[0] if extra else None
@@ -229,6 +227,8 @@ class _BlockStore:
             keys = tuple(_freeze(k) for k in first if name is None or k != name)
         if not keys and salt is not None:
             keys = (salt,)
+        if name is not None and lora_id is not None:  # (last: a malformed event changes nothing)
+            self.lora_alias[lora_id] = name
         return (lora, keys)
 
     def block_sizes_changed(self) -> None:
@@ -328,11 +328,13 @@ class _BlockStore:
                 return
             hashes = hashes[:k]
             a = a[: k * bs]
+        if chain is None:  # (malformed extra keys fail here: before any change)
+            ns = self._event_namespace(ev)
         if bs != ws.block_size:
             ws.block_size = bs
             self.block_sizes_changed()
         if chain is None:
-            chain = self._new_chain(ws, a, self._event_namespace(ev))
+            chain = self._new_chain(ws, a, ns)
             self._to_tree(ws, chain)
         elif end == len(chain.buf):
             chain.buf.extend(a)  # the chain's last block grows (decode): in place

@@ -277,7 +277,7 @@ class KVEventIndex:
             ws.down_since = ws.alive_at = self._clock()
             self._subs[url] = sub
             self._feeds[url] = (endpoint, replay, topic, dp_rank, catch_up)
-        sub.start()
+            sub.start()  # under the lock: a close() or unsubscribe() now joins a started thread
 
     def unsubscribe(self, url: str) -> None:
         """Stop ``url``'s subscriber (its view stays; see :meth:`forget`). No-op if none."""
@@ -462,6 +462,26 @@ class KVEventIndex:
         with self._lock:
             return list(self._workers)
 
+    def block_size(self, url: str) -> int:
+        """The KV block size of ``url``'s engine, in tokens: the last one its events
+        carried, or the index's ``block_size`` for a worker not heard from. A match only
+        ever reports whole blocks of it. O(1).
+
+        Raises:
+            TypeError: ``url`` is not a ``str``.
+
+        >>> from cacheroute.events import BlockStored, encode_batch
+        >>> index = KVEventIndex(block_size=16)
+        >>> index.apply("http://a", 0, encode_batch([BlockStored([1], None, [0] * 4, 4)]))
+        True
+        >>> index.block_size("http://a"), index.block_size("http://b")
+        (4, 16)
+        """
+        check_str("url", url)
+        with self._lock:
+            ws = self._workers.get(url)
+            return self._bs if ws is None else ws.block_size
+
     def stats(self) -> dict[str, WorkerStats]:
         """Per-worker counters (a snapshot)."""
         with self._lock:
@@ -521,6 +541,8 @@ class KVEventIndex:
         ws = self._workers.get(key)
         if ws is None:
             ws = self._workers[key] = _Worker(key, self._bs, self._clock())
+            if self._store.uniform_bs != self._bs:  # the others' block size is not ours
+                self._store.block_sizes_changed()
         return ws
 
     def _stale(self, ws: _Worker, now: float) -> bool:

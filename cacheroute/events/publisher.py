@@ -84,8 +84,7 @@ class KVEventPublisher:
         try:
             s.bind(addr)
         except Exception:
-            s.close(linger=0)
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # every socket of it: the PUB too when replay fails
             raise
         return s
 

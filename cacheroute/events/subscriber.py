@@ -53,6 +53,10 @@ def dp_endpoint(endpoint: str, dp_rank: int) -> str:
     head, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"endpoint must end with ':<port>', got {endpoint!r}")
+    if int(port) + dp_rank > 65535:
+        raise ValueError(
+            f"dp_rank must keep the port <= 65535, got {dp_rank} (port {port} of {endpoint!r})"
+        )
     return f"{head}:{int(port) + dp_rank}"
 
 

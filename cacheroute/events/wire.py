@@ -156,7 +156,7 @@ def _tokens(raw: object) -> list[int]:
     if raw and type(raw[0]) is list:  # SGLang EAGLE bigrams: [[t0, t1], [t1, t2], ...]
         try:
             return [p[0] for p in raw]
-        except (IndexError, TypeError) as exc:
+        except (LookupError, TypeError) as exc:  # (a map pair: KeyError)
             raise WireFormatError("token_ids: malformed bigram pairs") from exc
     return raw
 
@@ -385,7 +385,13 @@ def _encode_event(e: object, shape: str) -> Any:
         tag, fields = "BlockStored", _stored_fields(e)
         if e.cache_salt is not None:
             if shape == "array":  # SGLang's positional form: metadata at index 7
-                fields = [*fields[:6], ("metadata", {"cache_salt": e.cache_salt})]
+                if e.lora_name is not None:
+                    raise ValueError(
+                        "events items: shape='array' cannot carry both lora_name and "
+                        f"cache_salt (both at index 7), got lora_name={e.lora_name!r}, "
+                        f"cache_salt={e.cache_salt!r}"
+                    )
+                fields = [*fields[:6], ("metadata", {"cache_salt": e.cache_salt}), *fields[7:]]
             else:
                 fields.append(("cache_salt", e.cache_salt))
     elif isinstance(e, BlockRemoved):
@@ -417,6 +423,11 @@ def encode_batch(
     ``shape="map"``: events as tagged maps (vLLM >= 0.26, PR #42892); ``"array"``: tagged
     positional arrays (older vLLM and SGLang). The batch itself is the positional
     ``[ts, events, data_parallel_rank]`` in both. ``ts`` defaults to ``time.time()``.
+
+    Raises:
+        TypeError, ValueError: a wrong argument, or an event that is not a ``KVEvent``;
+            ValueError: with ``shape="array"``, a ``BlockStored`` with both ``lora_name``
+            and ``cache_salt`` (SGLang's form has one place, index 7, for either).
 
     >>> from cacheroute.events import BlockStored, decode_batch, encode_batch
     >>> p = encode_batch([BlockStored([7], None, [1, 2], 2)], shape="array")

@@ -14,7 +14,9 @@ token-id requests against the engines' own reports instead:
   would scatter, since no engine reports it until its prefill is done.
 
 A claim stops counting once its engine *confirms* it: the first time a request finds the
-engine reporting everything the claim covers, the claim is marked confirmed, and from
+engine reporting everything the claim covers (every whole block of it, when the index has
+a ``block_size(url)`` method, as ``KVEventIndex`` does: the rest of a prompt's last block
+is never cached), the claim is marked confirmed, and from
 then on the reports alone speak for it, so a ``BlockRemoved`` removes it too. A claim
 never confirmed (its request failed, or is still queued) expires: claims live in two
 generations of trees, swapped every ``claim_ttl_s / 2``, so one counts for between half
@@ -71,7 +73,17 @@ class PreciseMatcher:
     Thread-safe. Built by the policy; ``clock`` is injectable for tests.
     """
 
-    __slots__ = ("_claims", "_clock", "_half", "_index", "_lock", "_namespace", "_new", "_swap_at")
+    __slots__ = (
+        "_block_size",
+        "_claims",
+        "_clock",
+        "_half",
+        "_index",
+        "_lock",
+        "_namespace",
+        "_new",
+        "_swap_at",
+    )
 
     def __init__(
         self,
@@ -83,6 +95,8 @@ class PreciseMatcher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._index = index
+        # Optional (KVEventIndex has it): an engine's block size, by worker url.
+        self._block_size: Callable[[str], int] | None = getattr(index, "block_size", None)
         self._namespace = dict(namespace or {})
         self._clock = clock
         self._half = claim_ttl_s / 2
@@ -123,6 +137,7 @@ class PreciseMatcher:
             if u in fresh:
                 out[u] = m
         if self._claims is not None:
+            block = self._block_size
             for gen in self._generations():
                 claimed = gen.claimed.match_lengths(token_ids)
                 if not claimed:
@@ -135,7 +150,10 @@ class PreciseMatcher:
                         confirmed = gen.confirmed.match_lengths(token_ids)
                     if m <= confirmed.get(u, 0):
                         continue  # confirmed before: the reports speak for it
-                    if m <= reported.get(u, 0):  # the engine reports all of it now
+                    # An engine reports whole blocks only: the rest of a claim's last
+                    # block is never cached, so its whole blocks are what confirms it.
+                    whole = m if block is None else m - m % block(u)
+                    if 0 < whole <= reported.get(u, 0):  # the engine reports all of it now
                         gen.confirmed.insert(token_ids[:m], u)
                     elif m > out.get(u, 0):
                         out[u] = m  # not confirmed yet: counts
