@@ -63,8 +63,10 @@ lease's record of it: an interrupt landing exactly between a call that adds (loa
 and its record, or inside that call after its effect, leaks that call's delta (one unit
 of load, or one lease's tokens), which no pure-Python code can prevent for an object whose
 locking it does not own. Give-backs are recorded before their call, so nothing is ever
-given back twice, and a release interrupted half-way is finished by the next release or
-by garbage collection. **Cancellation** (asyncio) can only land at an ``await``: nothing in
+given back twice; the price is that an interrupt landing inside a give-back call
+(``decrement_load()``, ``add_work()``) before its effect leaks that call's delta too. A
+release interrupted between its calls is finished by the next release or by garbage
+collection. **Cancellation** (asyncio) can only land at an ``await``: nothing in
 :func:`acquire` awaits, so ``async with acquire(...)`` is never cancelled between taking
 the load and entering the block. A lease taken with ``lease = acquire(...)`` and entered
 after an ``await`` is held across that ``await``: if the task is cancelled there, the
@@ -106,6 +108,12 @@ def _checked_index(policy: LoadBalancingPolicy, index: object, n: int, param: st
             f"{n} workers it was given"
         )
     return index
+
+
+def _bad_count(policy: LoadBalancingPolicy, field: str, value: object) -> ValueError:
+    return ValueError(
+        f"policy {policy.name!r} returned a Decision with {field}={value!r}, not a token count"
+    )
 
 
 class Lease:
@@ -235,23 +243,20 @@ class Lease:
         with lock:
             if self._state[0] not in (_PREFILL, _DECODE):
                 return False
+            if held[0]:
+                held[0] = 0
+                try:
+                    worker.decrement_load()
+                except Exception:  # refused (e.g. load given back by hand): nothing changed
+                    held[0] = 1
+                    raise
             prefill, decode = held[1], held[2]
             if add_work is not None and (prefill or decode):
                 held[1] = held[2] = 0
                 try:
                     add_work(-prefill, -decode)
-                except Exception:
+                except Exception:  # refused: a later release gives the work back
                     held[1], held[2] = prefill, decode
-                    raise
-            if held[0]:
-                held[0] = 0
-                try:
-                    worker.decrement_load()
-                except Exception:  # refused (e.g. load given back by hand): hold it all
-                    held[0] = 1
-                    if add_work is not None and (prefill or decode):
-                        add_work(prefill, decode)
-                        held[1], held[2] = prefill, decode
                     raise
             self._state[0] = _RELEASED  # last: until here a later release finishes the job
             return True
@@ -452,8 +457,15 @@ def _lease(
     decode_leg: bool = False,
 ) -> Lease:
     index = _checked_index(policy, decision.index, len(workers), param)
-    tokens = decision.prompt_tokens if prompt_tokens is None else prompt_tokens
-    cached = min(max(decision.cached_tokens, 0), tokens)
+    decided, cached = decision.prompt_tokens, decision.cached_tokens
+    # Garbage counts would go straight into the worker's totals (a negative one taking
+    # other leases' work): refused before any load is taken, as a garbage index is.
+    if type(decided) is not int or decided < 0:
+        raise _bad_count(policy, "prompt_tokens", decided)
+    if type(cached) is not int:
+        raise _bad_count(policy, "cached_tokens", cached)
+    tokens = decided if prompt_tokens is None else prompt_tokens
+    cached = min(max(cached, 0), tokens)
     if decode_leg:
         return Lease(policy, workers[index], index, decision, 0, tokens)
     return Lease(policy, workers[index], index, decision, tokens - cached, tokens)

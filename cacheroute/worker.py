@@ -249,13 +249,16 @@ class BasicWorker:
 
     def decrement_load(self) -> None:
         """Count one request finished; raises :class:`LoadUnderflowError` at zero."""
+        # The error is built after the lock is released: an allocation under it may run a
+        # collection, whose forgotten leases give back (take this lock) in __del__.
         with self._lock:
-            if self._load <= 0:
-                raise LoadUnderflowError(
-                    f"decrement_load() on worker {self._url!r} whose load is already 0: "
-                    "load was given back that was never taken (use cacheroute.acquire)"
-                )
-            self._load -= 1
+            if self._load > 0:
+                self._load -= 1
+                return
+        raise LoadUnderflowError(
+            f"decrement_load() on worker {self._url!r} whose load is already 0: "
+            "load was given back that was never taken (use cacheroute.acquire)"
+        )
 
     def processed(self) -> int:
         """Requests routed here so far (the tie-breaker between equal loads). O(1)."""
@@ -298,20 +301,21 @@ class BasicWorker:
         """
         check_int("prefill_tokens", prefill_tokens)
         check_int("decode_tokens", decode_tokens)
-        with self._lock:
+        with self._lock:  # the error is built outside it (see decrement_load)
             p = self._prefill + prefill_tokens
             d = self._decode + decode_tokens
-            if p < 0 or d < 0:
-                raise LoadUnderflowError(
-                    f"add_work({prefill_tokens}, {decode_tokens}) on worker {self._url!r} "
-                    f"would take its totals to prefill={p}, decode={d}: work was given back "
-                    "that was never taken (use cacheroute.acquire)"
-                )
-            self._prefill = p
-            self._decode = d
-            self._work = p + d
-            if prefill_tokens > 0:
-                self._leased += prefill_tokens
+            if p >= 0 and d >= 0:
+                self._prefill = p
+                self._decode = d
+                self._work = p + d
+                if prefill_tokens > 0:
+                    self._leased += prefill_tokens
+                return
+        raise LoadUnderflowError(
+            f"add_work({prefill_tokens}, {decode_tokens}) on worker {self._url!r} "
+            f"would take its totals to prefill={p}, decode={d}: work was given back "
+            "that was never taken (use cacheroute.acquire)"
+        )
 
     def _transition(
         self, state: list[int], expect: int, new: int, load: int, prefill: int, decode: int
@@ -324,26 +328,26 @@ class BasicWorker:
         ``KeyboardInterrupt`` (CPython delivers those only at calls and loop edges) can
         observe load changed without the lease's state changed with it.
         """
-        with self._lock:
+        with self._lock:  # the error is built outside it (see decrement_load)
             if state[0] != expect:
                 return False
             n = self._load + load
             p = self._prefill + prefill
             d = self._decode + decode
-            if n < 0 or p < 0 or d < 0:
-                raise LoadUnderflowError(
-                    f"a lease on worker {self._url!r} would take its load to {n} (prefill "
-                    f"tokens {p}, decode tokens {d}): load was given back by hand that a "
-                    "lease still holds"
-                )
-            self._load = n
-            self._prefill = p
-            self._decode = d
-            self._work = p + d
-            if prefill > 0:
-                self._leased += prefill
-            state[0] = new
-            return True
+            if n >= 0 and p >= 0 and d >= 0:
+                self._load = n
+                self._prefill = p
+                self._decode = d
+                self._work = p + d
+                if prefill > 0:
+                    self._leased += prefill
+                state[0] = new
+                return True
+        raise LoadUnderflowError(
+            f"a lease on worker {self._url!r} would take its load to {n} (prefill "
+            f"tokens {p}, decode tokens {d}): load was given back by hand that a "
+            "lease still holds"
+        )
 
     def __repr__(self) -> str:
         extra = f", bootstrap_port={self._bootstrap_port}" if self._bootstrap_port else ""

@@ -8,7 +8,7 @@ import gc
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import CodeType, FrameType
 from typing import Any
 
@@ -21,11 +21,13 @@ from cacheroute import (
     Lease,
     LoadUnderflowError,
     NoHealthyWorkerError,
+    Worker,
     acquire,
     acquire_pair,
     make_policy,
 )
 from cacheroute.policies import LoadBalancingPolicy, ShortestQueuePolicy
+from cacheroute.policies.base import Decision, DecisionReason
 
 
 class Recorder(ShortestQueuePolicy):
@@ -456,3 +458,62 @@ def test_a_lease_held_across_an_await_before_async_with_is_released_when_the_tas
     assert _totals(w) == (0, 0, 0)
     assert policy.completed == [("http://w0", False)]
     assert any(issubclass(x.category, ResourceWarning) for x in caught)
+
+
+@pytest.mark.parametrize(
+    ("prompt_tokens", "cached_tokens"), [(-50, 0), (2.5, 0), (True, 0), (100, 1.5)]
+)
+def test_a_policy_deciding_garbage_token_counts_fails_before_taking_anything(
+    prompt_tokens: object, cached_tokens: object
+) -> None:
+    class Garbage(ShortestQueuePolicy):
+        def decide(self, workers: Sequence[Worker], request_text: object = None) -> Decision | None:
+            counts: Any = (prompt_tokens, cached_tokens)
+            return Decision(0, workers[0].url, DecisionReason.POLICY, 0, 0, *counts)
+
+    w = BasicWorker("http://w0")
+    good = acquire(make_policy("round_robin"), [w], [1] * 100)
+    good.first_token()
+    field = "cached_tokens" if prompt_tokens == 100 else "prompt_tokens"
+    with pytest.raises(ValueError, match=f"{field}="):
+        acquire(Garbage(), [w])
+    assert (w.load(), w.pending_prefill_tokens(), w.decode_tokens()) == (1, 0, 100)
+    assert good.release()
+    assert (w.load(), w.decode_tokens()) == (0, 0)
+
+
+def test_a_refused_release_on_a_basicworker_subclass_counts_its_prefill_once() -> None:
+    class Sub(BasicWorker):  # not exactly a BasicWorker: the custom workers' path
+        __slots__ = ()
+
+    w = Sub("http://w0")
+    lease = acquire(make_policy("round_robin"), [w], [1] * 100)
+    w.decrement_load()  # the caller's bug: load given back by hand
+    with pytest.raises(LoadUnderflowError):
+        lease.release()
+    assert not lease.released
+    assert (w.prefill_tokens_leased(), w.pending_prefill_tokens()) == (100, 100)
+    w.increment_load()  # the caller mends its bug
+    assert lease.release()
+    assert (w.load(), w.prefill_tokens_leased(), w.pending_prefill_tokens()) == (0, 100, 0)
+
+
+def test_an_interrupt_inside_a_give_back_call_leaks_only_that_calls_delta() -> None:
+    class Interrupted(CustomWorker):
+        fired = False
+
+        def decrement_load(self) -> None:
+            if not self.fired:  # an interrupt delivered as the call starts, before its effect
+                self.fired = True
+                raise KeyboardInterrupt
+            super().decrement_load()
+
+    w = Interrupted("http://w0")
+    lease = acquire(make_policy("round_robin"), [w], [1] * 10)
+    with pytest.raises(KeyboardInterrupt):
+        lease.release()
+    assert lease.release()  # the rest of the release: its work
+    # As the module doc says: the give-back was recorded first (never twice), so the one
+    # unit of load whose call was interrupted is what leaks, and nothing else.
+    assert (w.load(), w.pending_prefill_tokens(), w.decode_tokens()) == (1, 0, 0)
+    assert not lease.release()

@@ -1,4 +1,6 @@
+import gc
 import threading
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -162,3 +164,42 @@ def test_prefill_tokens_leased_lose_no_update_under_threads() -> None:
 
     _in_threads(8, 5_000, step)
     assert (w.prefill_tokens_leased(), w.pending_prefill_tokens()) == (3 * 8 * 5_000, 0)
+
+
+def test_an_underflow_error_is_not_built_under_the_worker_lock() -> None:
+    # Building an exception allocates, which may run a collection; a forgotten lease on
+    # the same worker then gives its load back in __del__, taking the worker's lock: were
+    # the error built under it, the thread would wait on itself for ever.
+    from cacheroute import acquire, make_policy
+
+    w = BasicWorker("http://w0")
+    policy = make_policy("round_robin")
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        old = gc.get_threshold()
+        gc.set_threshold(5)  # a collection every few allocations
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                for _ in range(2000):
+                    lease = acquire(policy, [w])
+                    cycle: list[object] = [lease]
+                    cycle.append(cycle)  # forgotten: freed only by a collection
+                    del lease, cycle
+                    with pytest.raises(LoadUnderflowError):
+                        w.add_work(0, -1)
+                    with pytest.raises(LoadUnderflowError):
+                        BasicWorker("http://z").decrement_load()
+        except BaseException as exc:  # (reported to the test thread)
+            errors.append(exc)
+        finally:
+            gc.set_threshold(*old)
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(20), "deadlocked: a forgotten lease's __del__ waited for w's own lock"
+    assert not errors, errors
+    gc.collect()
+    assert w.load() == 0 and not w._lock.locked()
