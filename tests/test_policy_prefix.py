@@ -498,3 +498,24 @@ def test_max_tree_nodes_refuses_bad_values_naming_it(name: str) -> None:
         make_policy(name, max_tree_nodes=0)
     with pytest.raises(TypeError, match=r"^max_tree_nodes must be .*, got '9' \(str\)"):
         make_policy(name, max_tree_nodes="9")
+
+
+class _UrlWorker(BasicWorker):
+    """A gateway's worker type that compares (and hashes) by URL, e.g. to keep them in a set."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _UrlWorker) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+
+@pytest.mark.parametrize("name", ["cache_aware", "work_aware"])
+def test_a_policy_reads_the_workers_passed_not_equal_ones_seen_before(name: str) -> None:
+    policy = make_policy(name)
+    assert policy.select_worker([_UrlWorker("http://a"), _UrlWorker("http://b")], "hi") == 0
+    # The gateway rebuilt its worker objects (equal by URL): a is now unhealthy.
+    fresh = [_UrlWorker("http://a", healthy=False), _UrlWorker("http://b")]
+    assert policy.select_worker(fresh, "hi") == 1

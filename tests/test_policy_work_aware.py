@@ -18,7 +18,7 @@ from cacheroute import (
     available_policies,
     make_policy,
 )
-from cacheroute.policies import WorkAwareConfig, WorkAwarePolicy
+from cacheroute.policies import RoundRobinPolicy, WorkAwareConfig, WorkAwarePolicy
 
 A = 3.25e-5  # default prefill seconds per token
 B = 1.06e-9  # default attention seconds per token pair
@@ -1368,3 +1368,24 @@ def test_choice_and_estimate_are_the_documented_cost(
         best = min(costs)
         assert costs[d.index] <= best + 1e-9 * max(1.0, abs(best)), (idx, d.index, costs)
         assert d.cost == pytest.approx(ttfts[d.index], rel=1e-9, abs=1e-12), idx
+
+
+@pytest.mark.parametrize("how", ["remove_worker", "sync_workers"])
+def test_a_removed_workers_ledger_is_dropped(how: str) -> None:
+    policy = WorkAwarePolicy()
+    old = BasicWorker("http://a")
+    first = acquire(policy, [old], list(range(50_000)))  # a long prefill queued, in flight
+    if how == "remove_worker":
+        policy.remove_worker(old)
+    else:
+        policy.sync_workers([BasicWorker("http://other")])
+    # The pod restarted under the same URL; another gateway queued 1,000 tokens there.
+    new = BasicWorker("http://a")
+    policy.add_worker(new)
+    theirs = acquire(RoundRobinPolicy(), [new], None, prompt_tokens=1_000)
+    got = policy.decide([new], [7] * 10)
+    want = WorkAwarePolicy().decide([new], [7] * 10)  # what the visible state says
+    assert got is not None and want is not None
+    assert got.cost == pytest.approx(want.cost)
+    first.release()
+    theirs.release()

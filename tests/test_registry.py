@@ -94,3 +94,8 @@ def test_register_policy_refuses_a_non_bool_replace_and_registers_nothing(bad: o
     with pytest.raises(TypeError, match=r"^replace must be a bool"):
         register_policy("brand_new_name", RoundRobinPolicy, replace=bad)  # type: ignore[arg-type]
     assert "brand_new_name" not in available_policies()
+
+
+def test_a_policy_name_that_is_not_a_str_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="name"):
+        register_policy(3, RoundRobinPolicy)  # type: ignore[arg-type]

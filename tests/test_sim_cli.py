@@ -206,3 +206,26 @@ def test_speed_on_a_workload_all_at_one_instant_says_it_changes_nothing(
     chat = ["simulate", "--workload", "chat", "--limit", "32", "--policies", "round_robin"]
     assert main([*chat, "--speed", "2", "--progress", "off"]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cache_aware:least_load[imbalance_mode=locality]",  # NAME:MODE sets the key too
+        "work_aware[stall_weight=0.5,stall_weight=2]",
+    ],
+)
+def test_a_spec_refuses_a_key_given_twice(text: str) -> None:
+    with pytest.raises(ValueError, match="given twice"):
+        PolicySpec.parse(text)
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_an_empty_output_path_is_an_error_not_ignored(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = ["--workload", "shared_prefix", "--limit", "16", "--workers", "2", "--progress", "off"]
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", *small, "--policies", "round_robin", option, ""])
+    assert info.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err

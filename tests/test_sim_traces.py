@@ -189,3 +189,12 @@ def test_coarse_keys_equal_the_expanded_slice() -> None:
         for coarsen in (1, 2, 3, 7, 8, 64):
             expected = raw[coarsen - 1 :: coarsen] + ([raw[-1]] if len(raw) % coarsen else [])
             assert _coarse_keys(ranges, len(raw), coarsen) == expected
+
+
+def test_mooncake_limit_reads_no_line_past_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    good = {"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [0]}
+    path.write_text(json.dumps(good) + "\n" + '{"timestamp": 1, "input_le')  # a cut-off tail
+    assert len(load_mooncake(path, limit=1).requests) == 1
+    with pytest.raises(TraceFormatError, match=":2: "):
+        load_mooncake(path)

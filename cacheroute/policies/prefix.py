@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import compress
+from operator import is_
 from typing import Any, ClassVar, Literal
 
 from cacheroute._validation import (
@@ -515,7 +516,7 @@ class PrefixPolicy(LoadBalancingPolicy):
         return min(caps) if caps else None
 
     def _pool(self, key: tuple[Worker, ...]) -> _Pool:
-        """The derived data of this worker list: a hit costs one C-level tuple compare.
+        """The derived data of this worker list: a hit costs one C-level identity pass.
 
         The few most recent lists are kept (a gateway serving several models alternates
         between per-model lists; see :meth:`_keep`). Copy-on-write: a racing thread builds
@@ -523,8 +524,11 @@ class PrefixPolicy(LoadBalancingPolicy):
         """
         removed = self._removed
         pools = self._pools
+        n = len(key)
         for p in pools:
-            if p.key == key and p.removed is removed:
+            # identity, not ==: a Worker type with its own __eq__ (by URL, say) must not
+            # make a list of other worker objects read the cached list's workers
+            if p.removed is removed and len(p.key) == n and all(map(is_, p.key, key)):
                 return p
         return _Pool(key, removed)
 

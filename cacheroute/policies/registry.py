@@ -34,7 +34,8 @@ def register_policy(
 
     Returns ``cls``, so it can be used as ``register_policy("x", X)`` after the class.
     """
-    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+    check_str("name", name)
+    if any(c.isspace() for c in name):
         raise ValueError(f"policy name must be a non-empty str without whitespace, got {name!r}")
     if not (isinstance(cls, type) and issubclass(cls, LoadBalancingPolicy)):
         raise TypeError(f"cls must be a subclass of LoadBalancingPolicy, got {cls!r}")

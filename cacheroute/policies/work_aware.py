@@ -81,7 +81,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,7 @@ from cacheroute.policies.prefix import (
 )
 from cacheroute.tree import Tree
 from cacheroute.worker import (
+    Worker,
     _read_leased,
     _read_prefill_leased,
     _read_tokens,
@@ -684,6 +685,24 @@ class WorkAwarePolicy(PrefixPolicy):
                 mark = _NO_MARK if leased is None else leased + (1 if tokens >= 1 else 0)
                 lg.push(tokens, best_p, prompt, mark)
         return best, DecisionReason.LEAST_COST, best_ttft
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        """As :meth:`PrefixPolicy.on_worker_removed`, and its ledger is dropped (a new
+        worker under the same URL starts with none)."""
+        super().on_worker_removed(worker)
+        with self._state_lock:
+            self._ledgers.pop(worker.url, None)
+            self._aligned.clear()
+
+    def sync_workers(self, workers: Sequence[Worker]) -> None:
+        """As :meth:`PrefixPolicy.sync_workers`, and the ledgers of the workers not
+        listed are dropped."""
+        super().sync_workers(workers)
+        urls = {w.url for w in workers}
+        with self._state_lock:
+            for url in [u for u in self._ledgers if u not in urls]:
+                del self._ledgers[url]
+            self._aligned.clear()
 
     def _describe_config(self) -> str:
         c = self._config

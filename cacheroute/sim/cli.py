@@ -263,6 +263,8 @@ def _claude_code_only(args: argparse.Namespace, why: str) -> None:
 
 def _check_output_path(option: str, path: str) -> str | None:
     """An error for ``option`` if ``path`` cannot be written (checked before the run)."""
+    if not path:
+        return f"argument {option}: expected a file path, got an empty one"
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return f"argument {option}: {path} is a directory"
@@ -335,7 +337,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             parser.error(str(exc))
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        problem = path and _check_output_path(option, path)
+        problem = path is not None and _check_output_path(option, path)
         if problem:
             parser.error(problem)
     engine = replace(EngineConfig(), cache_tokens=args.cache_tokens, max_batch=args.max_batch)

@@ -151,6 +151,8 @@ class PolicySpec:
                 key = key.strip()
                 if not sep or not key.isidentifier():
                     raise ValueError(f"policy spec {text!r}: expected KEY=VALUE, got {item!r}")
+                if key in config:  # (NAME:MODE sets its key too) else the last silently wins
+                    raise ValueError(f"policy spec {text!r}: key {key!r} given twice")
                 config[key] = _value(raw.strip())
         return cls(name, tuple(config.items()), text)
 

@@ -261,6 +261,8 @@ def load_mooncake(
         span = min(n_in, n * block_size)
         blocks = tuple(ids[b] for b in hashes)
         reqs.append(Request(ts / 1000.0, blocks, block_size, span, n_in, max(n_out, 1)))
+        if limit is not None and len(reqs) >= limit:
+            break  # the lines after the limit are not read (a cut-off tail included)
     params = {"path": str(path), "format": "mooncake", "block_size": block_size}
     return Workload("mooncake", reqs, params)
 
