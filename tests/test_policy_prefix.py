@@ -512,10 +512,13 @@ class _UrlWorker(BasicWorker):
         return hash(self.url)
 
 
+@pytest.mark.parametrize("kind", [_UrlWorker, BasicWorker])
 @pytest.mark.parametrize("name", ["cache_aware", "work_aware"])
-def test_a_policy_reads_the_workers_passed_not_equal_ones_seen_before(name: str) -> None:
+def test_a_policy_reads_the_workers_passed_not_equal_ones_seen_before(
+    name: str, kind: type[BasicWorker]
+) -> None:
     policy = make_policy(name)
-    assert policy.select_worker([_UrlWorker("http://a"), _UrlWorker("http://b")], "hi") == 0
-    # The gateway rebuilt its worker objects (equal by URL): a is now unhealthy.
-    fresh = [_UrlWorker("http://a", healthy=False), _UrlWorker("http://b")]
+    assert policy.select_worker([kind("http://a"), kind("http://b")], "hi") == 0
+    # The gateway rebuilt its worker objects (equal by URL or not): a is now unhealthy.
+    fresh = [kind("http://a", healthy=False), kind("http://b")]
     assert policy.select_worker(fresh, "hi") == 1

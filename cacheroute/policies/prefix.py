@@ -516,7 +516,8 @@ class PrefixPolicy(LoadBalancingPolicy):
         return min(caps) if caps else None
 
     def _pool(self, key: tuple[Worker, ...]) -> _Pool:
-        """The derived data of this worker list: a hit costs one C-level identity pass.
+        """The derived data of this worker list: a hit costs one C-level tuple compare (and,
+        unless the workers are all exact ``BasicWorker``, an identity pass).
 
         The few most recent lists are kept (a gateway serving several models alternates
         between per-model lists; see :meth:`_keep`). Copy-on-write: a racing thread builds
@@ -524,11 +525,11 @@ class PrefixPolicy(LoadBalancingPolicy):
         """
         removed = self._removed
         pools = self._pools
-        n = len(key)
         for p in pools:
-            # identity, not ==: a Worker type with its own __eq__ (by URL, say) must not
-            # make a list of other worker objects read the cached list's workers
-            if p.removed is removed and len(p.key) == n and all(map(is_, p.key, key)):
+            # The same objects, not equal ones: a Worker type with its own __eq__ (by URL,
+            # say) must not make a rebuilt list read the cached list's objects. An exact
+            # BasicWorker compares by identity, so == settles it for those (4-10x cheaper).
+            if p.removed is removed and p.key == key and (p.basic or all(map(is_, p.key, key))):
                 return p
         return _Pool(key, removed)
 
