@@ -151,7 +151,7 @@ def _encode(units: object, code: str) -> tuple[str, Kind]:
     """``units`` as the internal ``str`` and its kind; ``code`` is the ``array`` typecode
     of one token id. Raises ``TypeError``/``ValueError`` naming ``units``."""
     if isinstance(units, str):
-        return (units if type(units) is str else str(units)), "text"
+        return (units if type(units) is str else str.__str__(units)), "text"
     if type(units) is array and units.typecode == code:
         return str(units, "latin-1"), "tokens"  # no conversion: the buffer is decoded
     if (
@@ -180,7 +180,7 @@ def _token_error(units: Sequence[Any], code: str) -> Exception:
 
 def _tenant(tenant: object) -> str:
     """``tenant`` as an exact ``str`` (slow path: the fast one is ``type(t) is str``)."""
-    return str(check_str("tenant", tenant, empty_ok=True))
+    return str.__str__(check_str("tenant", tenant, empty_ok=True))  # (not str(): __str__)
 
 
 class TreeMatch:
@@ -1347,7 +1347,7 @@ class Tree:
         if chosen is None:
             return None, 0
         if type(chosen) is not str:
-            chosen = str(check_str("choose(lengths)", chosen, empty_ok=True))
+            chosen = str.__str__(check_str("choose(lengths)", chosen, empty_ok=True))
         return chosen, self.insert_match(m, chosen)
 
     def remove(self, units: Units, tenant: str) -> int:
@@ -1534,6 +1534,8 @@ class Tree:
             for o in self._ten.values():
                 if o.size > target:
                     self._evict_tenant(o, target)
+            if self._holdings > self._max_nodes:  # cutting a shared node split it in two
+                self._evict_global()
             return (before - self._total) // self._w
 
     def set_tenant_limit(self, tenant: str, max_units: int | None) -> None:
@@ -1713,7 +1715,8 @@ class Tree:
             ``(memory_bytes - unit_bytes * max_size) // NODE_BYTES``.
 
         Raises:
-            ValueError: ``max_size`` alone does not fit in the budget.
+            ValueError: ``memory_bytes`` cannot hold one node, or ``max_size`` alone does
+                not fit in the budget.
 
         Complexity: O(1).
 
@@ -1725,6 +1728,9 @@ class Tree:
         check_int("memory_bytes", memory_bytes, minimum=1)
         check_int("max_size", max_size, minimum=1)
         check_int("unit_bytes", unit_bytes, minimum=1)
+        least = cls.NODE_BYTES + unit_bytes  # one node of one unit: max_size 1
+        if memory_bytes < least:
+            raise fail("memory_bytes", f">= {least} (one node of one unit)", memory_bytes)
         room = memory_bytes - unit_bytes * max_size
         if room < cls.NODE_BYTES:
             limit = (memory_bytes - cls.NODE_BYTES) // unit_bytes

@@ -7,6 +7,7 @@ import random
 import threading
 import weakref
 from array import array
+from enum import Enum
 from typing import Any
 
 import pytest
@@ -783,3 +784,36 @@ def test_shared_length_rematches_after_a_write_and_checks_its_argument() -> None
     with pytest.raises(ValueError, match="match"):
         Tree().shared_length(m)
     assert t.shared_length(t.match("")) == 0
+
+
+def test_evict_tenant_by_size_keeps_the_node_bound() -> None:
+    # Cutting one tenant's part of a shared node splits it: one holding more per other holder.
+    t = Tree(max_nodes=3)
+    t.insert("abcd", "x")
+    t.insert("abcd", "y")
+    t.insert("zz", "x")  # 3 holdings: abcd {x, y}, zz {x}
+    t.evict_tenant_by_size(4)  # x loses "cd" of the shared node: ab {x, y}, cd {y}, zz {x}
+    assert t._holdings <= 3
+    check_invariants(t)
+
+
+def test_str_enum_tenants_and_units_keep_their_value() -> None:
+    class Worker(str, Enum):  # equal to "w1", but str(Worker.A) is "Worker.A" (3.11+)
+        A = "w1"
+
+    class Prompt(str, Enum):
+        SYS = "abc"
+
+    t = Tree()
+    t.insert("abc", Worker.A)
+    t.insert("abd", "w1")
+    assert t.tenants() == ["w1"] and t.size("w1") == 4
+    assert t.match_and_insert("abx", lambda lengths: Worker.A) == ("w1", 2)
+    t.insert(Prompt.SYS, "w2")
+    assert t.prefix_match_tenant("abc", "w2") == 3
+    check_invariants(t)
+
+
+def test_max_nodes_for_names_memory_bytes_when_not_one_node_fits() -> None:
+    with pytest.raises(ValueError, match=r"^memory_bytes must be >= \d+ .*got 100"):
+        Tree.max_nodes_for(100, max_size=1)
