@@ -100,13 +100,23 @@ class NoHealthyWorkerError(LookupError):
     """No healthy worker could be chosen (the list was empty or all were unhealthy)."""
 
 
-def _checked_index(policy: LoadBalancingPolicy, index: object, n: int, param: str) -> int:
-    # A user policy returning garbage must fail loudly here, before any load is taken.
+def _checked_decision(
+    policy: LoadBalancingPolicy, decision: Decision, n: int, param: str = "index"
+) -> int:
+    """``decision.index``, once it and the token counts are checked: a user policy returning
+    garbage must fail loudly here, before any load is taken (garbage counts would go
+    straight into the worker's totals, a negative one taking other leases' work)."""
+    index = decision.index
     if type(index) is not int or not 0 <= index < n:
         raise ValueError(
             f"policy {policy.name!r} returned {param}={index!r}, not an index into the "
             f"{n} workers it was given"
         )
+    prompt, cached = decision.prompt_tokens, decision.cached_tokens
+    if type(prompt) is not int or prompt < 0:
+        raise _bad_count(policy, "prompt_tokens", prompt)
+    if type(cached) is not int:
+        raise _bad_count(policy, "cached_tokens", cached)
     return index
 
 
@@ -456,16 +466,9 @@ def _lease(
     prompt_tokens: int | None,
     decode_leg: bool = False,
 ) -> Lease:
-    index = _checked_index(policy, decision.index, len(workers), param)
-    decided, cached = decision.prompt_tokens, decision.cached_tokens
-    # Garbage counts would go straight into the worker's totals (a negative one taking
-    # other leases' work): refused before any load is taken, as a garbage index is.
-    if type(decided) is not int or decided < 0:
-        raise _bad_count(policy, "prompt_tokens", decided)
-    if type(cached) is not int:
-        raise _bad_count(policy, "cached_tokens", cached)
-    tokens = decided if prompt_tokens is None else prompt_tokens
-    cached = min(max(cached, 0), tokens)
+    index = _checked_decision(policy, decision, len(workers), param)
+    tokens = decision.prompt_tokens if prompt_tokens is None else prompt_tokens
+    cached = min(max(decision.cached_tokens, 0), tokens)
     if decode_leg:
         return Lease(policy, workers[index], index, decision, 0, tokens)
     return Lease(policy, workers[index], index, decision, tokens - cached, tokens)

@@ -93,6 +93,7 @@ field of a row is a counter. These are the state fields of the KV-event index's
 _Family: TypeAlias = "GaugeMetricFamily | CounterMetricFamily"
 
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
+_NAMESPACE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 def _label(reason: object) -> str:
@@ -140,7 +141,22 @@ class _Observer:
     def __call__(self, decision: Decision) -> None:
         if type(decision) is not Decision and not isinstance(decision, Decision):
             raise fail("decision", "a Decision", decision, TypeError)
-        units = decision.request_units
+        units, matched = decision.request_units, decision.matched_units
+        prompt, cached = decision.prompt_tokens, decision.cached_tokens
+        # Checked before anything is counted: a counter must never go down, nor a decision
+        # be counted without its tokens.
+        if not (
+            type(units) is int
+            and type(matched) is int
+            and type(prompt) is int
+            and type(cached) is int
+            and units >= 0
+            and matched >= 0
+            and prompt >= 0
+            and cached >= 0
+        ):
+            for field in ("request_units", "matched_units", "prompt_tokens", "cached_tokens"):
+                check_int(f"decision.{field}", getattr(decision, field), minimum=0)
         with self._lock:
             by_url = self._rows.get(decision.reason)
             if by_url is None:
@@ -149,10 +165,10 @@ class _Observer:
             if row is None:
                 row = by_url[decision.url] = [0, 0, 0]
             row[0] += 1
-            row[1] += decision.prompt_tokens
-            row[2] += decision.cached_tokens
+            row[1] += prompt
+            row[2] += cached
             if units > 0:
-                ratio = decision.matched_units / units
+                ratio = matched / units
                 self._buckets[bisect_left(MATCH_RATIO_BUCKETS, ratio)] += 1
                 self._sum += ratio
                 self._count += 1
@@ -191,8 +207,8 @@ class RouterMetrics:
 
     Raises:
         TypeError: ``namespace`` or ``policy`` is not a ``str``, or ``registry`` not a
-            ``CollectorRegistry`` or ``None``; ValueError: ``namespace`` or ``policy`` is
-            empty.
+            ``CollectorRegistry`` or ``None``; ValueError: ``namespace`` is not a metric-name
+            prefix (``[a-zA-Z_:][a-zA-Z0-9_:]*``) or ``policy`` is empty.
     """
 
     def __init__(
@@ -203,6 +219,8 @@ class RouterMetrics:
         policy: str = "default",
     ) -> None:
         check_str("namespace", namespace)
+        if not _NAMESPACE.fullmatch(namespace):
+            raise fail("namespace", "a metric-name prefix ([a-zA-Z_:][a-zA-Z0-9_:]*)", namespace)
         check_str("policy", policy)
         if registry is not None and not isinstance(registry, CollectorRegistry):
             raise fail(
@@ -236,7 +254,12 @@ class RouterMetrics:
 
     def observe(self, decision: Decision) -> None:
         """Record one decision under the constructor's ``policy`` label (an ``on_decision``
-        observer). O(1): two dict lookups and a few integer additions under one lock."""
+        observer). O(1): two dict lookups and a few integer additions under one lock.
+
+        Raises:
+            TypeError, ValueError: ``decision`` is not a Decision, or one of its unit and
+                token counts is not a non-negative ``int`` (nothing is counted).
+        """
         self._default(decision)
 
     def record_engine_usage(self, worker_url: str, prompt_tokens: int, cached_tokens: int) -> None:
@@ -388,6 +411,10 @@ class _Collector(Collector):
             if any(label == known for known, _ in self._policies):
                 raise ValueError(f"a policy labelled {label!r} is already tracked")
             self._policies = [*self._policies, (label, policy)]
+
+    def remove_policy(self, policy: LoadBalancingPolicy) -> None:
+        with self._lock:
+            self._policies = [(k, p) for k, p in self._policies if p is not policy]
 
     def policy_labels(self) -> list[str]:
         return [label for label, _ in self._policies]

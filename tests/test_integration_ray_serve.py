@@ -20,11 +20,12 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -32,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from cacheroute import make_policy
+from cacheroute import Decision, make_policy
 from cacheroute.integrations.ray_serve_state import (
     KV_EVENTS_STAT,
     RouterCore,
@@ -44,6 +45,7 @@ from cacheroute.integrations.ray_serve_state import (
     snapshot,
 )
 from cacheroute.policies import LoadBalancingPolicy
+from cacheroute.worker import Worker
 
 A, B, C, D = (f"SERVE_REPLICA::app#Engine#{x}" for x in "abcd")
 SYSTEM = "You are a helpful assistant. " * 10
@@ -601,3 +603,130 @@ def test_ray_a_killed_replica_is_routed_around_and_the_pool_follows(serve_app: S
     for g in range(GROUPS):
         assert len({a["replica"] for a in again[g]}) == 1, g
     wait_for(lambda: all_idle(serve_app), 10, "every load back to 0 after the churn")
+
+
+class _Garbage(LoadBalancingPolicy):
+    """A user policy whose decide() returns a fixed, possibly garbage, Decision."""
+
+    name = "garbage"
+
+    def __init__(self, **fields: object) -> None:
+        self.fields = fields
+
+    def select_worker(self, workers: Sequence[Worker], request_text: object = None) -> int:
+        return 0
+
+    def decide(self, workers: Sequence[Worker], request_text: object = None) -> Decision:
+        fields = {"index": 0, "url": workers[0].url, "reason": "policy", **self.fields}
+        return Decision(**fields)  # type: ignore[arg-type]
+
+
+def test_a_policy_returning_a_bad_index_is_refused_not_obeyed() -> None:
+    # acquire() refuses an index that is not one of the workers ("must fail loudly, before
+    # any load is taken"); the core must too, not route to candidates[-1] or raise IndexError.
+    for index in (-1, 2, True):
+        core = RouterCore(_Garbage(index=index), name="garbage")
+        core.sync([A, B])
+        with pytest.raises(ValueError, match="garbage"):
+            core.choose("r1", [A, B], "x")
+        assert loads(core) == {"a": 0, "b": 0} and core.in_flight() == 0, index
+
+
+def test_a_refused_decision_is_not_counted_in_the_metrics() -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from cacheroute.metrics import RouterMetrics
+
+    registry = prometheus_client.CollectorRegistry()
+    metrics = RouterMetrics(registry)
+    core = RouterCore(_Garbage(prompt_tokens=-5), name="garbage")
+    core.sync([A, B])
+    core.enable_metrics(metrics)
+    with pytest.raises(ValueError, match="prompt_tokens"):  # refused when the lease is taken
+        core.choose("r1", [A, B], "x")
+    assert loads(core) == {"a": 0, "b": 0} and core.in_flight() == 0
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "cacheroute_decisions_total{" not in text  # nothing was routed
+    assert "cacheroute_prompt_tokens_total{" not in text  # and no counter went to -5
+
+
+def test_enable_metrics_keeps_the_on_decision_observer_given_to_the_core() -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from cacheroute.metrics import RouterMetrics
+
+    seen: list[Decision] = []
+    core = RouterCore(make_policy("cache_aware"), name="test", on_decision=seen.append)
+    core.sync([A, B])
+    core.enable_metrics(RouterMetrics(prometheus_client.CollectorRegistry()))
+    core.choose("r1", [A, B], SYSTEM)
+    assert len(seen) == 1  # the caller's observer still receives each decision
+    core.completed("r1", A)
+
+
+def test_routers_enabling_metrics_on_several_threads_each_get_a_label() -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from cacheroute.metrics import RouterMetrics
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    errors: list[BaseException] = []
+    try:
+        for _ in range(100):
+            metrics = RouterMetrics(prometheus_client.CollectorRegistry())
+            cores = [RouterCore(make_policy("cache_aware")) for _ in range(4)]
+            barrier = threading.Barrier(len(cores))
+
+            def enable(
+                core: RouterCore, metrics: Any = metrics, barrier: threading.Barrier = barrier
+            ) -> None:
+                barrier.wait()
+                try:
+                    core.enable_metrics(metrics)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=enable, args=(c,)) for c in cores]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                break
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[0]
+
+
+def test_a_closed_router_leaves_the_metrics() -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from cacheroute.metrics import RouterMetrics
+
+    registry = prometheus_client.CollectorRegistry()
+    metrics = RouterMetrics(registry)
+    core, _ = core_of(A, B)
+    core.enable_metrics(metrics)
+    core.choose("r1", [A, B], SYSTEM)
+    core.completed("r1", A)
+    core.close()
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "cacheroute_tree_size{" not in text, "a closed router's tree is still exported"
+    assert "cacheroute_worker_load{" not in text, "a closed router's replicas are still exported"
+    assert metrics.tracked_policy_labels() == []
+    again, _ = core_of(A, B)  # the router rebuilt: it gets its label back
+    again.enable_metrics(metrics)
+    assert metrics.tracked_policy_labels() == ["cache_aware"]
+
+
+def test_policy_config_must_be_a_mapping() -> None:
+    for bad in ([("cache_threshold", 0.9)], "abc", 0, False, []):
+        with pytest.raises(TypeError, match="policy_config"):
+            RouterCore.from_config(policy="cache_aware", policy_config=bad)  # type: ignore[arg-type]
+
+
+def test_a_negative_prompt_arg_is_refused() -> None:
+    pytest.importorskip("ray.serve")
+    from cacheroute.integrations.ray_serve import request_router_config
+
+    with pytest.raises(ValueError, match="prompt_arg"):
+        request_router_config("cache_aware", prompt_arg=-1)
+    with pytest.raises(ValueError, match="index"):
+        prompt_from_call(("the prompt",), {}, index=-1)

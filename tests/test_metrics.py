@@ -352,3 +352,30 @@ def test_bad_arguments(registry: prometheus_client.CollectorRegistry) -> None:
         RouterMetrics(registry, namespace=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="policy"):
         RouterMetrics(registry, policy="")
+
+
+def test_a_namespace_that_is_not_a_metric_name_is_refused(
+    registry: prometheus_client.CollectorRegistry,
+) -> None:
+    # prometheus_client >= 0.22 accepts any UTF-8 name and escapes it in the text format,
+    # so "cache-route" would be exported as cache_route_*, silently; and a second
+    # RouterMetrics(namespace="cache_route") on the same registry is not refused, though
+    # both export the very same names.
+    with pytest.raises(ValueError, match="namespace"):
+        RouterMetrics(registry, namespace="cache-route")
+    with pytest.raises(ValueError, match="namespace"):
+        RouterMetrics(prometheus_client.CollectorRegistry(), namespace="1st")
+    RouterMetrics(registry, namespace="cache_route")  # the valid one still registers
+
+
+def test_a_decision_with_bad_counts_is_refused_and_counts_nothing(
+    registry: prometheus_client.CollectorRegistry,
+) -> None:
+    metrics = RouterMetrics(registry)
+    metrics.observe(Decision(0, "http://a", "cache_hit", 10, 5, 3, 1))
+    before = samples(registry)
+    with pytest.raises(TypeError, match="prompt_tokens"):
+        metrics.observe(Decision(0, "http://a", "cache_hit", 10, 5, None, 1))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        metrics.observe(Decision(0, "http://a", "cache_hit", 10, 5, -3, 0))
+    assert samples(registry) == before  # no decision counted, no counter gone down

@@ -227,7 +227,7 @@ def _check_settings(
     check_str("policy", policy, empty_ok=True, none_ok=True)
     check_str("model_id", model_id)
     check_str("prompt_kwarg", prompt_kwarg, empty_ok=True)
-    check_int("prompt_arg", prompt_arg, none_ok=True)
+    check_int("prompt_arg", prompt_arg, minimum=0, none_ok=True)
     check_bool("metrics", metrics)
 
 

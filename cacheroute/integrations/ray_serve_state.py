@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import cacheroute
 from cacheroute._validation import check_callable, check_int, check_sequence, check_str, fail
-from cacheroute.lease import Lease, acquire
+from cacheroute.lease import Lease, _checked_decision, acquire
 from cacheroute.policies.base import Decision, LoadBalancingPolicy, RequestText
 from cacheroute.policies.prefix import PrefixPolicy, TreeKind
 from cacheroute.policies.registry import make_policy
@@ -198,12 +198,13 @@ def prompt_from_call(
     Raises:
         TypeError: ``args`` is not a list or tuple, ``kwargs`` not a mapping, ``key`` not a
             ``str`` or ``index`` not an ``int`` or ``None`` (the prompt itself never raises).
+        ValueError: ``index`` is negative.
     """
     check_sequence("args", args)
     if not isinstance(kwargs, Mapping):
         raise fail("kwargs", "a mapping", kwargs, TypeError)
     check_str("key", key, empty_ok=True)
-    check_int("index", index, none_ok=True)
+    check_int("index", index, minimum=0, none_ok=True)
     if key in kwargs:
         return _as_prompt(kwargs[key])
     if index is not None and 0 <= index < len(args):
@@ -289,6 +290,8 @@ class RouterCore:
         self.name = check_str("name", name, empty_ok=True)
         """The router's name (its deployment)."""
         self._on_decision = check_callable("on_decision", on_decision, none_ok=True)
+        self._observe: Callable[[Decision], None] | None = None  # the metrics' observer
+        self._closed = False
         self._lock = threading.RLock()
         self._workers: dict[str, BasicWorker] = {}
         self._requests: dict[str, _Request] = {}
@@ -333,6 +336,8 @@ class RouterCore:
             ValueError, TypeError: as :func:`cacheroute.make_policy` for a bad name or
                 config, or as :class:`~cacheroute.events.KVEventIndex` for ``kv_events``.
         """
+        if policy_config is not None and not isinstance(policy_config, Mapping):
+            raise fail("policy_config", "None or a mapping", policy_config, TypeError)
         config = dict(policy_config or {})
         index = None
         if kv_events is not None:
@@ -360,26 +365,35 @@ class RouterCore:
         same policy in this process); replicas that leave are forgotten by ``metrics``.
         """
         label, n = self.policy.name, 1
-        known = set(metrics.tracked_policy_labels())
-        while label in known:
+        while True:  # another thread's router may take a label between the check and here
+            if label not in metrics.tracked_policy_labels():
+                try:
+                    metrics.track_policy(self.policy, name=label)
+                    break
+                except ValueError:
+                    if label not in metrics.tracked_policy_labels():
+                        raise  # refused for another reason
             n += 1
             label = f"{self.policy.name}#{n}"
-        metrics.track_policy(self.policy, name=label)
         ref = weakref.ref(self)
 
         def workers() -> list[BasicWorker]:
             core = ref()
-            return core.workers() if core is not None else []
+            return core.workers() if core is not None and not core._closed else []
 
         metrics.track_workers(workers)
         self._metrics = metrics
-        self._on_decision = metrics.observer(label)
+        self._observe = metrics.observer(label)
 
     def close(self) -> None:
         """Stop following KV events (the index's subscriber threads end), release the
-        policy's resources, and leave :func:`routers`. Idempotent."""
+        policy's resources, and leave :func:`routers` and the metrics (its replicas' gauges
+        and its trees are no longer exported; its label may be reused). Idempotent."""
         with _lock:
             _cores.pop(self, None)
+        self._closed = True
+        if self._metrics is not None:  # its replicas' gauges and its trees are no longer exported
+            self._metrics._state.remove_policy(self.policy)
         if self.index is not None:
             self.index.close()
         self.policy.close()
@@ -488,7 +502,8 @@ class RouterCore:
                 key = candidates[decision.index]
                 if req is None:
                     req = _Request(key, decision, prompt, pending or _never)
-                    self._requests[request_id] = req
+                    req.lease = self._take(key, decision)
+                    self._requests[request_id] = req  # once the lease is held
                 else:  # the chosen replica went away: a new decision, the lease moves
                     req.key, req.decision = key, decision
                     if req.lease is not None:
@@ -608,11 +623,16 @@ class RouterCore:
         except (TypeError, ValueError):
             _log.exception("%s: the prompt could not be routed on; routing without it", self)
             decision = self.policy.decide(workers, None)
-        if decision is not None and self._on_decision is not None:
-            try:
-                self._on_decision(decision)
-            except Exception:
-                _log.exception("%s: on_decision raised; decision kept", self)
+        if decision is None:
+            return None
+        # What acquire() refuses, refused before the decision is observed or obeyed.
+        _checked_decision(self.policy, decision, len(workers))
+        for observe in (self._observe, self._on_decision):
+            if observe is not None:
+                try:
+                    observe(decision)
+                except Exception:
+                    _log.exception("%s: on_decision raised; decision kept", self)
         return decision
 
     def _take(self, key: str, decision: Decision) -> Lease:
