@@ -213,6 +213,7 @@ def _policy_method(cls_key: str, method: str) -> Entry:
         goods: dict[str, dict[str, Any]] = {
             "select_worker": {"workers": ws, "request_text": "hello"},
             "decide": {"workers": ws, "request_text": "hello"},
+            "can_decide": {"workers": ws, "request_text": "hello"},
             "select_worker_pair": {
                 "prefill_workers": prefill,
                 "decode_workers": decode,
@@ -244,6 +245,7 @@ def _policy_method(cls_key: str, method: str) -> Entry:
 POLICY_METHODS = (
     "select_worker",
     "decide",
+    "can_decide",
     "select_worker_pair",
     "decide_pair",
     "on_request_complete",

@@ -1,8 +1,9 @@
 import pytest
 from conftest import build_workers
 
-from cacheroute import BasicWorker, WorkerType
+from cacheroute import BasicWorker, CacheAwarePolicy, WorkerType
 from cacheroute.policies import LoadBalancingPolicy, PairPolicy, RoundRobinPolicy, make_policy
+from cacheroute.policies.prefix_hash import PrefixHashPolicy
 
 
 class Recording(RoundRobinPolicy):
@@ -87,3 +88,124 @@ def test_acquire_pair_asks_the_decode_policy_and_keeps_the_prefill_decision() ->
     assert decision is not None and decision.cached_tokens == 64  # cache_aware's own decision
     assert lease.prefill_lease.prefill_tokens == 0
     lease.release()
+
+
+# --------------------------------------------------------------------------- failed legs
+# A pair's decode leg is decided (counted as processed, remembered in a prefix tree)
+# before its prefill leg: a prefill leg that then raises or finds no worker must have
+# been refused before, leaving the decode leg untouched.
+
+
+def test_pair_policy_decode_leg_untouched_when_the_prefill_leg_raises() -> None:
+    pair = PairPolicy(CacheAwarePolicy(), CacheAwarePolicy())
+    prefill = [BasicWorker("http://p0", model_id="m1"), BasicWorker("http://p1", model_id="m2")]
+    decode = [BasicWorker("http://d0", model_id="m1")]
+    with pytest.raises(ValueError, match="one model"):
+        pair.decide_pair(prefill, decode, "hello there")
+    assert decode[0].processed() == 0
+    assert pair.decode.tree_sizes() == {}
+
+
+def test_pair_policy_decode_leg_untouched_when_no_prefill_worker_is_healthy() -> None:
+    pair = PairPolicy(CacheAwarePolicy(), CacheAwarePolicy())
+    prefill = [BasicWorker("http://p0", healthy=False)]
+    decode = [BasicWorker("http://d0")]
+    assert pair.decide_pair(prefill, decode, "hello there") is None
+    assert decode[0].processed() == 0
+    assert pair.decode.tree_sizes() == {}
+
+
+def test_pair_policy_decode_leg_untouched_when_every_prefill_worker_is_removed() -> None:
+    pair = PairPolicy(CacheAwarePolicy(), CacheAwarePolicy())
+    prefill = [BasicWorker("http://p0")]
+    decode = [BasicWorker("http://d0")]
+    pair.prefill.on_worker_removed(prefill[0])  # healthy, but never chosen again
+    assert pair.decide_pair(prefill, decode, "hello there") is None
+    assert pair.select_worker_pair(prefill, decode, [1, 2, 3]) is None
+    assert decode[0].processed() == 0
+    assert pair.decode.tree_sizes() == {}
+
+
+def test_pair_policy_decode_leg_untouched_when_the_prefill_leg_refuses_the_text() -> None:
+    pair = PairPolicy(CacheAwarePolicy(), CacheAwarePolicy())
+    prefill, decode = [BasicWorker("http://p0")], [BasicWorker("http://d0")]
+    with pytest.raises(ValueError, match=r"request_text\[1\]"):
+        pair.decide_pair(prefill, decode, [1, -2])
+    with pytest.raises(ValueError, match="request_text"):
+        pair.decide_pair(prefill, decode, [1, 2**32])  # beyond a tree's ids
+    assert decode[0].processed() == 0
+    assert pair.decode.tree_sizes() == {}
+
+
+def test_pair_policy_decode_leg_untouched_when_prefix_hash_refuses_the_text() -> None:
+    pair = PairPolicy(PrefixHashPolicy(), CacheAwarePolicy())
+    prefill, decode = [BasicWorker("http://p0")], [BasicWorker("http://d0")]
+    with pytest.raises(ValueError, match="2\\*\\*64"):
+        pair.decide_pair(prefill, decode, [1, 2**64])
+    with pytest.raises(TypeError, match="token ids must be ints"):
+        pair.decide_pair(prefill, decode, [1, 2.5])  # type: ignore[list-item]
+    assert decode[0].processed() == 0
+    assert pair.decode.tree_sizes() == {}
+
+
+def test_pair_policy_accepts_what_its_prefill_policy_accepts() -> None:
+    # prefix_hash routes ids in [0, 2**64); the pair must not refuse them with a tree's rule
+    prefill = [BasicWorker(f"http://p{i}") for i in range(3)]
+    decode = [BasicWorker("http://d0"), BasicWorker("http://d1")]
+    alone = PrefixHashPolicy().select_worker(prefill, [2**40, 2**63])
+    pair = PairPolicy(PrefixHashPolicy(), make_policy("shortest_queue"))
+    assert pair.select_worker_pair(prefill, decode, [2**40, 2**63]) == (alone, 0)
+
+
+def test_pair_policy_names_the_prefill_list_in_its_errors() -> None:
+    pair = PairPolicy(CacheAwarePolicy(), CacheAwarePolicy())
+    decode = [BasicWorker("http://d0")]
+    with pytest.raises(TypeError, match=r"prefill_workers\[1\]"):
+        pair.decide_pair([BasicWorker("http://p0"), "http://p1"], decode, "x")  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="prefill_workers"):
+        pair.decide_pair("http://p0", decode, "x")  # type: ignore[arg-type]
+    assert decode[0].processed() == 0
+
+
+def test_pair_policy_prefill_leg_lost_to_a_race_returns_none_and_takes_no_load() -> None:
+    # Health read by the pre-check, then lost before the prefill decision: the one window
+    # left open (see PairPolicy's docstring). The pair is refused, no load is taken.
+    from cacheroute import NoHealthyWorkerError, acquire_pair
+
+    class Flaky(BasicWorker):
+        reads = 0
+
+        def is_healthy(self) -> bool:
+            Flaky.reads += 1
+            return Flaky.reads == 1  # healthy for the check, then gone
+
+    pair = PairPolicy(Recording(), make_policy("shortest_queue"))
+    prefill, decode = [Flaky("http://p0")], [BasicWorker("http://d0")]
+    with pytest.raises(NoHealthyWorkerError):
+        acquire_pair(pair, prefill, decode, "x")
+    assert [w.load() for w in prefill + decode] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [make_policy("round_robin"), CacheAwarePolicy(), PrefixHashPolicy()],
+    ids=["base", "prefix", "prefix_hash"],
+)
+def test_own_pairs_leave_the_decode_leg_untouched_when_the_prefill_leg_fails(
+    policy: LoadBalancingPolicy,
+) -> None:
+    # The default decide_pair and PrefixPolicy's choose the decode worker without counting
+    # it, and count it only once the prefill leg is decided.
+    m1 = [BasicWorker(f"http://p{i}", model_id="m1") for i in range(2)]
+    decode = [BasicWorker("http://d0", model_id="m1")]
+    m1[0].set_healthy(False)
+    assert policy.decide_pair(m1[:1], decode, "hello there") is None
+    if policy.needs_request_text:
+        with pytest.raises(ValueError, match="request_text"):
+            policy.decide_pair(m1[1:], decode, [-1])
+    if isinstance(policy, CacheAwarePolicy):
+        two_models = [*m1[1:], BasicWorker("http://p2", model_id="m2")]
+        with pytest.raises(ValueError, match="one model"):
+            policy.decide_pair(two_models, decode, "hello there")
+        assert policy.tree_sizes() == {}
+    assert decode[0].processed() == 0

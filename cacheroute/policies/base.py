@@ -133,7 +133,7 @@ def check_token_ids(request_text: RequestText) -> None:
 
     What a prefix policy's tree accepts; O(m) at C speed (one ``array`` conversion), the
     message naming ``request_text[i]`` and the value. For callers that must refuse bad ids
-    before changing any state (a pair's decode leg is decided before its prefill leg).
+    before changing any state (the prefix policies' :meth:`LoadBalancingPolicy.can_decide`).
 
     >>> check_token_ids([1, 2, 3])
     >>> check_token_ids([1, -2])
@@ -326,6 +326,40 @@ class LoadBalancingPolicy(ABC):
         url = workers[index].url if type(index) is int and 0 <= index < len(workers) else ""
         n = 0 if request_text is None else len(request_text)
         return Decision(index, url, DecisionReason.POLICY, n, 0, estimate_tokens(request_text))
+
+    def can_decide(self, workers: Sequence[Worker], request_text: RequestText = None) -> bool:
+        """Whether :meth:`decide` would choose a worker of ``workers`` now, without deciding.
+
+        Raises what :meth:`decide` would raise for these arguments and otherwise returns
+        ``False`` exactly when it would return ``None``; it changes nothing (no worker is
+        counted, no prefix remembered). For callers that must refuse a request before
+        changing other state: :class:`~cacheroute.policies.PairPolicy` asks its prefill
+        policy before deciding its decode leg. Not on the path of :meth:`decide`.
+
+        The answer holds for the moment it is read: a worker may turn unhealthy (or be
+        removed) before a following :meth:`decide`, which then returns ``None``.
+
+        The default checks the container type of ``request_text`` and that some worker is
+        healthy, which is what :meth:`decide` refuses and needs under the shared semantics.
+        Override it when your policy refuses more (token ids it cannot read) or chooses
+        among fewer workers (the prefix policies, prefix_hash and
+        :class:`~cacheroute.policies.PairPolicy` do).
+
+        Raises:
+            TypeError: ``workers`` or ``request_text`` of a wrong type.
+
+        Complexity: O(n) health reads (overrides add their own validation of the text,
+        O(m) for m token ids).
+
+        >>> from cacheroute import BasicWorker, make_policy
+        >>> p = make_policy("round_robin")
+        >>> p.can_decide([BasicWorker("http://a", healthy=False)]), p.can_decide([])
+        (False, False)
+        >>> w = BasicWorker("http://b"); p.can_decide([w], "hi"), w.processed()
+        (True, 0)
+        """
+        check_request_text(request_text)
+        return bool(healthy_indices(workers))
 
     def select_worker_pair(
         self,

@@ -10,8 +10,6 @@ from cacheroute.policies.base import (
     RequestText,
     _check_all_workers,
     _renamed,
-    check_request_text,
-    check_token_ids,
 )
 from cacheroute.worker import Worker, WorkerType
 
@@ -28,8 +26,19 @@ class PairPolicy(LoadBalancingPolicy):
         i, j = pair.select_worker_pair(prefill_workers, decode_workers, prompt)
 
     :meth:`select_worker` (a single list) uses the prefill policy.
-    The decode policy is asked first: when no decode worker is healthy the prefill policy
-    is not consulted, so no prefix is remembered for a request that is not served.
+
+    The decode leg is decided first, and deciding changes state (the decode worker is
+    counted as processed; a prefix policy remembers the prompt for it). So the prefill
+    policy is first asked, with :meth:`~LoadBalancingPolicy.can_decide`, whether it would
+    accept the request and find a worker, which changes nothing: a request it refuses
+    (bad token ids, workers of several models) or cannot place (no prefill worker healthy,
+    or all removed) leaves both legs untouched. When no decode worker is eligible the
+    prefill policy decides nothing either. So no prefix is remembered for a request that
+    is not served, with one exception, a race: a prefill worker found eligible by that
+    check may turn unhealthy (or be removed) before the prefill decision a moment later.
+    ``None`` is returned then and no load is taken, but the decode leg stays counted as
+    if the request had been routed and failed. Closing that would need one lock across
+    two independent policies (or an undo of a tree insert), which neither policy has.
     """
 
     name = "pair"
@@ -58,6 +67,11 @@ class PairPolicy(LoadBalancingPolicy):
         """The prefill policy's decision (its expected cached tokens included)."""
         return self.prefill.decide(workers, request_text)
 
+    def can_decide(self, workers: Sequence[Worker], request_text: RequestText = None) -> bool:
+        """The prefill policy's :meth:`~LoadBalancingPolicy.can_decide` (as :meth:`decide`
+        is its decision)."""
+        return self.prefill.can_decide(workers, request_text)
+
     def decide_pair(
         self,
         prefill_workers: Sequence[Worker],
@@ -65,13 +79,19 @@ class PairPolicy(LoadBalancingPolicy):
         request_text: RequestText = None,
     ) -> tuple[Decision, Decision] | None:
         """The decode policy's decision, then the prefill policy's (what
-        :func:`cacheroute.acquire_pair` calls); ``None`` if either finds no healthy worker."""
-        # Whole checks before the decode leg is decided (and counted as processed).
-        if self.prefill.needs_request_text:
-            check_token_ids(request_text)
-        else:
-            check_request_text(request_text)
-        _check_all_workers(prefill_workers, "prefill_workers")
+        :func:`cacheroute.acquire_pair` calls); ``None`` if either finds no eligible worker.
+
+        The prefill policy is asked first whether it can decide (see the class doc), so a
+        request it refuses or cannot place changes neither leg.
+
+        Complexity: both policies' decisions, plus the prefill policy's ``can_decide``
+        (O(n) worker reads, O(m) to validate m token ids).
+        """
+        try:
+            if not self.prefill.can_decide(prefill_workers, request_text):
+                return None
+        except TypeError as exc:
+            raise _renamed(exc, "prefill_workers") from None
         try:
             decode = self.decode.decide(decode_workers, request_text)
         except TypeError as exc:
@@ -82,7 +102,7 @@ class PairPolicy(LoadBalancingPolicy):
             prefill = self.prefill.decide(prefill_workers, request_text)
         except TypeError as exc:
             raise _renamed(exc, "prefill_workers") from None
-        if prefill is None:
+        if prefill is None:  # lost its last worker since can_decide: the race above
             return None
         return prefill, Decision(
             decode.index,

@@ -50,6 +50,7 @@ from cacheroute.policies.base import (
     LoadBalancingPolicy,
     RequestText,
     check_request_text,
+    check_token_ids,
     check_workers,
 )
 from cacheroute.policies.precise import IndexMode, KVIndex, PreciseMatcher
@@ -482,6 +483,27 @@ class PrefixPolicy(LoadBalancingPolicy):
         return Decision(
             index, url, reason, n, matched, -int(-n * tpu // 1), int(matched * tpu), cost
         )
+
+    def can_decide(self, workers: Sequence[Worker], request_text: RequestText = None) -> bool:
+        """Whether :meth:`decide` would choose a worker now (some worker is healthy and not
+        removed), without deciding: nothing is recorded, counted or cached.
+
+        Raises:
+            TypeError: ``workers`` or ``request_text`` of a wrong type (or a token id that
+                is not an int); ValueError: a token id outside a tree's ``[0, 2**32)``, or
+                workers of several models. As :meth:`decide` would.
+
+        Complexity: O(n) worker reads + O(m) for m token ids (one C-level conversion).
+
+        >>> from cacheroute import BasicWorker, CacheAwarePolicy
+        >>> p, w = CacheAwarePolicy(), BasicWorker("http://a")
+        >>> p.remove_worker(w); p.can_decide([w], "hi"), p.tree_sizes()
+        (False, {})
+        """
+        check_token_ids(request_text)
+        check_workers(workers)
+        key = workers if type(workers) is tuple else tuple(workers)
+        return self._view(self._pool(key), 0) is not None
 
     def select_worker(
         self, workers: Sequence[Worker], request_text: RequestText = None

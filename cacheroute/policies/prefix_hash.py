@@ -249,6 +249,28 @@ class PrefixHashPolicy(LoadBalancingPolicy):
                 _log.exception("%s on_decision observer raised; decision kept", self.name)
         return decision
 
+    def can_decide(self, workers: Sequence[Worker], request_text: RequestText = None) -> bool:
+        """Whether :meth:`decide` would choose a worker now (some worker is healthy), without
+        deciding: nothing is counted, no ring is built.
+
+        Raises:
+            TypeError: ``workers`` or ``request_text`` of a wrong type, or a token id that
+                is not an int; ValueError: a token id outside [0, 2**64). As :meth:`decide`.
+
+        Complexity: O(n) health reads + O(m) for m token ids (one C-level conversion) +
+        hashing the prefix (the same validation as :meth:`decide`, by the same code).
+
+        >>> from cacheroute import BasicWorker
+        >>> PrefixHashPolicy().can_decide([BasicWorker("http://a")], [2**40])
+        True
+        """
+        check_request_text(request_text)
+        check_workers(workers)
+        if request_text is not None:
+            self._prefix_hash(request_text)  # refuses what decide refuses
+        key = workers if type(workers) is tuple else tuple(workers)
+        return max(read_loads(key), default=-1) >= 0
+
     def _walk(self, ring: _Ring, loads: list[int], n: int, total: int, h: int) -> int:
         """First eligible owner clockwise from ``h`` within the bound; else the first
         eligible owner met. O(points walked), at most until every eligible worker was seen."""
