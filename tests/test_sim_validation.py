@@ -472,3 +472,13 @@ def test_cli_claude_code_options_still_apply(capsys: pytest.CaptureFixture[str])
     argv = ["--trace", str(CLAUDE), "--concurrency", "2", "--coarsen", "1"]
     assert main(["simulate", "--progress", "off", "--policies", "round_robin", *argv]) == 0
     assert "claude_code" in capsys.readouterr().out
+
+
+def test_percentile_of_values_with_infinities_is_not_nan() -> None:
+    inf = math.inf
+    assert percentile([1.0, 2.0, inf], 50) == 2.0
+    assert percentile([1.0, inf], 0) == 1.0
+    assert percentile([1.0, inf], 100) == inf
+    assert percentile([1.0, inf, inf, inf], 50) == inf
+    assert percentile([-inf, 1.0], 0) == -inf
+    assert percentile([1, 3], 50) == 2.0 and percentile([2, 2], 50) == 2.0

@@ -57,7 +57,10 @@ def percentile(values: Sequence[float], q: float) -> float:
     pos = (n - 1) * q / 100.0
     lo = int(pos)
     hi = min(lo + 1, n - 1)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+    low, high, frac = values[lo], values[hi], pos - lo
+    if frac == 0 or low == high:  # on an element: no inf * 0 (or inf - inf) making NaN
+        return float(low)
+    return low + (high - low) * frac
 
 
 @dataclass(frozen=True)
