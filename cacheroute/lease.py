@@ -100,6 +100,17 @@ class NoHealthyWorkerError(LookupError):
     """No healthy worker could be chosen (the list was empty or all were unhealthy)."""
 
 
+class _RefusedDecision(ValueError):
+    """acquire()'s refusal of what a policy returned: a ``ValueError`` (as documented)
+    whose ``field`` says what was wrong, ``"index"`` (or a pair that is not one) or
+    ``"tokens"`` (a Decision's token counts), for :mod:`cacheroute.testing` to name the
+    invariant the policy broke."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _checked_decision(
     policy: LoadBalancingPolicy, decision: Decision, n: int, param: str = "index"
 ) -> int:
@@ -108,9 +119,10 @@ def _checked_decision(
     straight into the worker's totals, a negative one taking other leases' work)."""
     index = decision.index
     if type(index) is not int or not 0 <= index < n:
-        raise ValueError(
+        raise _RefusedDecision(
             f"policy {policy.name!r} returned {param}={index!r}, not an index into the "
-            f"{n} workers it was given"
+            f"{n} workers it was given",
+            "index",
         )
     prompt, cached = decision.prompt_tokens, decision.cached_tokens
     if type(prompt) is not int or prompt < 0:
@@ -121,8 +133,9 @@ def _checked_decision(
 
 
 def _bad_count(policy: LoadBalancingPolicy, field: str, value: object) -> ValueError:
-    return ValueError(
-        f"policy {policy.name!r} returned a Decision with {field}={value!r}, not a token count"
+    return _RefusedDecision(
+        f"policy {policy.name!r} returned a Decision with {field}={value!r}, not a token count",
+        "tokens",
     )
 
 
@@ -540,7 +553,9 @@ def acquire_pair(
             f"{len(prefill_workers)} prefill and {len(decode_workers)} decode workers"
         )
     if not isinstance(pair, tuple) or len(pair) != 2:
-        raise ValueError(f"policy {policy.name!r} returned {pair!r}, not a (prefill, decode) pair")
+        raise _RefusedDecision(
+            f"policy {policy.name!r} returned {pair!r}, not a (prefill, decode) pair", "index"
+        )
     prefill = _lease(policy, prefill_workers, pair[0], "prefill index", prompt_tokens)
     decode = _lease(policy, decode_workers, pair[1], "decode index", prompt_tokens, True)
     prefill._take()

@@ -815,3 +815,77 @@ def test_a_bad_decision_is_reported_whole_not_as_its_index() -> None:
         check_decision(make_policy("round_robin"), "decide", bad, ws, "text")
     assert info.value.invariant == ONLY_HEALTHY
     assert "decide returned Decision(index=1, url='http://b:1'" in str(info.value)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(text=request_texts(prompts=["P"], max_suffix_size=4))
+def test_request_texts_turns_respect_max_suffix_size(text: str) -> None:
+    # "max_suffix_size: longest generated turn, in characters"; a free text is one turn
+    turns = text.split("\nUser: ")[1:] if text.startswith("P\nUser: ") else [text]
+    assert all(len(turn) <= 4 for turn in turns), text
+
+
+class HangsUntilReleased(_Base):
+    """Every select blocks until the test opens the gate (a deadlock, as threads see it)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def select_worker(
+        self, workers: Sequence[Worker], request_text: RequestText = None
+    ) -> int | None:
+        self.gate.wait(30)
+        return super().select_worker(workers, request_text)
+
+
+def test_a_hang_is_reported_after_thread_timeout_not_threads_times_it() -> None:
+    policy = HangsUntilReleased()
+    start = time.monotonic()
+    try:
+        with pytest.raises(PolicyInvariantError) as info:
+            check_policy(policy, checks=["threads"], threads=4, thread_timeout=1.0)
+        took = time.monotonic() - start
+    finally:
+        policy.gate.set()  # let the hung threads finish
+    assert info.value.invariant == THREAD_SAFETY
+    assert took < 2.5, f"reported after {took:.1f} s with thread_timeout=1"
+
+
+class ValueErrorOnTuples(_Base):
+    """decide() refuses tuple token ids with ValueError (a bug on valid input)."""
+
+    def decide(
+        self, workers: Sequence[Worker], request_text: RequestText = None
+    ) -> Decision | None:
+        if isinstance(request_text, tuple):
+            raise ValueError("tuples are not token ids")
+        return super().decide(workers, request_text)
+
+
+class NegativePromptTokens(_Base):
+    """decide() reports prompt_tokens=-1 (not a token count)."""
+
+    def decide(
+        self, workers: Sequence[Worker], request_text: RequestText = None
+    ) -> Decision | None:
+        d = super().decide(workers, request_text)
+        return None if d is None else replace(d, prompt_tokens=-1)
+
+
+@pytest.mark.parametrize(
+    ("policy", "text", "invariant"),
+    [
+        (ValueErrorOnTuples, (1, 2, 3), VALID_REQUEST_TEXT),
+        (NegativePromptTokens, "hello", DECISION_CONSISTENT),
+    ],
+    ids=["ValueErrorOnTuples", "NegativePromptTokens"],
+)
+def test_the_state_machine_names_the_invariant_acquire_broke(
+    policy: type, text: RequestText, invariant: str
+) -> None:
+    # The machine's own rules, driven by hand: one healthy worker, then one lease.
+    machine = PolicyStateMachine.for_policy(policy)()
+    machine.add_worker(healthy=True, worker_type=WorkerType.REGULAR, position=0)
+    with pytest.raises(PolicyInvariantError) as info:
+        machine.take_lease(request_text=text, prompt_tokens=None)
+    assert info.value.invariant == invariant, str(info.value)

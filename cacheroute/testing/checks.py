@@ -12,6 +12,7 @@ import functools
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -461,8 +462,9 @@ def _check_threads(
     try:
         for thread in [*workers_threads, flapper]:
             thread.start()
+        deadline = time.monotonic() + timeout  # one deadline for all: not threads x timeout
         for thread in workers_threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
         hung = [thread.name for thread in workers_threads if thread.is_alive()]
     finally:
         stop.set()

@@ -21,9 +21,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cacheroute._validation import check_callable, check_str
-from cacheroute.lease import Lease, NoHealthyWorkerError, PairLease, acquire, acquire_pair
+from cacheroute.lease import (
+    Lease,
+    NoHealthyWorkerError,
+    PairLease,
+    _RefusedDecision,
+    acquire,
+    acquire_pair,
+)
 from cacheroute.policies.base import Decision, LoadBalancingPolicy, RequestText
 from cacheroute.testing._core import (
+    DECISION_CONSISTENT,
     INDEX_IN_RANGE,
     LOADS_CONSERVED,
     NONE_IFF_NO_HEALTHY,
@@ -74,6 +82,15 @@ def _lease_work(decision: Decision, prompt_tokens: int | None, decode_leg: bool)
     prompt = decision.prompt_tokens if prompt_tokens is None else prompt_tokens
     cached = min(max(decision.cached_tokens, 0), prompt)
     return [0 if decode_leg else prompt - cached, prompt]
+
+
+def _refused_by_acquire(exc: BaseException) -> str | None:
+    """The invariant broken when ``exc`` is acquire()'s own refusal of what the policy
+    returned (a bad index or pair, or a Decision's bad token counts); ``None`` when the
+    policy itself raised it (on valid input)."""
+    if isinstance(exc, _RefusedDecision):
+        return INDEX_IN_RANGE if exc.field == "index" else DECISION_CONSISTENT
+    return None
 
 
 class _Model:
@@ -203,15 +220,16 @@ class PolicyStateMachine(RuleBasedStateMachine):
                     f"worker although one is healthy; workers: {describe_workers(self.workers)}",
                 ) from None
             return None
-        except ValueError as exc:  # acquire() rejects an index out of range
-            raise self._fail(
-                INDEX_IN_RANGE, f"{exc}; workers: {describe_workers(self.workers)}"
-            ) from exc
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
+            refused = _refused_by_acquire(exc)  # acquire() refuses a bad index or count
+            if refused is not None:
+                raise self._fail(
+                    refused, f"{exc}; workers: {describe_workers(self.workers)}"
+                ) from exc
             raise self._fail(
                 VALID_REQUEST_TEXT,
-                f"acquire() with policy {policy_name(self.policy)} raised TypeError: {exc}; "
-                f"request_text={short(request_text)}",
+                f"acquire() with policy {policy_name(self.policy)} raised "
+                f"{type(exc).__name__}: {exc}; request_text={short(request_text)}",
             ) from exc
         if not lease.worker.is_healthy():
             raise self._fail(
@@ -282,8 +300,15 @@ class PolicyStateMachine(RuleBasedStateMachine):
                     f"{describe_workers(prefill)}; decode: {describe_workers(decode)}",
                 ) from None
             return
-        except ValueError as exc:
-            raise self._fail(INDEX_IN_RANGE, str(exc)) from exc
+        except (TypeError, ValueError) as exc:
+            refused = _refused_by_acquire(exc)
+            if refused is not None:
+                raise self._fail(refused, str(exc)) from exc
+            raise self._fail(
+                VALID_REQUEST_TEXT,
+                f"acquire_pair() with policy {policy_name(self.policy)} raised "
+                f"{type(exc).__name__}: {exc}; request_text={short(request_text)}",
+            ) from exc
         if not ok:
             raise self._fail(
                 NONE_IFF_NO_HEALTHY,

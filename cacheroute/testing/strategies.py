@@ -366,7 +366,7 @@ def _free_text(max_size: int) -> st.SearchStrategy[str]:
             ("the", "cache", "résumé", "naïve", "🙂", "数据", "Привет", "?", "\n", "def f():")
         ),
         max_size=max(1, max_size // 4),
-    ).map(" ".join)
+    ).map(lambda chosen: " ".join(chosen)[:max_size])  # max_size holds for words too
     return st.one_of(words, st.text(max_size=max_size))
 
 
