@@ -549,8 +549,10 @@ class PrefixPolicy(LoadBalancingPolicy):
         pools = self._pools
         for p in pools:
             # The same objects, not equal ones: a Worker type with its own __eq__ (by URL,
-            # say) must not make a rebuilt list read the cached list's objects. An exact
-            # BasicWorker compares by identity, so == settles it for those (4-10x cheaper).
+            # say) must not make a rebuilt list read the cached list's objects. Exact
+            # BasicWorkers compare by identity, so == settles it for a list of them (4-10x
+            # cheaper), unless the new list holds a type whose own __eq__ calls a
+            # BasicWorker equal to it, which is not checked.
             if p.removed is removed and p.key == key and (p.basic or all(map(is_, p.key, key))):
                 return p
         return _Pool(key, removed)
