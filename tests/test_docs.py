@@ -151,3 +151,105 @@ def test_python_blocks_compile(page: str) -> None:
     blocks = _python_blocks(DOCS / page)
     for k, block in enumerate(blocks):
         compile(block, f"docs/{page}, python block {k}", "exec")
+
+
+# docs/policies/cache_aware.md: its claims are checked against the code.
+
+CACHE_AWARE_MD = DOCS / "policies" / "cache_aware.md"
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : None if end < 0 else end]
+
+
+def test_cache_aware_observer_example_runs_on_real_decisions(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from cacheroute import BasicWorker, Decision
+
+    section = _section(CACHE_AWARE_MD.read_text(encoding="utf-8"), "Observer")
+    (block,) = re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)
+    scope: dict[str, object] = {"__name__": "cache_aware_md"}
+    registry = prometheus_client.REGISTRY  # where the doc's metrics register, as in a gateway
+    try:
+        exec(compile(block, "docs/policies/cache_aware.md, Observer", "exec"), scope)
+        with caplog.at_level("ERROR"):
+            scope["policy"].select_worker([BasicWorker("http://a")], "hello")  # type: ignore[attr-defined]
+        assert not caplog.records, caplog.text  # the observer raised (logged, swallowed)
+        got = registry.get_sample_value(
+            "router_decisions_total", {"reason": "cache_miss", "worker": "http://a"}
+        )
+        assert got == 1.0, "the documented observer recorded nothing"
+    finally:
+        for value in scope.values():
+            if isinstance(value, prometheus_client.metrics.MetricWrapperBase):
+                registry.unregister(value)
+    # Every field the table names is a Decision field.
+    fields = set(re.findall(r"^\| `(\w+)`", section, re.M))
+    for row in re.findall(r"^\| (`\w+`(?:, `\w+`)+) \|", section, re.M):
+        fields |= set(re.findall(r"`(\w+)`", row))
+    assert fields and fields <= set(Decision.__slots__), fields - set(Decision.__slots__)
+
+
+def test_cache_aware_observer_logger_is_the_one_documented(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from cacheroute import BasicWorker, make_policy
+
+    text = _section(CACHE_AWARE_MD.read_text(encoding="utf-8"), "Observer")
+    (documented,) = re.findall(r"is\s+logged \(logger `([\w.]+)`\)", text)
+
+    def boom(decision: object) -> None:
+        raise RuntimeError("observer failed")
+
+    with caplog.at_level("ERROR", logger="cacheroute"):
+        make_policy("cache_aware", on_decision=boom).select_worker([BasicWorker("http://a")], "hi")
+    assert [r.name for r in caplog.records] == [documented]
+
+
+def test_cache_aware_token_id_bound_is_the_one_documented() -> None:
+    from cacheroute import BasicWorker, make_policy
+
+    text = CACHE_AWARE_MD.read_text(encoding="utf-8")
+    (bits,) = re.findall(r"Bad token ids \(negative, not an int, >= 2\*\*(\d+)\)", text)
+    policy, worker = make_policy("cache_aware"), BasicWorker("http://a")
+    assert policy.select_worker([worker], [2 ** int(bits) - 1]) == 0  # below it: accepted
+    with pytest.raises(ValueError, match=r"request_text\[0\]"):
+        policy.select_worker([worker], [2 ** int(bits)])
+
+
+def test_cache_aware_doc_says_what_a_list_of_several_models_does() -> None:
+    from cacheroute import BasicWorker, make_policy
+
+    mixed = [BasicWorker("http://a", model_id="m1"), BasicWorker("http://b", model_id="m2")]
+    with pytest.raises(ValueError, match="one model"):
+        make_policy("cache_aware").select_worker(mixed, "hello")
+    text = re.sub(r"\s+", " ", CACHE_AWARE_MD.read_text(encoding="utf-8"))
+    assert "Several models in one list work" not in text
+    assert "several models raises `ValueError`" in text
+
+
+def test_cache_aware_sglang_recipe_is_the_sglang_peer() -> None:
+    import sys
+
+    from cacheroute import make_policy
+    from cacheroute.sim.specs import parse_policy_list
+
+    section = _section(CACHE_AWARE_MD.read_text(encoding="utf-8"), "SGLang settings")
+    (block,) = re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)
+    scope: dict[str, object] = {}
+    exec(compile(block, "docs/policies/cache_aware.md, SGLang settings", "exec"), scope)
+    cli = re.search(r"--policies 'cache_aware\[(.*?)\]'", section)
+    assert cli is not None
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from peers.sglang import SGLangCacheAwarePolicy
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    peer = SGLangCacheAwarePolicy().config
+    assert scope["policy"].config == peer  # type: ignore[attr-defined]
+    (spec,) = parse_policy_list(cli.group(0).split("'")[1])
+    assert make_policy(spec.name, **dict(spec.config)).config == peer

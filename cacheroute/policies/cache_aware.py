@@ -100,8 +100,9 @@ class CacheAwareConfig:
         ValueError: a value out of range (the message names the field and the value).
 
     SGLang's router, exactly: ``CacheAwareConfig(cache_threshold=0.3,
-    balance_abs_threshold=64, balance_rel_threshold=1.5, imbalance_mode="least_load")``
-    (its CLI defaults).
+    balance_abs_threshold=64, balance_rel_threshold=1.5, imbalance_mode="least_load",
+    max_tree_size=2**30)`` (its CLI defaults; its tree is bounded per tenant, not in
+    total, so a total that never binds).
 
     >>> CacheAwareConfig(balance_abs_threshold=64).balance_abs_threshold
     64
