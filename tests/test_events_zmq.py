@@ -484,3 +484,102 @@ def test_dp_endpoint_refuses_a_port_past_65535() -> None:
     assert dp_endpoint("tcp://10.0.0.1:65534", 1) == "tcp://10.0.0.1:65535"
     with pytest.raises(ValueError, match=r"dp_rank.*65535"):
         dp_endpoint("tcp://10.0.0.1:65535", 1)
+
+
+def test_a_malformed_endpoint_leaves_no_socket_that_blocks_close() -> None:
+    # The failed subscribe's exception (kept by the caller, a logger, a debugger) must not
+    # keep an open monitor socket: the index's close() terminates the ZMQ context, which
+    # waits for every socket of it.
+    index = KVEventIndex(block_size=4)
+    with pytest.raises(zmq.ZMQError) as excinfo:
+        index.subscribe("y", "not-an-endpoint")
+    closer = threading.Thread(target=index.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive(), "close() hangs on a socket the failed subscribe left open"
+    del excinfo
+
+
+def test_an_endpoint_that_never_completes_a_handshake_goes_stale() -> None:
+    # Something that is not the engine's PUB socket listens there (a misconfigured port):
+    # every reconnection fails its handshake with EVENT_DISCONNECTED. The subscriber never
+    # was connected, so the worker must go stale after stale_after.
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    index = KVEventIndex(block_size=4, stale_after=0.5, heartbeat=0.1)
+    try:
+        index.subscribe(W, f"tcp://127.0.0.1:{port}")
+        wait_for(lambda: index.is_stale(W), timeout=4)
+        assert index.stats()[W].connected is False
+    finally:
+        index.close()
+        listener.close()
+
+
+def _silent_replay() -> tuple[zmq.Context, zmq.Socket, str]:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(ANY)
+    return ctx, router, router.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+def test_unsubscribe_does_not_wait_out_a_replay_in_flight() -> None:
+    # Subscription.stop: "it does within one poll interval", even while a replay waits.
+    ctx, router, replay = _silent_replay()  # takes the request, never answers
+    pub = KVEventPublisher(ANY, first_seq=3)
+    index = KVEventIndex(block_size=4, replay_timeout=10.0, heartbeat=0.1)
+    try:
+        index.subscribe(W, pub.endpoint, replay)
+        wait_for(lambda: index.stats()[W].connected)
+        time.sleep(0.1)
+        pub.publish([stored(1, None, 1)])  # seq 3: a catch-up replay from 0 is asked for
+        assert router.poll(5000), "no replay request"
+        t0 = time.monotonic()
+        index.unsubscribe(W)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        index.close()
+        pub.close()
+        router.close()
+        ctx.term()
+
+
+def test_unsubscribe_during_the_reconnection_check_keeps_the_view() -> None:
+    # unsubscribe: "its view stays". Stopping while the post-disconnection replay is in
+    # flight is not a sign that the publisher restarted.
+    ctx, router, replay = _silent_replay()
+    pub = KVEventPublisher(ANY)
+    index = KVEventIndex(block_size=4, replay_timeout=10.0, heartbeat=0.1)
+    try:
+        index.subscribe(W, pub.endpoint, replay)
+        wait_for(lambda: index.stats()[W].connected)
+        time.sleep(0.1)
+        pub.publish([stored(1, None, 1)])  # seq 0
+        wait_for(lambda: index.stats()[W].last_seq == 0)
+        index._subs[W]._verify_next = True  # type: ignore[attr-defined]  # as after EVENT_DISCONNECTED
+        pub.publish([stored(2, None, 2)])  # seq 1: the check replays from seq 0
+        assert router.poll(5000), "no replay request"
+        index.unsubscribe(W)
+        s = index.stats()[W]
+        assert s.resets == 0 and s.last_seq == 0
+        assert index.match(blocks(1)) == {W: 4}
+    finally:
+        index.close()
+        pub.close()
+        router.close()
+        ctx.term()

@@ -635,6 +635,8 @@ class KVEventIndex:
             elif ws.connected:
                 ws.connected = False
                 ws.down_since = now
+            else:  # a failed handshake while down: no sign of life, staleness runs on
+                return
             ws.alive_at = now
 
     def _apply(

@@ -60,6 +60,10 @@ def dp_endpoint(endpoint: str, dp_rank: int) -> str:
     return f"{head}:{int(port) + dp_rank}"
 
 
+class _Stopped(Exception):
+    """Raised inside a replay when :meth:`Subscription.stop` is called."""
+
+
 class Subscription(threading.Thread):
     """One worker's subscriber thread (made by :meth:`KVEventIndex.subscribe`).
 
@@ -98,6 +102,7 @@ class Subscription(threading.Thread):
         self._stop_event = threading.Event()
         hb = max(1, int(heartbeat * 1000))
         sub = ctx.socket(zmq.SUB)
+        mon = None
         try:
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.HEARTBEAT_IVL, hb)
@@ -106,9 +111,13 @@ class Subscription(threading.Thread):
             sub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
             events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-            self._mon = sub.get_monitor_socket(events)
+            self._mon = mon = sub.get_monitor_socket(events)
             sub.connect(endpoint)
-        except Exception:
+        except Exception:  # a malformed address: leave no socket behind
+            if mon is not None:
+                with contextlib.suppress(Exception):
+                    sub.disable_monitor()
+                mon.close(linger=0)
             sub.close(linger=0)
             raise
         self._sub = sub
@@ -147,6 +156,8 @@ class Subscription(threading.Thread):
                         self._monitor()
                     if self._sub in ready:
                         self._drain()
+                except _Stopped:  # stopped inside a replay: nothing of its batch applied
+                    break
                 except Exception as exc:  # a bug or a socket error: log, keep going
                     if self._stop_event.is_set():
                         break
@@ -248,8 +259,12 @@ class Subscription(threading.Thread):
         deadline = time.monotonic() + self._replay_timeout
         got: list[tuple[int, bytes]] = []
         while True:
+            if self._stop_event.is_set():
+                raise _Stopped  # ends the thread (run())
             left = deadline - time.monotonic()
-            if left <= 0 or self._stop_event.is_set() or not dealer.poll(int(left * 1000) + 1):
+            if left > 0 and not dealer.poll(min(_POLL_MS, int(left * 1000) + 1)):
+                continue
+            if left <= 0:
                 # No end marker in time: drop this DEALER so late replies cannot be taken
                 # for the next replay's.
                 log.warning("KV events from %s: replay from seq %d timed out", key, start)
